@@ -27,3 +27,102 @@ def load_tokenizer():
         return AutoTokenizer.from_pretrained(shared_path("tokenizers", name))
 
     return load
+
+
+# ---- tiny models (random weights) saved like hub checkpoints, and toy data ---------------------
+
+ENGLISH = "the good great happy love nice movie day friend really best fun sun water house".split()
+SPANISH = "el la bueno malo casa agua amigo dia sol muy mejor triste perro gato noche".split()
+
+
+def _tiny_config(kind: str, vocab: int):
+    from transformers import BertConfig, LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if kind == "bert":
+        return BertConfig(vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, **common)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=2,
+                           **common)
+    return Qwen2Config(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=151643, tie_word_embeddings=True, **common)
+
+
+TOKENIZER_OF = {"bert": "bert-uncased", "llama": "llama2", "qwen": "qwen"}
+
+
+def make_tiny_model(kind: str, path: Path) -> Path:
+    """A 2-layer hidden-64 model (bitsandbytes 4-bit on CPU needs >= 64 inputs) with the real tokenizer's vocabulary, saved with that tokenizer."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", TOKENIZER_OF[kind]))
+    torch.manual_seed(0)
+    # Like the real Qwen2.5 checkpoints, leave spare embedding rows, so the added <mask> fits.
+    config = _tiny_config(kind, len(tokenizer) + (64 if kind == "qwen" else 0))
+    model = AutoModel.from_config(config) if kind == "bert" else AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> str:
+        if kind not in made:
+            made[kind] = make_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return str(made[kind])
+
+    return get
+
+
+def write_toy_data(folder: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> dict[str, Path]:
+    """Learnable toy data: sentence label = the sentence's main language (95 % of its words);
+    token tag = each word's language.
+
+    Written as LinCE CoNLL (sentiment-style headers carry the sentence label), so the same files
+    serve sequence and token classification.
+    """
+    import random
+
+    rng = random.Random(seed)
+    paths = {}
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = []
+        for i in range(n):
+            english = rng.random() < 0.5
+            words = [(rng.choice(ENGLISH), "lang1") if rng.random() < (0.95 if english else 0.05)
+                     else (rng.choice(SPANISH), "lang2") for _ in range(rng.randint(3, 9))]
+            label = "positive" if english else "negative"
+            lines.append(f"# sent_enum = {i + 1}\t{label}")
+            lines += [f"{w}\t{t}" for w, t in words] + [""]
+        paths[split] = folder / f"{split}.conll"
+        paths[split].write_text("\n".join(lines))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    return write_toy_data(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.fixture
+def make_recipe(tiny_model, toy_data, tmp_path):
+    from tokmask_peft.config import Recipe
+
+    def make(kind="qwen", task="sequence", method="lora", **sections):
+        d = {
+            "model": {"name": tiny_model(kind), "task": task, "method": method, "lora_r": 8, "lora_alpha": 16,
+                      "lora_dropout": 0.0},
+            "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
+            "masking": {"rate": 0.1},
+            "train": {"output_dir": str(tmp_path / "run"), "epochs": 3, "batch_size": 16, "lr": 5e-3,
+                      "warmup_ratio": 0.0, "seed": 0, "log_every": 1},
+        }
+        for section, values in sections.items():
+            d.setdefault(section, {}).update(values)
+        return Recipe.from_dict(d)
+
+    return make

@@ -1,0 +1,49 @@
+"""The same loop under torchrun on 2 CPU processes (Accelerate: MULTI_CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = """
+import sys
+from accelerate import PartialState
+from tokmask_peft.config import Recipe
+from tokmask_peft.train import train
+recipe = Recipe.from_yaml(sys.argv[1])
+metrics = train(recipe)
+state = PartialState()
+print(f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']}")
+"""
+
+
+def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path):
+    import yaml
+
+    for task in ("sequence", "token"):
+        recipe = make_recipe("llama", task, "lora", train={"epochs": 2, "batch_size": 8,
+                                                            "output_dir": str(tmp_path / task)})
+        path = tmp_path / f"{task}.yaml"
+        path.write_text(yaml.safe_dump(recipe.to_dict()))
+        script = tmp_path / "run.py"
+        script.write_text(SCRIPT)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(path)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
+        # 96 examples, batch 8 per process, 2 processes: 6 updates per epoch, 2 epochs.
+        assert lines == ["RANK 0 OF 2 DistributedType.MULTI_CPU STEPS 12", "RANK 1 OF 2 DistributedType.MULTI_CPU STEPS 12"]
+        out = Path(recipe.train.output_dir)
+        files = sorted(p.name for p in out.iterdir())
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
+                         "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"], files
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
+        assert metrics["dev_examples"] == 32
+        assert sum(1 for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line) == 2

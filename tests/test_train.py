@@ -1,0 +1,171 @@
+"""The builder and the loop on tiny random models with the real tokenizers (offline, CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tokmask_peft.inference import Classifier
+from tokmask_peft.train import Setup, train
+
+KINDS = ["qwen", "llama", "bert"]
+METHODS = [("full", {}), ("lora", {}), ("qlora", {"quant_bits": 4}), ("qlora", {"quant_bits": 8})]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("task", ["sequence", "token"])
+@pytest.mark.parametrize("method,extra", METHODS, ids=["full", "lora", "qlora4", "qlora8"])
+def test_loss_falls_on_learnable_toy_task(make_recipe, kind, task, method, extra):
+    # A random-weight BERT pools through a tanh pooler and learns slower than the decoders.
+    epochs, batch = (8, 8) if kind == "bert" else (4, 16)
+    lr = 1e-2 if method != "full" else (2e-3 if kind == "bert" else 5e-4)
+    recipe = make_recipe(kind, task, method, model=extra, train={"lr": lr, "epochs": epochs, "batch_size": batch})
+    metrics = train(recipe)
+    assert len(metrics["history"]) == epochs
+    out = Path(recipe.train.output_dir)
+    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) < 0.7 * sum(losses[:quarter]), losses
+    assert metrics["best"]["accuracy"] > 0.75  # the majority class of the toy dev set is 66 %
+    assert (out / "tokmask_config.json").exists() and (out / "metrics.json").exists()
+    assert not (out / "checkpoint").exists()
+    if method != "full":
+        assert metrics["trainable_params"] < metrics["total_params"] / 5
+        assert (out / "adapter_model.safetensors").exists()
+
+
+def _adapter_keys(run: Path) -> list[str]:
+    with safe_open(run / "adapter_model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("kind,head", [("qwen", "score"), ("bert", "classifier")])
+def test_adapter_round_trip_in_fresh_process_reproduces_logits(make_recipe, kind, head, tmp_path):
+    recipe = make_recipe(kind, "sequence", "lora", train={"epochs": 2})
+    train(recipe)
+    run = Path(recipe.train.output_dir)
+    keys = _adapter_keys(run)
+    assert any(f"{head}." in k for k in keys), "classification head missing from the adapter file"
+    assert any("lora_B" in k for k in keys)
+    config = json.loads((run / "tokmask_config.json").read_text())
+    if kind == "qwen":  # new <mask> token: its trained row is saved with the adapter
+        assert config["mask_token"]["token"] == "<mask>" and config["mask_token"]["added"]
+        assert any("trainable_tokens" in k for k in keys)
+    clf = Classifier.from_run(run, device="cpu")
+    lora_b = [p for n, p in clf.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "LoRA B still zero: the test would be vacuous"
+    texts = ["the good movie", "el perro malo casa", "really nice day"]
+    here = torch.stack(clf.logits(texts))
+    script = (
+        "import sys, torch; from tokmask_peft.inference import Classifier;"
+        f"c = Classifier.from_run({str(run)!r}, device='cpu');"
+        f"torch.save(torch.stack(c.logits({texts!r})), {str(tmp_path / 'l.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    there = torch.load(tmp_path / "l.pt")
+    torch.testing.assert_close(here, there, rtol=0, atol=1e-6)
+    # A fresh base with a random head gives different logits: the head really came from the file.
+    fresh = Setup.from_recipe(recipe).model_for(seed=123)
+    fresh.eval()
+    enc = clf.tokenizer(texts, padding=True, return_tensors="pt")
+    assert not torch.allclose(fresh(**enc).logits, here, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["qwen", "llama"])
+def test_right_padded_decoder_pools_last_real_token(make_recipe, kind):
+    setup = Setup.from_recipe(make_recipe(kind, "sequence", "lora"))
+    model = setup.model_for(seed=0).eval()
+    tok = setup.tokenizer
+    texts = ["the good", "el perro malo casa muy triste noche"]
+    for side in ("right", "left"):
+        tok.padding_side = side
+        batch = tok(texts, padding=True, return_tensors="pt")
+        assert (batch["attention_mask"] == 0).any()
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits
+        torch.testing.assert_close(model(**batch).logits[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_metrics(make_recipe, tmp_path):
+    a = train(make_recipe("llama", "sequence", "lora"), output_dir=tmp_path / "a")
+    b = train(make_recipe("llama", "sequence", "lora"), output_dir=tmp_path / "b")
+    assert a["history"] == b["history"]
+    c = train(make_recipe("llama", "sequence", "lora", train={"seed": 1}), output_dir=tmp_path / "c")
+    assert c["history"] != a["history"]
+
+
+def kill_at_training_step(monkeypatch, step: int) -> None:
+    """Make the loop die (as a killed process would) in the forward pass of training step ``step``."""
+    import tokmask_peft.train as loop
+
+    real_loss, calls = loop.classification_loss, {"n": 0}
+
+    def loss(logits, labels, *args):
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt(f"simulated kill at step {step}")
+        return real_loss(logits, labels, *args)
+
+    monkeypatch.setattr(loop, "classification_loss", loss)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_kill_and_resume_matches_uninterrupted(make_recipe, tmp_path, monkeypatch, method):
+    sections = dict(train={"epochs": 3, "checkpoint_every": 2, "eval_every": 3, "batch_size": 8},
+                    masking={"rate": 0.2, "schedule": "warmup", "warmup_fraction": 0.5})
+    whole = train(make_recipe("qwen", "token", method, **sections), output_dir=tmp_path / "whole")
+    with monkeypatch.context() as m:
+        kill_at_training_step(m, 17)
+        with pytest.raises(KeyboardInterrupt):
+            train(make_recipe("qwen", "token", method, **sections), output_dir=tmp_path / "split")
+    assert (tmp_path / "split" / "checkpoint").exists() and not (tmp_path / "split" / "metrics.json").exists()
+    resumed = train(make_recipe("qwen", "token", method, **sections), output_dir=tmp_path / "split")
+    assert resumed["steps"] == whole["steps"] == 36
+    assert [r["step"] for r in resumed["history"]] == [r["step"] for r in whole["history"]]
+    for x, y in zip(resumed["history"], whole["history"]):
+        assert x["weighted_f1"] == pytest.approx(y["weighted_f1"], abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_resume_into_other_runs_directory_is_refused(make_recipe, monkeypatch):
+    sections = dict(train={"checkpoint_every": 1})
+    with monkeypatch.context() as m:
+        kill_at_training_step(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train(make_recipe("bert", "sequence", "lora", **sections))
+    other = make_recipe("bert", "sequence", "lora", train={"checkpoint_every": 1, "lr": 1e-4})
+    with pytest.raises(ValueError, match=r"different run.*train\.lr"):
+        train(other)
+
+
+def test_finished_run_is_not_overwritten(make_recipe):
+    recipe = make_recipe("bert", "sequence", "lora", train={"epochs": 1})
+    train(recipe)
+    with pytest.raises(FileExistsError, match="finished run"):
+        train(recipe)
+
+
+def test_bad_input_errors_name_the_problem(make_recipe, tmp_path, toy_data):
+    dev = tmp_path / "dev.conll"
+    dev.write_text(toy_data["dev"].read_text().replace("negative", "angry", 1))
+    with pytest.raises(ValueError, match=r"dev\.conll:\d+: label 'angry' is not among"):
+        Setup.from_recipe(make_recipe("bert", data={"dev": str(dev)}))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n,positive\nhello,negative\n")
+    with pytest.raises(ValueError, match=r"empty\.csv:2: empty text"):
+        Setup.from_recipe(make_recipe("bert", data={"train": str(empty), "dev": str(empty), "format": "csv"}))
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nhi,positive\nho,positive\n")
+    with pytest.raises(ValueError, match="1 label"):
+        Setup.from_recipe(make_recipe("bert", data={"train": str(one), "dev": str(one), "format": "csv"}))
+    words = tmp_path / "words.jsonl"
+    words.write_text('{"text": ["a", "b"], "label": ["lang1"]}\n{"text": ["c"], "label": ["lang2"]}\n')
+    with pytest.raises(ValueError, match=r"words\.jsonl:1: 2 words but 1 labels"):
+        Setup.from_recipe(make_recipe("bert", "token", data={"train": str(words), "dev": str(words),
+                                                             "format": "jsonl"}))
+    with pytest.raises(ValueError, match="masking.rate"):
+        make_recipe("bert", masking={"rate": 1.5})

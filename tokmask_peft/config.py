@@ -1,0 +1,276 @@
+"""Recipes: dataclasses with one docstring per field; YAML in, validated, ``key=value`` overrides.
+
+Full, LoRA and QLoRA differ by the single field ``model.method``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .masking import MASK_POLICIES, SCHEDULES, check_rate
+
+TASKS = ("sequence", "token")
+METHODS = ("full", "lora", "qlora")
+FORMATS = ("lince", "csv", "tsv", "jsonl", "hf")
+CLASS_WEIGHTS = ("none", "paper", "inverse")
+METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
+
+
+def _choice(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = ""
+    """Hub id or local directory of the base model (or of the GGUF file)."""
+    gguf_file: str | None = None
+    """GGUF file name inside ``name``; dequantised once and cached as safetensors."""
+    tokenizer: str | None = None
+    """Tokenizer id or directory when it is not beside the weights."""
+    task: str = "sequence"
+    """``sequence`` (one label per text) or ``token`` (one label per word)."""
+    method: str = "lora"
+    """``full`` fine-tuning, ``lora``, or ``qlora`` (bitsandbytes-quantised frozen base)."""
+    quant_bits: int = 4
+    """QLoRA base precision: 4 (NF4 with double quantisation) or 8 (LLM.int8)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Any = "all-linear"
+    """Modules that get LoRA: ``all-linear`` or a list of names."""
+    dtype: str = "float32"
+    """Weights dtype of the base: float32, bfloat16, float16 (QLoRA: the compute dtype)."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory (non-reentrant, works with adapters)."""
+    mask_policy: str = "auto"
+    """Mask token: auto | mask | unk | new | an explicit token (see ``resolve_mask_token``)."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("model.name is required: a hub id or a local path")
+        _choice("model", "task", self.task, TASKS)
+        _choice("model", "method", self.method, METHODS)
+        _choice("model", "quant_bits", self.quant_bits, (4, 8))
+        _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _positive("model", "lora_r", self.lora_r)
+        _positive("model", "lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"model.lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.mask_policy, str) or not self.mask_policy:
+            raise ValueError(f"model.mask_policy must be one of {MASK_POLICIES} or a token, got {self.mask_policy!r}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: str = ""
+    """Training file (or hub dataset id / directory with ``format: hf``)."""
+    dev: str = ""
+    """Development file: early stopping and model selection use it."""
+    format: str = "lince"
+    """lince | csv | tsv | jsonl | hf."""
+    extra_eval: dict[str, str] = dataclasses.field(default_factory=dict)
+    """More evaluation sets scored at the end, name -> path (e.g. nep-eng dev for LID transfer)."""
+    text_column: str = "text"
+    """Column holding the text (csv/tsv/jsonl/hf)."""
+    label_column: str = "label"
+    """Column holding the label (csv/tsv/jsonl/hf)."""
+    fold_tags: bool = True
+    """LinCE LID: fold tags to the paper's lang1 / lang2 / other; False keeps all tags."""
+    max_length: int = 128
+    """Sub-word tokens per example after truncation."""
+    max_train_examples: int | None = None
+    """Keep only the first N training examples after a seeded shuffle (few-shot recipes)."""
+    max_eval_examples: int | None = None
+    """Keep only the first N dev examples (quick runs)."""
+
+    def __post_init__(self):
+        if not self.train or not self.dev:
+            raise ValueError("data.train and data.dev are both required")
+        _choice("data", "format", self.format, FORMATS)
+        _positive("data", "max_length", self.max_length)
+        for name in ("max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None:
+                _positive("data", name, getattr(self, name))
+
+
+@dataclasses.dataclass
+class MaskingConfig:
+    rate: float = 0.1
+    """Probability p that a real token becomes the mask token, in [0, 1)."""
+    schedule: str = "constant"
+    """constant | warmup (0 -> p over warmup_fraction) | linear (start -> p over training)."""
+    warmup_fraction: float = 0.1
+    """Fraction of steps for the ``warmup`` schedule."""
+    start: float = 0.0
+    """First rate of the ``linear`` schedule."""
+
+    def __post_init__(self):
+        check_rate(self.rate, "masking.rate")
+        check_rate(self.start, "masking.start")
+        _choice("masking", "schedule", self.schedule, SCHEDULES)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Where the run (or sweep) writes its files."""
+    epochs: int = 3
+    """Passes over the training data."""
+    batch_size: int = 32
+    """Examples per device per step."""
+    eval_batch_size: int = 64
+    """Examples per device per evaluation step."""
+    grad_accum: int = 1
+    """Steps accumulated before each optimizer update."""
+    lr: float = 2e-4
+    """Peak learning rate (LoRA wants 1e-4..3e-4; full fine-tuning 1e-5..2e-5)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of updates with linear warm-up, then linear decay to 0."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 turns clipping off)."""
+    class_weights: str = "none"
+    """none | paper (sqrt(N / (K n_c)), renormalised to sum K) | inverse (N / (K n_c), same)."""
+    focal_gamma: float = 0.0
+    """Focal term: loss = mean((1 - p_t)^gamma * weighted CE); the paper used 1."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 evaluates once per epoch."""
+    metric: str = "weighted_f1"
+    """Dev metric for early stopping and model selection (loss is minimised, others maximised)."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement; 0 never stops early."""
+    seed: int = 0
+    """Seeds weights of new heads and adapters, data order and masks."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16, passed to Accelerate."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0: at each evaluation)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs); for smoke tests."""
+    log_every: int = 10
+    """Write a JSON log line every N optimizer steps."""
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "lr"):
+            _positive("train", name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "focal_gamma", "eval_every", "patience", "num_workers",
+                     "checkpoint_every", "max_steps", "log_every"):
+            _positive("train", name, getattr(self, name), allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+        _choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
+        _choice("train", "metric", self.metric, METRICS)
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    rates: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    """Masking rates of the grid; each gets ``OUT/mask_{rate:.2f}/``."""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """Seeds per rate; each gets ``.../seed_{seed}/``."""
+
+    def __post_init__(self):
+        if not self.rates or not self.seeds:
+            raise ValueError("sweep.rates and sweep.seeds must be non-empty lists")
+        for r in self.rates:
+            check_rate(r, "sweep.rates entry")
+        if len({round(r, 2) for r in self.rates}) != len(self.rates):
+            raise ValueError(f"sweep.rates must differ at two decimals (they name directories), got {self.rates}")
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = dict(d or {})
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; expected {sorted(sections)}")
+        for required in ("model", "data"):
+            if required not in d:
+                raise ValueError(f"recipe section '{required}' is missing")
+        types = typing.get_type_hints(cls)
+        return cls(**{name: _build(types[name], name, d.get(name, {})) for name in sections if name in d})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe {path} must be a mapping of sections, got {type(d).__name__}")
+        return cls.from_dict(apply_overrides(d, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "Recipe":
+        return Recipe.from_dict(apply_overrides(self.to_dict(), overrides))
+
+
+def _build(cls, section: str, values: Any):
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe section '{section}' must be a mapping, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in section '{section}'; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for name, value in values.items():
+        # PyYAML reads 1e-4 as a string (YAML 1.1); numbers written that way are meant as floats.
+        if isinstance(value, str) and hints[name] in (float, int):
+            try:
+                values[name] = hints[name](float(value)) if hints[name] is float else int(value)
+            except ValueError:
+                raise ValueError(f"{section}.{name} must be a number, got {value!r}") from None
+    return cls(**values)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict copy."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+        section, name = parts
+        value = yaml.safe_load(raw) if raw.strip() else None
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ValueError(f"override {item!r}: section '{section}' is not a mapping")
+        out[section][name] = value
+    return out

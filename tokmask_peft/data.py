@@ -1,0 +1,267 @@
+"""Text in, tokens out: readers (LinCE CoNLL, CSV/TSV/JSONL, HF datasets), label maps,
+tokenisation with word-to-sub-word label alignment, padding collators and length-grouped batches.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+# The paper folds LinCE LID tags to three classes: English, Spanish, everything else.
+PAPER_LID_FOLD = {"lang1": "lang1", "lang2": "lang2"}
+
+
+@dataclasses.dataclass
+class Example:
+    """One text (a string, or a list of words for token classification) and its label(s)."""
+
+    text: str | list[str]
+    label: str | list[str] | None
+    source: str = ""
+    """``file:line`` where the example starts, for error messages."""
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}:{line}"
+
+
+# ---- readers --------------------------------------------------------------------------------
+
+
+def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Example]:
+    """Read a LinCE CoNLL file: blank-line separated sentences of ``token<TAB>tag`` lines.
+
+    ``task='sequence'`` takes the sentence label from the ``# sent_enum = N<TAB>label`` header
+    (sentiment files); ``task='token'`` takes one tag per token (LID), folded to lang1 / lang2 /
+    other when ``fold_tags``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    examples: list[Example] = []
+    words: list[str] = []
+    tags: list[str] = []
+    header_label: str | None = None
+    start = 0
+
+    def flush():
+        nonlocal words, tags, header_label
+        if words:
+            if task == "sequence":
+                if header_label is None:
+                    raise ValueError(f"{_where(path, start)}: sentence has no label in its '# sent_enum' header "
+                                     "(is this a sentiment file?)")
+                examples.append(Example(" ".join(words), header_label, _where(path, start)))
+            else:
+                examples.append(Example(words, tags, _where(path, start)))
+        elif header_label is not None:
+            raise ValueError(f"{_where(path, start)}: sentence header with no tokens")
+        words, tags, header_label = [], [], None
+
+    with path.open(encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                flush()
+                continue
+            if line.startswith("# sent_enum"):
+                flush()
+                start = lineno
+                fields = line.split("\t")
+                header_label = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
+                if task == "token":
+                    header_label = None
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or not fields[0] or not fields[1].strip():
+                raise ValueError(f"{_where(path, lineno)}: expected 'token<TAB>tag', got {line!r}")
+            if not words and header_label is None:
+                start = lineno
+            tag = fields[1].strip()
+            words.append(fields[0])
+            tags.append(PAPER_LID_FOLD.get(tag, "other") if fold_tags else tag)
+        flush()
+    if not examples:
+        raise ValueError(f"{path}: no sentences found (empty file?)")
+    return examples
+
+
+def read_table(path: str | Path, fmt: str, text_column: str = "text", label_column: str = "label") -> list[Example]:
+    """Read CSV / TSV / JSONL rows; for token classification a row's text and label are lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    rows: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        if fmt == "jsonl":
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{_where(path, lineno)}: not valid JSON ({e.msg})") from None
+        else:
+            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            for row in reader:
+                rows.append((reader.line_num, row))
+    if not rows:
+        raise ValueError(f"{path}: no rows found (empty file?)")
+    examples = []
+    for lineno, row in rows:
+        for column in (text_column, label_column):
+            if column not in row:
+                raise ValueError(f"{_where(path, lineno)}: no column {column!r} (columns: {sorted(row)})")
+        label = row[label_column]
+        examples.append(Example(row[text_column], label if isinstance(label, list) else str(label),
+                                _where(path, lineno)))
+    return examples
+
+
+def read_hf(name: str, split: str, text_column: str, label_column: str) -> list[Example]:
+    """A Hugging Face dataset (hub id or local directory); needs the ``datasets`` extra."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("data.format 'hf' needs the datasets package: pip install 'tokmask-peft[datasets]'") from e
+    path = Path(name)
+    ds = datasets.load_from_disk(str(path))[split] if path.is_dir() and (path / "dataset_dict.json").exists() \
+        else datasets.load_dataset(name, split=split)
+    feature = ds.features.get(label_column)
+    names = getattr(feature, "names", None)
+    return [Example(r[text_column], names[r[label_column]] if names else str(r[label_column]), f"{name}[{split}][{i}]")
+            for i, r in enumerate(ds)]
+
+
+def read_examples(path: str, fmt: str, task: str, text_column="text", label_column="label", fold_tags=True,
+                  split: str = "train") -> list[Example]:
+    """Dispatch on ``fmt``: lince | csv | tsv | jsonl | hf."""
+    if fmt == "lince":
+        return read_lince(path, task, fold_tags)
+    if fmt == "hf":
+        return read_hf(path, split, text_column, label_column)
+    return read_table(path, fmt, text_column, label_column)
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+
+def label_names(examples: Sequence[Example]) -> list[str]:
+    """Sorted label set of the training split; it fixes ids for the whole run."""
+    names: set[str] = set()
+    for ex in examples:
+        names.update(ex.label if isinstance(ex.label, list) else [ex.label])
+    return sorted(names)
+
+
+def check_labels(examples: Sequence[Example], names: Sequence[str]) -> None:
+    known = set(names)
+    for ex in examples:
+        for label in ex.label if isinstance(ex.label, list) else [ex.label]:
+            if label not in known:
+                raise ValueError(f"{ex.source}: label {label!r} is not among the training labels {sorted(known)}")
+
+
+# ---- tokenisation ---------------------------------------------------------------------------
+
+
+def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str, int] | None,
+           max_length: int) -> list[dict]:
+    """Tokenise examples into features (``input_ids``, ``attention_mask``, ``labels``).
+
+    Token classification labels only the first sub-word of each word (``-100`` elsewhere and on
+    special tokens), so each word is scored once. ``label2id=None`` leaves labels out (prediction).
+    """
+    for ex in examples:
+        empty = not ex.text or (isinstance(ex.text, str) and not ex.text.strip())
+        if empty:
+            raise ValueError(f"{ex.source}: empty text")
+        if task == "token" and not isinstance(ex.text, list):
+            raise ValueError(f"{ex.source}: token classification needs a list of words, got {type(ex.text).__name__}")
+        if task == "token" and label2id is not None and len(ex.label) != len(ex.text):
+            raise ValueError(f"{ex.source}: {len(ex.text)} words but {len(ex.label)} labels")
+    texts = [ex.text for ex in examples]
+    enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=(task == "token"))
+    features = []
+    for i, ex in enumerate(examples):
+        feature = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        if task == "token":
+            word_ids = enc.word_ids(i)
+            feature["word_ids"] = word_ids
+            if label2id is not None:
+                feature["labels"] = first_subword_labels(word_ids, [label2id[t] for t in ex.label])
+        elif label2id is not None:
+            feature["labels"] = label2id[ex.label]
+        features.append(feature)
+    return features
+
+
+def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
+    """Label the first sub-word of each word; -100 on continuations and special tokens.
+
+    >>> first_subword_labels([None, 0, 0, 1, None], [5, 7])
+    [-100, 5, -100, 7, -100]
+    """
+    out, previous = [], None
+    for w in word_ids:
+        out.append(IGNORE_INDEX if w is None or w == previous else word_labels[w])
+        previous = w
+    return out
+
+
+def padding_collator(tokenizer, task: str):
+    """The plain (unmasked) padding collator: evaluation and prediction use it as is."""
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    inner = DataCollatorForTokenClassification(tokenizer) if task == "token" else DataCollatorWithPadding(tokenizer)
+
+    def collate(features: list[dict]) -> dict:
+        return inner([{k: v for k, v in f.items() if k != "word_ids"} for f in features])
+
+    return collate
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: sort within shuffled windows of ``50 * batch_size``.
+
+    Classification inputs are short and of very different lengths, so grouping them cuts the
+    padding per batch. The order is a pure function of (seed, epoch): ``set_epoch`` before each
+    pass (Accelerate's loader calls it too), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group: bool = True,
+                 window: int = 50):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group = group
+        self.window = window
+        self.epoch = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.group:
+            size = self.window * self.batch_size
+            order = [i for s in range(0, len(order), size)
+                     for i in sorted(order[s:s + size], key=lambda j: self.lengths[j], reverse=True)]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.group:
+            rng.shuffle(batches)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size

@@ -1,0 +1,171 @@
+"""Inference: load the base once, attach rate adapters by name, switch, predict, merge.
+
+Adapters are loaded through PEFT only (``PeftModel.from_pretrained`` / ``load_adapter`` /
+``set_adapter``); ``tokmask_config.json`` beside each adapter says which base, task, labels and
+mask token it was trained with, and a mismatch is refused rather than silently producing a
+random head.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import ModelConfig
+from .data import Example, encode, padding_collator
+from .modeling import load_base
+from .train import TOKMASK_CONFIG
+
+COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / TOKMASK_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a tokmask_peft run directory")
+    return json.loads(path.read_text())
+
+
+def adapter_name(rate: float) -> str:
+    """``mask_0.10`` for rate 0.1: the name a sweep gives the run directory and the adapter."""
+    return f"mask_{rate:.2f}"
+
+
+def model_config_of(run_config: dict) -> ModelConfig:
+    return ModelConfig(**run_config["recipe"]["model"])
+
+
+def check_compatible(reference: dict, other: dict, where: str) -> None:
+    for key in COMPATIBILITY_KEYS:
+        if reference.get(key) != other.get(key):
+            raise ValueError(f"adapter {where} was trained with {key}={other.get(key)!r}, but this predictor's "
+                             f"base has {key}={reference.get(key)!r}; load it on a matching base")
+
+
+class Classifier:
+    """One base model, any number of rate adapters; predict with the active one.
+
+    >>> clf = Classifier.from_run("runs/sa/mask_0.10/seed_0")          # doctest: +SKIP
+    >>> clf.add_adapter("runs/sa/mask_0.30/seed_0"); clf.use("mask_0.30")  # doctest: +SKIP
+    >>> clf.predict(["que buena pelicula", "so boring"])                # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, run_config: dict, device: torch.device):
+        self.model, self.tokenizer, self.config, self.device = model, tokenizer, run_config, device
+        self.labels: list[str] = run_config["labels"]
+        self.task: str = run_config["task"]
+        self.collate = padding_collator(tokenizer, self.task)
+        self._names: dict[str, str] = {}  # public adapter name -> PEFT adapter name
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, name: str | None = None, device: str | torch.device | None = None):
+        """Load the base named in ``run_dir``'s config and attach its adapter (or its full model)."""
+        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer = AutoTokenizer.from_pretrained(run_dir)  # holds an added <mask> token, if any
+        if config["method"] == "full":
+            auto = AutoModelForTokenClassification if config["task"] == "token" else AutoModelForSequenceClassification
+            model = auto.from_pretrained(run_dir)
+        else:
+            from peft import PeftModel
+
+            base = load_base(model_config_of(config), config["labels"], tokenizer, config["seed"], device)
+            name = name or _default_name(config)
+            model = PeftModel.from_pretrained(base, run_dir, adapter_name=peft_name(name))
+        if config["method"] != "qlora":
+            model.to(device)
+        model.eval()
+        clf = cls(model, tokenizer, config, device)
+        if config["method"] != "full":
+            clf._names[name] = peft_name(name)
+        return clf
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def active(self) -> str | None:
+        current = getattr(self.model, "active_adapter", None)
+        return next((public for public, internal in self._names.items() if internal == current), None)
+
+    def add_adapter(self, run_dir: str | Path, name: str | None = None) -> str:
+        """Attach another run's adapter to the same base; returns its name (default ``mask_0.10``)."""
+        if not self.adapters:
+            raise ValueError("this classifier holds a fully fine-tuned model: it has no base to share")
+        config = read_run_config(run_dir)
+        check_compatible(self.config, config, str(run_dir))
+        name = name or _default_name(config)
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} is already loaded; pass another name")
+        self.model.load_adapter(str(run_dir), adapter_name=peft_name(name))
+        self._names[name] = peft_name(name)
+        self.model.eval()
+        return name
+
+    def use(self, name_or_rate: str | float) -> None:
+        """Make an adapter active, by name or by masking rate (0.1 → ``mask_0.10``)."""
+        name = adapter_name(name_or_rate) if isinstance(name_or_rate, (int, float)) else name_or_rate
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; loaded: {self.adapters}")
+        self.model.set_adapter(self._names[name])
+
+    # ---- prediction ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str | list[str]], batch_size: int = 32) -> list[torch.Tensor]:
+        """Logits per text: (num_labels,) for sequence tasks, (num_words, num_labels) for token tasks."""
+        examples = [Example(t if self.task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
+                    for i, t in enumerate(texts)]
+        features = encode(examples, self.tokenizer, self.task, None, self.config["max_length"])
+        out: list[torch.Tensor] = []
+        for start in range(0, len(features), batch_size):
+            chunk = features[start:start + batch_size]
+            batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
+            logits = self.model(**batch).logits.float().cpu()
+            for row, feature, example in zip(logits, chunk, examples[start:start + batch_size]):
+                out.append(row if self.task == "sequence"
+                           else _word_logits(row, feature["word_ids"], len(example.text), self.tokenizer))
+        return out
+
+    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32) -> list[dict]:
+        """Labels and probabilities; token tasks give one label per input word (words past
+        ``max_length`` get ``None``)."""
+        results = []
+        for logits in self.logits(texts, batch_size):
+            probs = logits.softmax(-1)
+            if self.task == "sequence":
+                results.append({"label": self.labels[int(probs.argmax())],
+                                "probs": {lab: round(float(p), 6) for lab, p in zip(self.labels, probs)}})
+            else:
+                results.append({"labels": [self.labels[int(p.argmax())] if not torch.isnan(p).any() else None
+                                           for p in probs]})
+        return results
+
+
+def peft_name(name: str) -> str:
+    """PEFT adapter names cannot hold dots (they become module names): ``mask_0.10`` → ``mask_0_10``."""
+    return name.replace(".", "_")
+
+
+def _default_name(config: dict) -> str:
+    return adapter_name(config["masking"]["rate"])
+
+
+def _word_logits(row: torch.Tensor, word_ids: list, n_words: int, tokenizer) -> torch.Tensor:
+    """Token logits → one row per word (its first sub-word); NaN rows for truncated words."""
+    row = row[row.shape[0] - len(word_ids):] if tokenizer.padding_side == "left" else row[:len(word_ids)]
+    out = torch.full((n_words, row.shape[-1]), float("nan"))
+    seen = set()
+    for position, w in enumerate(word_ids):
+        if w is not None and w not in seen:
+            seen.add(w)
+            out[w] = row[position]
+    return out

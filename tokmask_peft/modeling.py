@@ -1,0 +1,166 @@
+"""One builder for every classifier: full | lora | qlora (4-bit NF4 / 8-bit), sequence | token
+classification, encoders and decoders, with pad and mask ids settled before training starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+from .config import ModelConfig
+from .masking import MaskToken, resolve_mask_token
+
+HEAD_NAMES = ("score", "classifier")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKMASK_CACHE", Path.home() / ".cache" / "tokmask_peft"))
+
+
+def weights_path(cfg: ModelConfig) -> str:
+    """Where to load weights from: ``cfg.name``, or for GGUF a safetensors copy made once.
+
+    Dequantising a GGUF file takes 20-60 s; the copy makes later loads (every sweep run, every
+    test) take about a second.
+    """
+    if not cfg.gguf_file:
+        return cfg.name
+    source = Path(cfg.name) / cfg.gguf_file
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file {source} does not exist (model.name + model.gguf_file)")
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{source.stem}-{key}"
+    if not (target / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        AutoModelForCausalLM.from_pretrained(cfg.name, gguf_file=cfg.gguf_file, dtype=torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(cfg.name, gguf_file=cfg.gguf_file).save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer with a pad token set deliberately (decoders often ship without one)."""
+    source = cfg.tokenizer or weights_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            # Llama/TinyLlama: no pad token. EOS is a safe pad for classification because the
+            # tokenizer never appends it to inputs, so "last non-pad token" is the last real one.
+            # (unk is not used: the auto mask policy masks into unk, and mask must differ from pad.)
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def prepare_tokenizer(cfg: ModelConfig) -> tuple[object, MaskToken]:
+    """Tokenizer plus the resolved mask token (``new`` adds ``<mask>`` to the tokenizer)."""
+    tokenizer = load_tokenizer(cfg)
+    return tokenizer, resolve_mask_token(tokenizer, cfg.mask_policy)
+
+
+def head_name(model) -> str:
+    base = getattr(model, "get_base_model", lambda: model)()
+    for name in HEAD_NAMES:
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(base).__name__} has no classification head named {HEAD_NAMES}")
+
+
+def input_embedding_name(model) -> str:
+    embeddings = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embeddings:
+            return name.rsplit(".", 1)[-1]
+    raise ValueError("could not find the input embedding module")
+
+
+def quantization_config(cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    # The head stays unquantised: it is trained in full and saved with the adapter.
+    if cfg.quant_bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=DTYPES[cfg.dtype], llm_int8_skip_modules=list(HEAD_NAMES))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_NAMES))
+
+
+def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device: torch.device | None = None):
+    """The (possibly quantised) base classifier, pad id set and embeddings sized to the tokenizer.
+
+    Seeds first: the new classification head is initialised here, so the same seed gives the
+    same head.
+    """
+    transformers.set_seed(seed)
+    auto = AutoModelForTokenClassification if cfg.task == "token" else AutoModelForSequenceClassification
+    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={label: i for i, label in enumerate(labels)}, dtype=DTYPES[cfg.dtype])
+    if cfg.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(cfg)
+        if device is not None and device.type != "cpu":
+            kwargs["device_map"] = {"": device}  # bitsandbytes quantises on load to the target device
+    model = auto.from_pretrained(weights_path(cfg), **kwargs)
+    # Decoders pool the last non-pad token, found through config.pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return model
+
+
+def lora_config(cfg: ModelConfig, model, mask_token: MaskToken):
+    from peft import LoraConfig, TaskType
+
+    extra = {}
+    if mask_token.added:
+        # A new <mask> token starts untrained: train (and save) just its embedding row.
+        extra["trainable_token_indices"] = {input_embedding_name(model): [mask_token.id]}
+    return LoraConfig(
+        task_type=TaskType.TOKEN_CLS if cfg.task == "token" else TaskType.SEQ_CLS,
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules, modules_to_save=[head_name(model)], **extra)
+
+
+def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: MaskToken, seed: int = 0,
+                device: torch.device | None = None):
+    """Build the classifier to train: the full model, or a PEFT model with head and mask row trainable.
+
+    Args:
+        cfg: model section of the recipe (``method`` picks full / lora / qlora).
+        labels: label names; their order fixes the ids.
+        tokenizer: from :func:`prepare_tokenizer` (pad set, mask token resolved).
+        mask_token: the resolved mask token; a new one gets a trainable embedding row.
+        seed: seeds the head and the adapter initialisation.
+        device: where QLoRA weights are quantised (GPU); ``None`` keeps CPU.
+    """
+    model = load_base(cfg, labels, tokenizer, seed, device)
+    if cfg.method == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    transformers.set_seed(seed)  # adapter init; get_peft_model also mutates ``model`` in place
+    return get_peft_model(model, lora_config(cfg, model, mask_token))
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": int(trainable), "total_params": int(total)}
