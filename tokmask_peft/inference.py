@@ -47,9 +47,11 @@ def check_compatible(reference: dict, other: dict, where: str) -> None:
 class Classifier:
     """One base model, any number of rate adapters; predict with the active one.
 
-    >>> clf = Classifier.from_run("runs/sa/mask_0.10/seed_0")          # doctest: +SKIP
-    >>> clf.add_adapter("runs/sa/mask_0.30/seed_0"); clf.use("mask_0.30")  # doctest: +SKIP
-    >>> clf.predict(["que buena pelicula", "so boring"])                # doctest: +SKIP
+    Usage::
+
+        clf = Classifier.from_sweep("runs/sa", seed=0)   # every mask_*/seed_0 adapter, one base
+        clf.use(0.1)                                      # or clf.use("mask_0.10")
+        clf.predict(["que buena pelicula", "so boring"])
     """
 
     def __init__(self, model, tokenizer, run_config: dict, device: torch.device):
@@ -58,6 +60,7 @@ class Classifier:
         self.task: str = run_config["task"]
         self.collate = padding_collator(tokenizer, self.task)
         self._names: dict[str, str] = {}  # public adapter name -> PEFT adapter name
+        self._configs: dict[str, dict] = {}  # public adapter name -> its tokmask_config.json
 
     @classmethod
     def from_run(cls, run_dir: str | Path, name: str | None = None, device: str | torch.device | None = None):
@@ -83,6 +86,18 @@ class Classifier:
         clf = cls(model, tokenizer, config, device)
         if config["method"] != "full":
             clf._names[name] = peft_name(name)
+            clf._configs[name] = config
+        return clf
+
+    @classmethod
+    def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None):
+        """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep."""
+        runs = sorted(p for p in Path(sweep_dir).glob(f"mask_*/seed_{seed}") if (p / TOKMASK_CONFIG).is_file())
+        if not runs:
+            raise FileNotFoundError(f"no finished runs {sweep_dir}/mask_*/seed_{seed}")
+        clf = cls.from_run(runs[0], device=device)
+        for run in runs[1:]:
+            clf.add_adapter(run)
         return clf
 
     # ---- adapters -----------------------------------------------------------------------------
@@ -107,6 +122,7 @@ class Classifier:
             raise ValueError(f"an adapter named {name!r} is already loaded; pass another name")
         self.model.load_adapter(str(run_dir), adapter_name=peft_name(name))
         self._names[name] = peft_name(name)
+        self._configs[name] = config
         self.model.eval()
         return name
 
@@ -120,8 +136,14 @@ class Classifier:
     # ---- prediction ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def logits(self, texts: Sequence[str | list[str]], batch_size: int = 32) -> list[torch.Tensor]:
-        """Logits per text: (num_labels,) for sequence tasks, (num_words, num_labels) for token tasks."""
+    def logits(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
+               tta_rate: float | None = None, seed: int = 0) -> list[torch.Tensor]:
+        """Logits per text: (num_labels,) for sequence tasks, (num_words, num_labels) for token tasks.
+
+        ``tta=K`` returns log of the mean softmax over K masked copies at ``tta_rate`` (default:
+        the adapter's training rate): a test-time masking ensemble.
+        """
+        masker = self._tta_masker(tta_rate, seed) if tta else None
         examples = [Example(t if self.task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
                     for i, t in enumerate(texts)]
         features = encode(examples, self.tokenizer, self.task, None, self.config["max_length"])
@@ -129,17 +151,34 @@ class Classifier:
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
-            logits = self.model(**batch).logits.float().cpu()
+            if masker is None:
+                logits = self.model(**batch).logits.float().cpu()
+            else:
+                probs = sum(self.model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
+                            .logits.float().softmax(-1).cpu() for _ in range(tta))
+                logits = (probs / tta).log()
             for row, feature, example in zip(logits, chunk, examples[start:start + batch_size]):
                 out.append(row if self.task == "sequence"
                            else _word_logits(row, feature["word_ids"], len(example.text), self.tokenizer))
         return out
 
-    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32) -> list[dict]:
+    def _tta_masker(self, rate: float | None, seed: int):
+        from .masking import MaskToken, TokenMasker
+
+        config = self.active_config
+        rate = config["masking"]["rate"] if rate is None else rate
+        return TokenMasker.for_tokenizer(self.tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed)
+
+    @property
+    def active_config(self) -> dict:
+        return self._configs.get(self.active, self.config)
+
+    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
+                tta_rate: float | None = None) -> list[dict]:
         """Labels and probabilities; token tasks give one label per input word (words past
         ``max_length`` get ``None``)."""
         results = []
-        for logits in self.logits(texts, batch_size):
+        for logits in self.logits(texts, batch_size, tta, tta_rate):
             probs = logits.softmax(-1)
             if self.task == "sequence":
                 results.append({"label": self.labels[int(probs.argmax())],
@@ -169,3 +208,32 @@ def _word_logits(row: torch.Tensor, word_ids: list, n_words: int, tokenizer) -> 
             seen.add(w)
             out[w] = row[position]
     return out
+
+
+def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
+    """Export ``run_dir``'s adapter merged into a full-precision base as a standalone model.
+
+    QLoRA adapters are merged into the unquantised base (merging into 4-bit weights would
+    round the update away). The result loads with plain ``AutoModelFor*.from_pretrained`` and
+    with :meth:`Classifier.from_run`.
+    """
+    import dataclasses
+
+    from peft import PeftModel
+
+    from .train import write_json
+
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    config = read_run_config(run_dir)
+    if config["method"] == "full":
+        raise ValueError(f"{run_dir} is a fully fine-tuned model already: nothing to merge")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    cfg = dataclasses.replace(model_config_of(config), method="lora")
+    base = load_base(cfg, config["labels"], tokenizer, config["seed"])
+    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    write_json(output_dir / TOKMASK_CONFIG, {**config, "method": "full", "merged_from": str(run_dir)})
+    return output_dir

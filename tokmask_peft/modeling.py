@@ -149,15 +149,35 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    transformers.set_seed(seed)  # adapter init; get_peft_model also mutates ``model`` in place
-    return get_peft_model(model, lora_config(cfg, model, mask_token))
+    return add_adapter(model, cfg, mask_token, seed)
+
+
+def add_adapter(base, cfg: ModelConfig, mask_token: MaskToken, seed: int):
+    """A fresh adapter (and head) on ``base`` for ``seed``, the same whether ``base`` was just
+    loaded or kept from an earlier run (a sweep). ``get_peft_model`` mutates ``base`` in place;
+    ``PeftModel.unload()`` gives it back."""
+    from peft import get_peft_model
+
+    reset_head(getattr(base, head_name(base)), seed, base.config)
+    transformers.set_seed(seed)
+    return get_peft_model(base, lora_config(cfg, base, mask_token))
+
+
+def reset_head(head: torch.nn.Module, seed: int, config) -> None:
+    """Draw the classification head from ``seed`` (normal, std = ``initializer_range``)."""
+    g = torch.Generator().manual_seed(seed)
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
 
 
 def parameter_counts(model) -> dict[str, int]:

@@ -25,7 +25,7 @@ from .data import LengthGroupedBatches, encode, label_names, check_labels, paddi
 from .losses import class_weights, classification_loss, label_counts
 from .masking import MaskToken, RateSchedule, TokenMasker, attach_masking
 from .metrics import classification_metrics
-from .modeling import build_model, parameter_counts, prepare_tokenizer
+from .modeling import add_adapter, build_model, parameter_counts, prepare_tokenizer
 
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
@@ -99,28 +99,12 @@ class Setup:
             model = build_model(cfg, self.labels, self.tokenizer, self.mask_token, seed, device)
             self.base = model.get_base_model()
             return model
-        from peft import get_peft_model
-
-        from .modeling import head_name, lora_config
-
-        reset_head(getattr(self.base, head_name(self.base)), seed, self.base.config)
-        torch.manual_seed(seed)
-        return get_peft_model(self.base, lora_config(cfg, self.base, self.mask_token))
+        return add_adapter(self.base, cfg, self.mask_token, seed)
 
     def release(self, model) -> None:
         """Strip the adapter so the kept base is as loaded (``get_peft_model`` mutated it)."""
         if self.recipe.model.method != "full" and self.base is not None:
             model.unload()
-
-
-def reset_head(head: torch.nn.Module, seed: int, config) -> None:
-    """Re-draw a reused base's classification head from ``seed``, as a fresh load would."""
-    g = torch.Generator().manual_seed(seed)
-    std = getattr(config, "initializer_range", 0.02)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
 
 
 # ---- the loop ---------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Adapters at inference: one base, many rate adapters, switching, merging, refusing mismatches."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokmask_peft.inference import Classifier, merge_run
+from tokmask_peft.sweep import sweep
+
+TEXTS = ["the good movie really", "el perro malo", "nice day", "casa agua amigo dia sol muy"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_model, toy_data):
+    from tokmask_peft.config import Recipe
+
+    out = tmp_path_factory.mktemp("swept")
+    results = {}
+    for task in ("sequence", "token"):
+        recipe = Recipe.from_dict({
+            "model": {"name": tiny_model("qwen"), "task": task, "lora_r": 8, "lora_dropout": 0.0},
+            "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "output_dir": str(out / task)},
+            "sweep": {"rates": [0.0, 0.3], "seeds": [0]}})
+        sweep(recipe)
+        results[task] = out / task
+    return results
+
+
+def test_two_adapters_on_one_base_match_each_alone(swept):
+    out = swept["sequence"]
+    both = Classifier.from_sweep(out, seed=0, device="cpu")
+    assert both.adapters == ["mask_0.00", "mask_0.30"]
+    for rate in (0.0, 0.3):
+        alone = Classifier.from_run(out / f"mask_{rate:.2f}" / "seed_0", device="cpu")
+        both.use(rate)
+        assert both.active == f"mask_{rate:.2f}"
+        torch.testing.assert_close(torch.stack(both.logits(TEXTS)), torch.stack(alone.logits(TEXTS)),
+                                   rtol=0, atol=1e-6)
+    both.use("mask_0.00")
+    a = torch.stack(both.logits(TEXTS))
+    both.use("mask_0.30")
+    assert not torch.allclose(a, torch.stack(both.logits(TEXTS)), atol=1e-4)
+    with pytest.raises(KeyError, match="no adapter 'mask_0.50'"):
+        both.use(0.5)
+
+
+def test_merged_model_matches_adapter(swept, tmp_path):
+    run = swept["sequence"] / "mask_0.30" / "seed_0"
+    merged = merge_run(run, tmp_path / "merged")
+    assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
+    unmerged = torch.stack(Classifier.from_run(run, device="cpu").logits(TEXTS))
+    from_merged = torch.stack(Classifier.from_run(merged, device="cpu").logits(TEXTS))
+    # float32 re-association of W + BA: agreement to 1e-5
+    torch.testing.assert_close(from_merged, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_token_task_predicts_one_label_per_word(swept):
+    clf = Classifier.from_run(swept["token"] / "mask_0.30" / "seed_0", device="cpu")
+    words = [t.split() for t in TEXTS]
+    for ws, result in zip(words, clf.predict(words)):
+        assert len(result["labels"]) == len(ws)
+        assert set(result["labels"]) <= {"lang1", "lang2"}
+    # 40 words exceed max_length 16: words past the limit get None, never a shifted label
+    long = (["the", "el"] * 20)
+    labels = clf.predict([long])[0]["labels"]
+    assert len(labels) == 40 and labels[-1] is None and labels[0] is not None
+
+
+def test_incompatible_adapter_is_refused(swept):
+    clf = Classifier.from_run(swept["sequence"] / "mask_0.00" / "seed_0", device="cpu")
+    with pytest.raises(ValueError, match="task='token'"):
+        clf.add_adapter(swept["token"] / "mask_0.30" / "seed_0")
+    with pytest.raises(ValueError, match="already loaded"):
+        clf.add_adapter(swept["sequence"] / "mask_0.00" / "seed_0")
+    with pytest.raises(FileNotFoundError, match="not a tokmask_peft run"):
+        clf.add_adapter(swept["sequence"])
+
+
+def test_test_time_masking_ensemble(swept):
+    clf = Classifier.from_run(swept["sequence"] / "mask_0.30" / "seed_0", device="cpu")
+    plain = clf.predict(TEXTS)
+    ensemble = clf.predict(TEXTS, tta=4)
+    assert len(ensemble) == len(TEXTS)
+    for p, e in zip(plain, ensemble):
+        assert sum(e["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert [p["probs"] for p in plain] != [e["probs"] for e in ensemble]
+    assert clf.predict(TEXTS, tta=4) == ensemble  # seeded: repeatable
+
+
+def test_cli_predict_reads_stdin_and_writes_json_lines(swept):
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(swept["sequence"]),
+                           "--rate", "0.3", "--device", "cpu"], input="\n".join(TEXTS), capture_output=True,
+                          text=True, check=True)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["text"] for line in lines] == TEXTS
+    assert all(line["adapter"] == "mask_0.30" and line["label"] in ("negative", "positive") for line in lines)

@@ -1,0 +1,152 @@
+"""``tokmask``: thin command line over train / sweep / report / predict / merge / compare."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_recipe(args):
+    from .config import Recipe
+
+    overrides = list(args.overrides)
+    if getattr(args, "rates", None) is not None:
+        overrides.append(f"sweep.rates=[{args.rates}]")
+    if getattr(args, "seeds", None) is not None:
+        overrides.append(f"sweep.seeds=[{args.seeds}]")
+    return Recipe.from_yaml(args.recipe, overrides)
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    metrics = train(_load_recipe(args))
+    best = metrics["best"]
+    print(json.dumps({"best": best, "trainable_params": metrics["trainable_params"],
+                      "wall_time_s": round(metrics["wall_time_s"], 1)}))
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import sweep
+
+    recipe = _load_recipe(args)
+    options = {}
+    if args.executor == "ray":
+        options = {"cpus_per_run": args.cpus_per_run, "gpus_per_run": args.gpus_per_run,
+                   "max_failures": args.max_failures, "address": args.address}
+    sweep(recipe, args.output, executor=args.executor, **options)
+    out = Path(args.output or recipe.train.output_dir)
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.csv'}  plot: {out / 'results.png'}")
+
+
+def cmd_report(args) -> None:
+    from .sweep import report
+
+    report(args.output, args.metric)
+    print((Path(args.output) / "results.md").read_text())
+
+
+def cmd_predict(args) -> None:
+    from .inference import TOKMASK_CONFIG, Classifier
+
+    path = Path(args.path)
+    if (path / TOKMASK_CONFIG).is_file():
+        clf = Classifier.from_run(path, device=args.device)
+    else:
+        clf = Classifier.from_sweep(path, seed=args.seed, device=args.device)
+    if args.rate is not None or args.adapter:
+        clf.use(args.adapter or args.rate)
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    with stream:
+        texts = [line.rstrip("\n") for line in stream if line.strip()]
+    if clf.task == "token":
+        texts = [t.split() for t in texts]
+    for text, result in zip(texts, clf.predict(texts, args.batch_size, tta=args.tta)):
+        key = "words" if clf.task == "token" else "text"
+        print(json.dumps({key: text, **result, "adapter": clf.active}, ensure_ascii=False))
+
+
+def cmd_merge(args) -> None:
+    from .inference import merge_run
+
+    print(f"merged model written to {merge_run(args.run, args.output)}")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare, compare_table
+
+    overrides: dict[str, list[str]] = {}
+    for item in args.set:
+        method, sep, assignment = item.partition(":")
+        if not sep:
+            raise SystemExit(f"--set {item!r} must look like METHOD:section.key=value, e.g. full:train.lr=2e-5")
+        overrides.setdefault(method, []).append(assignment)
+    rows = compare(_load_recipe(args), args.output, args.methods.split(","), overrides)
+    print(compare_table(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokmask", description="Token masking for LoRA/QLoRA text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_recipe(p):
+        p.add_argument("recipe", help="YAML recipe")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+        return p
+
+    p = with_recipe(sub.add_parser("train", help="train one run"))
+    p.set_defaults(func=cmd_train)
+
+    p = with_recipe(sub.add_parser("sweep", help="train one adapter per (masking rate, seed) and report"))
+    p.add_argument("--rates", help="comma-separated rates, e.g. 0,0.1,0.3 (default: the recipe's)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the recipe's)")
+    p.add_argument("--output", help="sweep directory (default: train.output_dir)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--cpus-per-run", type=float, default=1.0)
+    p.add_argument("--gpus-per-run", type=float, default=0.0)
+    p.add_argument("--max-failures", type=int, default=2, help="Ray retries per failed run")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="rebuild results.csv/.md/.png from a sweep's run directories")
+    p.add_argument("output")
+    p.add_argument("--metric", default="weighted_f1")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="predict labels for texts (JSON lines out)")
+    p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
+    p.add_argument("--input", default="-", help="text file, one input per line, or - for stdin")
+    p.add_argument("--rate", type=float, help="use the adapter of this masking rate")
+    p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
+    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
+    p.add_argument("--tta", type=int, default=0, help="average over K masked copies (test-time masking)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="export an adapter merged into its base as a standalone model")
+    p.add_argument("run")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = with_recipe(sub.add_parser("compare", help="full vs LoRA vs QLoRA on the same recipe"))
+    p.add_argument("--methods", default="full,lora,qlora")
+    p.add_argument("--output", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="per-method override, e.g. full:train.lr=2e-5 (repeatable)")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        raise SystemExit(f"tokmask {args.command}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
