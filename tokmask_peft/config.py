@@ -20,6 +20,23 @@ CLASS_WEIGHTS = ("none", "paper", "inverse")
 METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 
 
+def resolve_path(value: str | None) -> str | None:
+    """``pkg:NAME/sub/path`` → that path inside installed package NAME; anything else unchanged.
+
+    Recipes name registry-shipped assets (models, data) this way, so they work wherever pip put
+    them. The package is located without being imported (some asset packages fail to import).
+    """
+    if not value or not value.startswith("pkg:"):
+        return value
+    import importlib.util
+
+    name, _, rest = value[4:].partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{value}: package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
 def _choice(section: str, name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{section}.{name} must be one of {list(allowed)}, got {value!r}")
@@ -81,6 +98,8 @@ class DataConfig:
     """Training file (or hub dataset id / directory with ``format: hf``)."""
     dev: str = ""
     """Development file: early stopping and model selection use it."""
+    dev_fraction: float = 0.0
+    """With no ``dev`` file: hold out this fraction of ``train`` (fixed shuffle) as dev."""
     format: str = "lince"
     """lince | csv | tsv | jsonl | hf."""
     extra_eval: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -99,8 +118,12 @@ class DataConfig:
     """Keep only the first N dev examples (quick runs)."""
 
     def __post_init__(self):
-        if not self.train or not self.dev:
-            raise ValueError("data.train and data.dev are both required")
+        if not self.train:
+            raise ValueError("data.train is required")
+        if bool(self.dev) == bool(self.dev_fraction):
+            raise ValueError("give exactly one of data.dev (a file) and data.dev_fraction (a held-out share of train)")
+        if not 0 <= self.dev_fraction < 1:
+            raise ValueError(f"data.dev_fraction must lie in [0, 1), got {self.dev_fraction!r}")
         _choice("data", "format", self.format, FORMATS)
         _positive("data", "max_length", self.max_length)
         for name in ("max_train_examples", "max_eval_examples"):

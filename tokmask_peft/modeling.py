@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from .config import ModelConfig
+from .config import ModelConfig, resolve_path
 from .masking import MaskToken, resolve_mask_token
 
 HEAD_NAMES = ("score", "classifier")
@@ -30,8 +30,8 @@ def weights_path(cfg: ModelConfig) -> str:
     test) take about a second.
     """
     if not cfg.gguf_file:
-        return cfg.name
-    source = Path(cfg.name) / cfg.gguf_file
+        return resolve_path(cfg.name)
+    source = Path(resolve_path(cfg.name)) / cfg.gguf_file
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} does not exist (model.name + model.gguf_file)")
     stat = source.stat()
@@ -41,8 +41,13 @@ def weights_path(cfg: ModelConfig) -> str:
         from transformers import AutoModelForCausalLM
 
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        AutoModelForCausalLM.from_pretrained(cfg.name, gguf_file=cfg.gguf_file, dtype=torch.float32).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(cfg.name, gguf_file=cfg.gguf_file).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=cfg.gguf_file, dtype=torch.float32)
+        # The tensors are dequantised already; drop the GGUF marker so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source.parent, gguf_file=cfg.gguf_file).save_pretrained(tmp)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
@@ -52,7 +57,7 @@ def weights_path(cfg: ModelConfig) -> str:
 
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer with a pad token set deliberately (decoders often ship without one)."""
-    source = cfg.tokenizer or weights_path(cfg)
+    source = resolve_path(cfg.tokenizer) or weights_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:

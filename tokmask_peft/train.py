@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .config import Recipe
+from .config import Recipe, resolve_path
 from .data import LengthGroupedBatches, encode, label_names, check_labels, padding_collator, read_examples
 from .losses import class_weights, classification_loss, label_counts
 from .masking import MaskToken, RateSchedule, TokenMasker, attach_masking
@@ -69,13 +69,20 @@ class Setup:
         tokenizer, mask_token = prepare_tokenizer(recipe.model)
 
         def read(path, split):
-            return read_examples(path, d.format, task, d.text_column, d.label_column, d.fold_tags, split)
+            return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags,
+                                 split)
 
         train = read(d.train, "train")
+        # Fixed shuffles (seed 0): every rate and seed of a sweep sees the same split and subset.
+        if d.dev_fraction:
+            train = random.Random(0).sample(train, len(train))
+            n_dev = max(1, int(len(train) * d.dev_fraction))
+            dev, train = train[:n_dev], train[n_dev:]
+        else:
+            dev = read(d.dev, "validation")
+        dev = dev[: d.max_eval_examples or None]
         if d.max_train_examples and d.max_train_examples < len(train):
-            # A fixed shuffle (seed 0) so every rate and seed of a sweep sees the same subset.
             train = random.Random(0).sample(train, d.max_train_examples)
-        dev = read(d.dev, "validation")[: d.max_eval_examples or None]
         labels = label_names(train)
         if len(labels) < 2:
             raise ValueError(f"{d.train}: training data has {len(labels)} label(s) {labels}; need at least 2")
@@ -308,7 +315,8 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         return bool(tc.patience) and state.bad_evals >= tc.patience
 
     model.train()
-    progress = tqdm(total=local_updates, initial=state.step, disable=not accelerator.is_local_main_process,
+    # None: tqdm draws only on a terminal, so logs of batch jobs stay readable.
+    progress = tqdm(total=local_updates, initial=state.step, disable=None if accelerator.is_local_main_process else True,
                     desc=out.name, dynamic_ncols=True)
     stop = state.stopped_early or state.step >= local_updates
     while not stop and state.epoch < tc.epochs:
