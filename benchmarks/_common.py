@@ -64,3 +64,54 @@ def write_result(name: str, result: dict, out_dir: str | os.PathLike = "benchmar
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+# ---- shared set-up: a mid-size random decoder with a real tokenizer, real LinCE text ---------
+
+SHARED = Path(os.environ.get("TOKMASK_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+SHAPES = {  # name: (hidden, layers, heads, kv heads, intermediate)
+    "tiny": (64, 2, 4, 2, 128),
+    "small": (256, 4, 4, 2, 688),
+    "medium": (512, 4, 8, 4, 1376),
+    "tinyllama-1.1b": (2048, 22, 32, 4, 5632),
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864),
+}
+
+
+def make_decoder(shape: str, path: Path, tokenizer: str = "llama2") -> Path:
+    """A random-weight Llama (or Qwen2 for qwen shapes) classifier base with a real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if (path / "config.json").exists():
+        return path
+    hidden, layers, heads, kv, inter = SHAPES[shape]
+    qwen = shape.startswith("qwen")
+    tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / ("qwen" if qwen else tokenizer))
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=512)
+    torch.manual_seed(0)
+    if qwen:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, pad_token_id=tok.pad_token_id,
+                                             tie_word_embeddings=True, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=2, **common))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def lince_recipe(model_dir: Path, output_dir: Path, task: str = "sequence", **sections) -> dict:
+    """A recipe dict on real LinCE SA (or LID) text; sections update its parts."""
+    folder = "sa_spaeng" if task == "sequence" else "lid_spaeng"
+    recipe = {
+        "model": {"name": str(model_dir), "task": task, "method": "lora", "lora_r": 16, "lora_alpha": 32,
+                  "lora_dropout": 0.0},
+        "data": {"train": str(SHARED / "data" / "lince" / folder / "train.conll"),
+                 "dev": str(SHARED / "data" / "lince" / folder / "dev.conll"), "max_length": 64},
+        "masking": {"rate": 0.1},
+        "train": {"output_dir": str(output_dir), "epochs": 1, "batch_size": 32, "lr": 2e-4, "seed": 0},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe

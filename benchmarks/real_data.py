@@ -50,7 +50,8 @@ def test_time_masking(sweep_dir: Path, k: int) -> list[dict]:
     for run in sorted(sweep_dir.glob("mask_*/seed_*")):
         config = json.loads((run / "tokmask_config.json").read_text())
         rate = config["masking"]["rate"]
-        if rate == 0 or config["task"] != "sequence":
+        has_weights = any((run / f).exists() for f in ("adapter_model.safetensors", "model.safetensors"))
+        if rate == 0 or config["task"] != "sequence" or not has_weights:  # copies without weights: skip
             continue
         recipe = Recipe.from_dict(config["recipe"])
         from tokmask_peft.config import resolve_path

@@ -1,0 +1,67 @@
+"""Target 5: switching between rate adapters (≤ 20 ms) and prediction throughput with an
+unmerged adapter against the merged model (≥ 0.9×).
+
+    python benchmarks/adapter_switch.py [--shape small] [--adapters 6] [--texts 512] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import SHARED, alternate, lince_recipe, make_decoder, median, write_result  # noqa: E402
+
+from tokmask_peft.config import Recipe  # noqa: E402
+from tokmask_peft.data import read_lince  # noqa: E402
+from tokmask_peft.inference import Classifier, merge_run  # noqa: E402
+from tokmask_peft.sweep import sweep  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--adapters", type=int, default=6)
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    shape, n_adapters, n_texts, repeats = ("tiny", 2, 32, 2) if args.tiny else \
+        (args.shape, args.adapters, args.texts, args.repeats)
+    rates = [round(0.1 * i, 1) for i in range(n_adapters)]
+    texts = [e.text for e in read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "dev.conll", "sequence")[:n_texts]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = Recipe.from_dict(lince_recipe(make_decoder(shape, tmp / "model"), tmp / "sweep",
+                                               data={"max_train_examples": 64, "max_eval_examples": 32},
+                                               sweep={"rates": rates, "seeds": [0]}))
+        sweep(recipe)
+        clf = Classifier.from_sweep(tmp / "sweep", seed=0, device="cpu" if args.tiny else None)
+        switches = []
+        for i in range(50 * n_adapters):
+            start = time.perf_counter()
+            clf.use(rates[i % n_adapters])
+            switches.append(time.perf_counter() - start)
+        run = tmp / "sweep" / f"mask_{rates[-1]:.2f}" / "seed_0"
+        merged = Classifier.from_run(merge_run(run, tmp / "merged"), device=clf.device)
+        clf.use(rates[-1])
+        times = alternate({"unmerged": lambda: clf.predict(texts, batch_size=64),
+                           "merged": lambda: merged.predict(texts, batch_size=64)}, repeats=repeats)
+    speed = {k: n_texts / median(v) for k, v in times.items()}
+    ratio = speed["unmerged"] / speed["merged"]
+    result = {"shape": shape, "adapters": n_adapters, "texts": n_texts, "device": str(clf.device),
+              "switch_ms_median": median(switches) * 1e3, "switch_ms_max": max(switches) * 1e3,
+              "texts_per_s": speed, "unmerged_vs_merged": ratio, "targets": {"switch_ms": "<= 20", "ratio": ">= 0.9"}}
+    print(f"adapter switch ({n_adapters} adapters, {shape}): median {result['switch_ms_median']:.3f} ms, "
+          f"max {result['switch_ms_max']:.3f} ms (target <= 20 ms)")
+    print(f"prediction: unmerged {speed['unmerged']:.1f} vs merged {speed['merged']:.1f} texts/s -> {ratio:.2f}x "
+          f"(target >= 0.9)")
+    write_result("adapter_switch" + ("_tiny" if args.tiny else ""), result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Target 2: training throughput against the HF Trainer + PEFT doing the same job (≥ 1.5×).
+
+    python benchmarks/throughput.py [--shape small] [--train 2000] [--repeats 3] [--tiny]
+
+Same model (one Setup: same tokenizer, pre-tokenised LinCE SA features, base, LoRA config),
+same masking (the Trainer gets ``attach_masking``), batch size, one epoch, linear warm-up/decay,
+one dev evaluation and one save. The Trainer uses dynamic padding (DataCollatorWithPadding) and
+its defaults otherwise; tokmask_peft adds length-grouped batches. Runs alternate A, B, A, B …;
+samples/s is training examples over the whole job's wall time; dev weighted F1 is compared too.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import lince_recipe, make_decoder, median, write_result  # noqa: E402
+
+from tokmask_peft.config import Recipe  # noqa: E402
+from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
+from tokmask_peft.metrics import compute_metrics  # noqa: E402
+from tokmask_peft.train import Setup, train  # noqa: E402
+
+
+def run_ours(recipe: Recipe, setup: Setup, out: Path) -> tuple[float, float]:
+    start = time.perf_counter()
+    metrics = train(recipe, setup, output_dir=out)
+    return time.perf_counter() - start, metrics["best"]["weighted_f1"]
+
+
+def run_trainer(recipe: Recipe, setup: Setup, out: Path, use_gpu: bool) -> tuple[float, float]:
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    tc = recipe.train
+    start = time.perf_counter()
+    model = setup.model_for(tc.seed)
+    handle = attach_masking(model, TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, recipe.masking.rate,
+                                                             tc.seed))
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=tc.batch_size, per_device_eval_batch_size=tc.eval_batch_size,
+        num_train_epochs=tc.epochs, learning_rate=tc.lr, weight_decay=tc.weight_decay, warmup_steps=tc.warmup_ratio,
+        lr_scheduler_type="linear", max_grad_norm=tc.max_grad_norm, seed=tc.seed, report_to=[],
+        save_strategy="no", logging_strategy="no", eval_strategy="no", use_cpu=not use_gpu,
+        bf16=tc.mixed_precision == "bf16", disable_tqdm=True)
+    strip = [{k: v for k, v in f.items() if k != "word_ids"} for f in setup.train_features]
+    dev = [{k: v for k, v in f.items() if k != "word_ids"} for f in setup.dev_features]
+    trainer = Trainer(model=model, args=args, train_dataset=strip, eval_dataset=dev,
+                      data_collator=DataCollatorWithPadding(setup.tokenizer), compute_metrics=compute_metrics)
+    trainer.train()
+    f1 = trainer.evaluate()["eval_weighted_f1"]
+    trainer.save_model(str(out))
+    elapsed = time.perf_counter() - start
+    handle.remove()
+    setup.release(model)
+    return elapsed, f1
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--dev", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    shape, n_train, repeats = ("tiny", 96, 1) if args.tiny else (args.shape, args.train, args.repeats)
+    use_gpu = torch.cuda.is_available()
+    results = {"ours": [], "trainer": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = Recipe.from_dict(lince_recipe(
+            make_decoder(shape, tmp / "model"), tmp / "run",
+            data={"max_train_examples": n_train, "max_eval_examples": args.dev},
+            train={"batch_size": args.batch, "eval_batch_size": 64, "warmup_ratio": 0.1,
+                   "mixed_precision": "bf16" if args.bf16 else "no"}))
+        setup = Setup.from_recipe(recipe)
+        setup.model_for(0)  # load the base once, outside the timings
+        setup.release(setup.model_for(0))
+        for i in range(repeats):
+            for name in ("ours", "trainer"):
+                out = tmp / f"{name}{i}"
+                seconds, f1 = (run_ours(recipe, setup, out) if name == "ours"
+                               else run_trainer(recipe, setup, out, use_gpu))
+                results[name].append({"seconds": seconds, "samples_per_s": n_train / seconds, "weighted_f1": f1})
+                print(f"{name:8s} run {i}: {seconds:6.1f} s  {n_train / seconds:7.1f} samples/s  dev wF1 {f1:.4f}")
+                shutil.rmtree(out, ignore_errors=True)
+    speed = {k: median([r["samples_per_s"] for r in v]) for k, v in results.items()}
+    f1 = {k: median([r["weighted_f1"] for r in v]) for k, v in results.items()}
+    ratio = speed["ours"] / speed["trainer"]
+    summary = {"shape": shape, "train_examples": n_train, "batch": args.batch, "repeats": repeats,
+               "device": "cuda" if use_gpu else "cpu", "bf16": args.bf16, "runs": results,
+               "median_samples_per_s": speed, "median_weighted_f1": f1, "speedup": ratio, "target": ">= 1.5"}
+    print(f"throughput ({shape}, {n_train} LinCE SA tweets, batch {args.batch}): tokmask_peft {speed['ours']:.1f} vs "
+          f"HF Trainer {speed['trainer']:.1f} samples/s -> {ratio:.2f}x (target >= 1.5); "
+          f"dev wF1 {f1['ours']:.4f} vs {f1['trainer']:.4f}")
+    write_result("throughput" + ("_tiny" if args.tiny else "") + ("_gpu" if use_gpu else ""), summary, args.out)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
