@@ -96,7 +96,7 @@ def make_decoder(shape: str, path: Path, tokenizer: str = "llama2") -> Path:
                                              tie_word_embeddings=True, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=2, **common))
-    model.save_pretrained(path)
+    model.to(torch.bfloat16).save_pretrained(path)  # half the bytes to write and read; loads as any dtype
     tok.save_pretrained(path)
     return path
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lince_recipe, make_decoder, write_result  # noqa: E402
+from _common import SHARED, lince_recipe, make_decoder, write_result  # noqa: E402
 
 
 def weight_footprints(model_dir: Path) -> dict[str, float]:
@@ -38,6 +38,21 @@ def weight_footprints(model_dir: Path) -> dict[str, float]:
         out[name] = model.get_memory_footprint() / 2**20
         del model
     return out
+
+
+def long_texts(path: Path, n: int) -> Path:
+    import csv
+
+    from tokmask_peft.data import read_lince
+
+    tweets = read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "train.conll", "sequence")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            group = tweets[8 * i: 8 * i + 8]
+            writer.writerow([" ".join(t.text for t in group), group[0].label])
+    return path
 
 
 def main(argv=None) -> dict:
@@ -59,8 +74,11 @@ def main(argv=None) -> dict:
         ratio = footprint["nf4"] / footprint["bf16"]
         print(f"base weights ({shape}): bf16 {footprint['bf16']:.1f} MiB, NF4 {footprint['nf4']:.1f} MiB "
               f"-> {ratio:.3f}x (target <= 0.35)")
-        # Every sequence padded to --length: memory at the stated batch x length, not at tweet length.
-        recipe = lince_recipe(model_dir, tmp / "runs", data={"max_train_examples": n_train, "max_eval_examples": 32,
+        # Memory at the stated batch x length, not at tweet length: each example joins 8 real
+        # LinCE tweets, so every one is truncated to exactly --length tokens.
+        data = long_texts(tmp / "long.csv", n_train + 32)
+        recipe = lince_recipe(model_dir, tmp / "runs", data={"format": "csv", "train": str(data), "dev": "",
+                                                             "dev_fraction": 32 / (n_train + 32),
                                                              "max_length": args.length},
                               model={"dtype": "bfloat16" if gpu else "float32", "gradient_checkpointing": gpu},
                               train={"batch_size": args.batch, "max_steps": 3 if not args.tiny else 1,

@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dev", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed pairs first (CUDA/kernel warm-up)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
@@ -85,11 +86,16 @@ def main(argv=None) -> dict:
         setup = Setup.from_recipe(recipe)
         setup.model_for(0)  # load the base once, outside the timings
         setup.release(setup.model_for(0))
-        for i in range(repeats):
+        warmup = 0 if args.tiny else args.warmup
+        for i in range(warmup + repeats):
             for name in ("ours", "trainer"):
                 out = tmp / f"{name}{i}"
                 seconds, f1 = (run_ours(recipe, setup, out) if name == "ours"
                                else run_trainer(recipe, setup, out, use_gpu))
+                if i < warmup:
+                    print(f"{name:8s} warm-up: {seconds:6.1f} s (not counted)")
+                    shutil.rmtree(out, ignore_errors=True)
+                    continue
                 results[name].append({"seconds": seconds, "samples_per_s": n_train / seconds, "weighted_f1": f1})
                 print(f"{name:8s} run {i}: {seconds:6.1f} s  {n_train / seconds:7.1f} samples/s  dev wF1 {f1:.4f}")
                 shutil.rmtree(out, ignore_errors=True)

@@ -126,3 +126,21 @@ def make_recipe(tiny_model, toy_data, tmp_path):
         return Recipe.from_dict(d)
 
     return make
+
+
+def kill_at_training_step(monkeypatch, step: int) -> None:
+    """Make the loop die (as a killed process would) in the forward pass of training step ``step``."""
+    import torch
+
+    import tokmask_peft.train as loop
+
+    real_loss, calls = loop.classification_loss, {"n": 0}
+
+    def loss(logits, labels, *args):
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt(f"simulated kill at step {step}")
+        return real_loss(logits, labels, *args)
+
+    monkeypatch.setattr(loop, "classification_loss", loss)

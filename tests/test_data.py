@@ -22,7 +22,8 @@ def test_lince_sentiment_official_counts(split, count, labels):
     examples = read_lince(shared_path("data", "lince", "sa_spaeng", f"{split}.conll"), "sequence")
     assert len(examples) == count
     assert Counter(e.label for e in examples) == labels
-    assert examples[0].text.startswith("After this I 'm just gonna go home")
+    first = {"train": "After this I 'm just gonna go home", "dev": "@brissamayen @sanluispotoyees estopp"}[split]
+    assert examples[0].text.startswith(first) and examples[0].source.endswith(":1")
 
 
 @pytest.mark.parametrize("split,count", [("train", 21_030), ("dev", 3_332)])

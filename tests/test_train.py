@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import kill_at_training_step
 from tokmask_peft.inference import Classifier
 from tokmask_peft.train import Setup, train
 
@@ -95,22 +96,6 @@ def test_same_seed_same_metrics(make_recipe, tmp_path):
     assert a["history"] == b["history"]
     c = train(make_recipe("llama", "sequence", "lora", train={"seed": 1}), output_dir=tmp_path / "c")
     assert c["history"] != a["history"]
-
-
-def kill_at_training_step(monkeypatch, step: int) -> None:
-    """Make the loop die (as a killed process would) in the forward pass of training step ``step``."""
-    import tokmask_peft.train as loop
-
-    real_loss, calls = loop.classification_loss, {"n": 0}
-
-    def loss(logits, labels, *args):
-        if torch.is_grad_enabled():  # training, not evaluation
-            calls["n"] += 1
-            if calls["n"] == step:
-                raise KeyboardInterrupt(f"simulated kill at step {step}")
-        return real_loss(logits, labels, *args)
-
-    monkeypatch.setattr(loop, "classification_loss", loss)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

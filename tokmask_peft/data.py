@@ -48,10 +48,11 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Exam
     words: list[str] = []
     tags: list[str] = []
     header_label: str | None = None
+    header_line: int | None = None  # where the current sentence's header was
     start = 0
 
     def flush():
-        nonlocal words, tags, header_label
+        nonlocal words, tags, header_label, header_line
         if words:
             if task == "sequence":
                 if header_label is None:
@@ -62,7 +63,7 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Exam
                 examples.append(Example(words, tags, _where(path, start)))
         elif header_label is not None:
             raise ValueError(f"{_where(path, start)}: sentence header with no tokens")
-        words, tags, header_label = [], [], None
+        words, tags, header_label, header_line = [], [], None, None
 
     with path.open(encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
@@ -72,7 +73,7 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Exam
                 continue
             if line.startswith("# sent_enum"):
                 flush()
-                start = lineno
+                start = header_line = lineno
                 fields = line.split("\t")
                 header_label = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
                 if task == "token":
@@ -81,7 +82,7 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Exam
             fields = line.split("\t")
             if len(fields) < 2 or not fields[0] or not fields[1].strip():
                 raise ValueError(f"{_where(path, lineno)}: expected 'token<TAB>tag', got {line!r}")
-            if not words and header_label is None:
+            if not words and header_line is None:
                 start = lineno
             tag = fields[1].strip()
             words.append(fields[0])
