@@ -154,3 +154,18 @@ def test_bad_input_errors_name_the_problem(make_recipe, tmp_path, toy_data):
                                                              "format": "jsonl"}))
     with pytest.raises(ValueError, match="masking.rate"):
         make_recipe("bert", masking={"rate": 1.5})
+
+
+def test_cpu_4bit_shape_limit_is_explained(tmp_path, load_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=100, num_hidden_layers=1,
+                                 num_attention_heads=4, pad_token_id=2)).save_pretrained(tmp_path)
+    load_tokenizer("llama2").save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path), method="qlora")
+    tokenizer, mask = prepare_tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"divisible by 64.*mlp\.down_proj.*quant_bits: 8"):
+        build_model(cfg, ["a", "b"], tokenizer, mask)

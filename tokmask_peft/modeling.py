@@ -157,11 +157,23 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
     from peft import prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
+        check_cpu_4bit_shapes(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return add_adapter(model, cfg, mask_token, seed)
+
+
+def check_cpu_4bit_shapes(model, block: int = 64) -> None:
+    """bitsandbytes' CPU 4-bit kernels need in-features divisible by the quantisation block; say so
+    up front instead of failing inside the first forward pass with a reshape error."""
+    bad = [name for name, module in model.named_modules()
+           if type(module).__name__ == "Linear4bit" and module.weight.device.type == "cpu"
+           and module.in_features % block]
+    if bad:
+        raise ValueError(f"4-bit QLoRA on CPU needs layer input sizes divisible by {block}; {len(bad)} layer(s) "
+                         f"are not (e.g. {bad[0]}). Use quant_bits: 8, a GPU, or method: lora")
 
 
 def add_adapter(base, cfg: ModelConfig, mask_token: MaskToken, seed: int):
