@@ -10,13 +10,11 @@ resident size (which also counts Python, torch and the tokenised data).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, lince_recipe, make_decoder, write_result  # noqa: E402

@@ -91,7 +91,6 @@ def test_first_subword_alignment_on_real_tokenizers(load_tokenizer):
 
 
 def test_truncation_respects_max_length(load_tokenizer):
-    from tokmask_peft.data import Example
 
     tok = load_tokenizer("qwen")
     examples = read_lince(shared_path("data", "lince", "lid_spaeng", "dev.conll"), "token")[:200]

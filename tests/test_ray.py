@@ -1,6 +1,5 @@
 """The Ray executor on a local Ray limited to this machine's 2 CPUs."""
 import csv
-import json
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Sweeps: one run per (rate, seed), resumable, and a report rebuilt from the run directories."""
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
