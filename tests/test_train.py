@@ -169,3 +169,14 @@ def test_cpu_4bit_shape_limit_is_explained(tmp_path, load_tokenizer):
     tokenizer, mask = prepare_tokenizer(cfg)
     with pytest.raises(ValueError, match=r"divisible by 64.*mlp\.down_proj.*quant_bits: 8"):
         build_model(cfg, ["a", "b"], tokenizer, mask)
+
+
+def test_extra_eval_sets_are_scored_with_the_best_weights(make_recipe, toy_data, tmp_path):
+    # e.g. LID trained on spa-eng, also scored on nep-eng dev (the paper's transfer check)
+    recipe = make_recipe("bert", "token", "lora", train={"epochs": 2, "lr": 1e-2},
+                         data={"extra_eval": {"transfer_dev": str(toy_data["dev"])}})
+    metrics = train(recipe)
+    transfer = metrics["extra_eval"]["transfer_dev"]
+    assert set(transfer) == {"weighted_f1", "macro_f1", "accuracy", "loss"}
+    # the same file as dev, scored with the best weights: equals the best dev record
+    assert transfer["weighted_f1"] == pytest.approx(metrics["best"]["weighted_f1"], abs=1e-9)
