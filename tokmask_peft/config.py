@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .masking import MASK_POLICIES, SCHEDULES, check_rate
+from .masking import MASK_POLICIES, SCHEDULES, RateSchedule, check_rate
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
@@ -146,6 +146,11 @@ class MaskingConfig:
         check_rate(self.rate, "masking.rate")
         check_rate(self.start, "masking.start")
         _choice("masking", "schedule", self.schedule, SCHEDULES)
+        self.to_schedule()  # RateSchedule validates the rest (warmup_fraction)
+
+    def to_schedule(self) -> RateSchedule:
+        """The rate in force at each step, as the training loop uses it."""
+        return RateSchedule(self.rate, self.schedule, self.warmup_fraction, self.start)
 
 
 @dataclasses.dataclass

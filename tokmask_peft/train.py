@@ -23,7 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 from .config import Recipe, resolve_path
 from .data import LengthGroupedBatches, encode, label_names, check_labels, padding_collator, read_examples
 from .losses import class_weights, classification_loss, label_counts
-from .masking import MaskToken, RateSchedule, TokenMasker, attach_masking
+from .masking import MaskToken, TokenMasker, attach_masking
 from .metrics import classification_metrics
 from .modeling import add_adapter, build_model, parameter_counts, prepare_tokenizer
 
@@ -230,8 +230,7 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     model = setup.model_for(tc.seed, accelerator.device)
     counts = parameter_counts(model)
-    schedule = RateSchedule(recipe.masking.rate, recipe.masking.schedule, recipe.masking.warmup_fraction,
-                            recipe.masking.start)
+    schedule = recipe.masking.to_schedule()
     # Each process masks with its own stream; the hook masks only while model.training.
     masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=schedule.rate_at(0, 1),
                                        seed=tc.seed * 1009 + accelerator.process_index)
