@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment  # noqa: E402
 
-from tokmask_peft.config import Recipe  # noqa: E402
+from tokmask_peft.config import Recipe, resolve_path  # noqa: E402
 from tokmask_peft.sweep import summarise, sweep  # noqa: E402
 
 
@@ -54,8 +54,6 @@ def test_time_masking(sweep_dir: Path, k: int) -> list[dict]:
         if rate == 0 or config["task"] != "sequence" or not has_weights:  # copies without weights: skip
             continue
         recipe = Recipe.from_dict(config["recipe"])
-        from tokmask_peft.config import resolve_path
-
         dev = read_examples(resolve_path(recipe.data.dev), recipe.data.format, "sequence")
         dev = dev[: recipe.data.max_eval_examples or None]
         clf = Classifier.from_run(run)

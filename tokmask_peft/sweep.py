@@ -53,9 +53,8 @@ def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | 
 
     final = run_dir(out, rate, seed)
     partial = final.with_name(final.name + ".partial")
-    if (partial / METRICS_FILE).exists():  # finished but not renamed: a crash between the two
-        pass
-    else:
+    # A partial with metrics finished but crashed before the rename: only the rename is left.
+    if not (partial / METRICS_FILE).exists():
         train(run_recipe(recipe, rate, seed), setup=setup, output_dir=partial)
     state = PartialState()
     state.wait_for_everyone()
