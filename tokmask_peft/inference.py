@@ -15,6 +15,7 @@ import torch
 
 from .config import ModelConfig
 from .data import Example, encode, padding_collator
+from .fused_lora import fuse_lora_inference
 from .modeling import load_base
 from .train import TOKMASK_CONFIG
 
@@ -61,6 +62,7 @@ class Classifier:
         self.collate = padding_collator(tokenizer, self.task)
         self._names: dict[str, str] = {}  # public adapter name -> PEFT adapter name
         self._configs: dict[str, dict] = {}  # public adapter name -> its tokmask_config.json
+        fuse_lora_inference(model)  # unmerged adapters predict at (near) merged speed
 
     @classmethod
     def from_run(cls, run_dir: str | Path, name: str | None = None, device: str | torch.device | None = None):
@@ -121,6 +123,7 @@ class Classifier:
         if name in self.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded; pass another name")
         self.model.load_adapter(str(run_dir), adapter_name=peft_name(name))
+        fuse_lora_inference(self.model)  # the new adapter may wrap modules the first did not
         self._names[name] = peft_name(name)
         self._configs[name] = config
         self.model.eval()

@@ -381,7 +381,10 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         write_json(out / METRICS_FILE, metrics)
         shutil.rmtree(checkpoint, ignore_errors=True)
     setup.release(unwrapped)
-    accelerator.free_memory()
+    if accelerator.device.type == "cuda":
+        # gc + empty_cache so the next run of a sweep starts with a clean GPU; on a CPU the
+        # forced gc.collect() only cost a sweep ~0.3 s per run.
+        accelerator.free_memory()
     return metrics
 
 
