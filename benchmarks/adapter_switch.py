@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, alternate, lince_recipe, make_decoder, median, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
-from tokmask_peft.fused_lora import fuse_lora_inference  # noqa: E402
 from tokmask_peft.data import read_lince  # noqa: E402
+from tokmask_peft.fused_lora import fuse_lora_inference  # noqa: E402
 from tokmask_peft.inference import Classifier, merge_run  # noqa: E402
 from tokmask_peft.sweep import sweep  # noqa: E402
 
@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
     result = {"shape": shape, "adapters": n_adapters, "texts": n_texts, "device": str(clf.device),
               "switch_ms_median": median(switches) * 1e3, "switch_ms_max": max(switches) * 1e3,
               "texts_per_s": speed, "unmerged_vs_merged": ratio,
-              "peft_forward_vs_merged": speed["unmerged_peft_forward"] / speed["merged"], "targets": {"switch_ms": "<= 20", "ratio": ">= 0.9"}}
+              "peft_forward_vs_merged": speed["unmerged_peft_forward"] / speed["merged"],
+              "targets": {"switch_ms": "<= 20", "ratio": ">= 0.9"}}
     print(f"adapter switch ({n_adapters} adapters, {shape}): median {result['switch_ms_median']:.3f} ms, "
           f"max {result['switch_ms_max']:.3f} ms (target <= 20 ms)")
     print(f"prediction: unmerged {speed['unmerged']:.1f} vs merged {speed['merged']:.1f} texts/s -> {ratio:.2f}x "
