@@ -83,15 +83,17 @@ def main(argv=None) -> dict:
             data={"max_train_examples": n_train, "max_eval_examples": args.dev},
             train={"batch_size": args.batch, "eval_batch_size": 64, "warmup_ratio": 0.1,
                    "mixed_precision": "bf16" if args.bf16 else "no"}))
-        setup = Setup.from_recipe(recipe)
-        setup.model_for(0)  # load the base once, outside the timings
-        setup.release(setup.model_for(0))
+        # Each side keeps its own base, loaded once outside the timings: the Trainer gets the
+        # model exactly as loaded (our loop stores frozen weights in the autocast dtype).
+        setups = {name: Setup.from_recipe(recipe) for name in ("ours", "trainer")}
+        for setup in setups.values():
+            setup.release(setup.model_for(0))
         warmup = 0 if args.tiny else args.warmup
         for i in range(warmup + repeats):
             for name in ("ours", "trainer"):
                 out = tmp / f"{name}{i}"
-                seconds, f1 = (run_ours(recipe, setup, out) if name == "ours"
-                               else run_trainer(recipe, setup, out, use_gpu))
+                seconds, f1 = (run_ours(recipe, setups[name], out) if name == "ours"
+                               else run_trainer(recipe, setups[name], out, use_gpu))
                 if i < warmup:
                     print(f"{name:8s} warm-up: {seconds:6.1f} s (not counted)")
                     shutil.rmtree(out, ignore_errors=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import kill_at_training_step
 from tokmask_peft.inference import Classifier
@@ -180,3 +181,33 @@ def test_extra_eval_sets_are_scored_with_the_best_weights(make_recipe, toy_data,
     assert set(transfer) == {"weighted_f1", "macro_f1", "accuracy", "loss"}
     # the same file as dev, scored with the best weights: equals the best dev record
     assert transfer["weighted_f1"] == pytest.approx(metrics["best"]["weighted_f1"], abs=1e-9)
+
+
+def test_frozen_linears_in_autocast_dtype_give_the_same_bits(make_recipe, tmp_path, monkeypatch):
+    """bf16 mixed precision stores the frozen LoRA base weights in bf16 once (autocast would cast
+    them every step): the run must match one where autocast does the casting, bit for bit."""
+    import tokmask_peft.train as loop
+
+    recipe = make_recipe("llama", train={"mixed_precision": "bf16", "epochs": 2})
+    cast = train(recipe, Setup.from_recipe(recipe), output_dir=tmp_path / "cast")
+    monkeypatch.setattr(loop, "cast_frozen_linears", lambda model, dtype: 0)
+    plain = train(recipe, Setup.from_recipe(recipe), output_dir=tmp_path / "plain")
+    assert cast["history"] == plain["history"]
+    a = load_file(tmp_path / "cast" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_setup_with_bf16_base_refuses_a_full_precision_run(make_recipe, tmp_path):
+    recipe = make_recipe("qwen", train={"mixed_precision": "bf16", "epochs": 1})
+    setup = Setup.from_recipe(recipe)
+    train(recipe, setup, output_dir=tmp_path / "a")
+    assert setup.frozen_dtype == torch.bfloat16
+    assert setup.base.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert setup.base.score.weight.dtype == torch.float32  # the head is trained: never cast
+    again = make_recipe("qwen", train={"mixed_precision": "bf16", "epochs": 1, "seed": 1})
+    train(again, setup, output_dir=tmp_path / "b")  # same precision: the kept base is reused
+    fp32 = make_recipe("qwen", train={"epochs": 1})
+    with pytest.raises(ValueError, match="mixed_precision='no'"):
+        train(fp32, setup, output_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -55,7 +55,13 @@ def mask_tokens(
         return input_ids
     # Draw on the generator's device, then move: the same seed gives the same mask on CPU and GPU.
     device = generator.device if generator is not None else input_ids.device
-    chosen = torch.rand(input_ids.shape, generator=generator, device=device).to(input_ids.device) < rate
+    draws = torch.rand(input_ids.shape, generator=generator, device=device)
+    if draws.device != input_ids.device:
+        if input_ids.device.type == "cuda":
+            # A copy from pageable memory would first wait for all queued GPU work.
+            draws = draws.pin_memory()
+        draws = draws.to(input_ids.device, non_blocking=True)
+    chosen = draws < rate
     if protected is not None:
         chosen &= ~protected
     return torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)
@@ -69,8 +75,8 @@ def protected_positions(
     Padding is protected by the attention mask, not only by id, because decoders pool the last
     non-pad token: a real token turned into pad (or pad into something else) moves the pooled one.
     """
-    special = torch.as_tensor(list(special_ids) if not torch.is_tensor(special_ids) else special_ids,
-                              dtype=input_ids.dtype, device=input_ids.device)
+    special = (special_ids if torch.is_tensor(special_ids) else torch.tensor(list(special_ids)))
+    special = special.to(input_ids.device, input_ids.dtype)
     protected = torch.isin(input_ids, special)
     if attention_mask is not None:
         protected |= attention_mask.to(input_ids.device) == 0
@@ -208,6 +214,7 @@ class TokenMasker:
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self._worker_seed: int | None = None
+        self._special_on: dict[tuple, torch.Tensor] = {}  # one host->device copy per device
 
     @classmethod
     def for_tokenizer(cls, tokenizer, mask_token: MaskToken, rate: float = 0.1, seed: int = 0) -> "TokenMasker":
@@ -227,7 +234,12 @@ class TokenMasker:
         if self.rate == 0.0:
             return input_ids
         self._sync_worker_generator()
-        protected = protected_positions(input_ids, attention_mask, self.special_ids)
+        key = (input_ids.device, input_ids.dtype, tuple(self.special_ids))
+        special = self._special_on.get(key)
+        if special is None:
+            special = self._special_on[key] = torch.tensor(self.special_ids, dtype=input_ids.dtype,
+                                                           device=input_ids.device)
+        protected = protected_positions(input_ids, attention_mask, special)
         return mask_tokens(input_ids, self.rate, self.mask_id, protected, self.generator)
 
     def state_dict(self) -> dict[str, Any]:

@@ -197,6 +197,23 @@ def reset_head(head: torch.nn.Module, seed: int, config) -> None:
             head.bias.zero_()
 
 
+def cast_frozen_linears(model, dtype: torch.dtype) -> int:
+    """Store the frozen ``nn.Linear`` weights under LoRA layers in the autocast ``dtype``; returns how many.
+
+    Autocast casts every such weight to ``dtype`` on every forward pass anyway, so the results are
+    the same bits; what goes is one cast kernel per layer per step (and half their memory).
+    Trainable tensors (adapters, head) stay in full precision.
+    """
+    count = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if (hasattr(module, "lora_A") and type(base) is torch.nn.Linear and base.weight.dtype != dtype
+                and not any(p.requires_grad for p in base.parameters())):
+            base.to(dtype)
+            count += 1
+    return count
+
+
 def parameter_counts(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
