@@ -236,10 +236,11 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         raise ValueError(f"this Setup's kept base holds {setup.frozen_dtype} weights from an earlier "
                          f"mixed-precision run; build a new Setup for mixed_precision={tc.mixed_precision!r}")
     model = setup.model_for(tc.seed, accelerator.device)
-    if (compute_dtype is not None and recipe.model.method == "lora" and accelerator.distributed_type in
-            (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)):  # FSDP needs one dtype
-        if cast_frozen_linears(model, compute_dtype):
-            setup.frozen_dtype = compute_dtype
+    plain_or_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                    DistributedType.MULTI_CPU)  # FSDP flattens to one dtype
+    if (compute_dtype is not None and recipe.model.method == "lora" and plain_or_ddp
+            and cast_frozen_linears(model, compute_dtype)):
+        setup.frozen_dtype = compute_dtype
     counts = parameter_counts(model)
     schedule = recipe.masking.to_schedule()
     # Each process masks with its own stream; the hook masks only while model.training.
