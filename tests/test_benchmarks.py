@@ -10,7 +10,7 @@ from conftest import shared_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["masking_cost", "masking_overhead", "throughput", "sweep_cost", "memory", "adapter_switch"]
+SCRIPTS = ["masking_cost", "masking_overhead", "throughput", "sweep_cost", "memory", "adapter_switch", "step_anatomy"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
