@@ -138,10 +138,7 @@ class Classifier:
         name = adapter_name(name_or_rate) if isinstance(name_or_rate, (int, float)) else name_or_rate
         if name not in self.adapters:
             raise KeyError(f"no adapter {name!r}; loaded: {self.adapters}")
-        internal = self._names[name]
-        if internal not in self._switches:
-            self._record_switches()
-        self._replay(internal)
+        self._replay(self._names[name])  # recorded when the adapter was loaded
 
     def _replay(self, internal: str) -> None:
         for module, attr, value in self._switches[internal]:
