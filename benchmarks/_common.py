@@ -13,7 +13,7 @@ from typing import Callable
 def environment() -> dict:
     import torch
 
-    from tokmask_peft.train import package_versions
+    from tokmask_peft.training import package_versions
 
     return {
         "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),

@@ -25,7 +25,7 @@ from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.data import read_lince  # noqa: E402
 from tokmask_peft.fused_lora import fuse_lora_inference  # noqa: E402
 from tokmask_peft.inference import Classifier, merge_run  # noqa: E402
-from tokmask_peft.sweep import sweep  # noqa: E402
+from tokmask_peft.sweeps import sweep  # noqa: E402
 
 
 def main(argv=None) -> dict:

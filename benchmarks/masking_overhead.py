@@ -19,7 +19,7 @@ from _common import alternate, lince_recipe, make_decoder, median, write_result 
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
-from tokmask_peft.train import Setup  # noqa: E402
+from tokmask_peft.training import Setup  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
                               model={"dtype": "bfloat16" if gpu else "float32", "gradient_checkpointing": gpu},
                               train={"batch_size": args.batch, "max_steps": 3 if not args.tiny else 1,
                                      "mixed_precision": "bf16" if gpu else "no"})
-        from tokmask_peft.compare import compare
+        from tokmask_peft.comparison import compare
         from tokmask_peft.config import Recipe
 
         rows = compare(Recipe.from_dict(recipe), tmp / "compare", args.methods.split(","),

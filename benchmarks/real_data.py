@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment  # noqa: E402
 
 from tokmask_peft.config import Recipe, resolve_path  # noqa: E402
-from tokmask_peft.sweep import summarise, sweep  # noqa: E402
+from tokmask_peft.sweeps import summarise, sweep  # noqa: E402
 
 
 def light_copy(src: Path, dst: Path) -> None:

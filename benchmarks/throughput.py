@@ -25,7 +25,7 @@ from _common import lince_recipe, make_decoder, median, write_result  # noqa: E4
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
 from tokmask_peft.metrics import compute_metrics  # noqa: E402
-from tokmask_peft.train import Setup, train  # noqa: E402
+from tokmask_peft.training import Setup, train  # noqa: E402
 
 
 def run_ours(recipe: Recipe, setup: Setup, out: Path) -> tuple[float, float]:

@@ -132,7 +132,7 @@ def kill_at_training_step(monkeypatch, step: int) -> None:
     """Make the loop die (as a killed process would) in the forward pass of training step ``step``."""
     import torch
 
-    import tokmask_peft.train as loop
+    import tokmask_peft.training as loop
 
     real_loss, calls = loop.classification_loss, {"n": 0}
 

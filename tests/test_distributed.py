@@ -13,7 +13,7 @@ SCRIPT = """
 import sys
 from accelerate import PartialState
 from tokmask_peft.config import Recipe
-from tokmask_peft.train import train
+from tokmask_peft.training import train
 recipe = Recipe.from_yaml(sys.argv[1])
 metrics = train(recipe)
 state = PartialState()

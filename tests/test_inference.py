@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokmask_peft.inference import Classifier, merge_run
-from tokmask_peft.sweep import sweep
+from tokmask_peft.sweeps import sweep
 
 TEXTS = ["the good movie really", "el perro malo", "nice day", "casa agua amigo dia sol muy"]
 

@@ -8,7 +8,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'tokmask-peft[ray]'")
 
 from tokmask_peft.ray_executor import run_on_ray, train_trial  # noqa: E402
-from tokmask_peft.sweep import pending, run_dir, sweep  # noqa: E402
+from tokmask_peft.sweeps import pending, run_dir, sweep  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
@@ -42,7 +42,7 @@ def test_ray_matches_local_retries_failures_and_resumes(make_recipe, tmp_path, m
     sweep(recipe.with_overrides(["sweep.rates=[0.0]"]), out)
     from conftest import kill_at_training_step
 
-    from tokmask_peft.sweep import train_one
+    from tokmask_peft.sweeps import train_one
 
     with monkeypatch.context() as m:
         kill_at_training_step(m, 4)
@@ -57,7 +57,7 @@ def test_ray_matches_local_retries_failures_and_resumes(make_recipe, tmp_path, m
     attempts = sorted(p.name for p in (out / "attempts").iterdir())
     assert attempts == ["0.1_0_1", "0.1_0_2", "0.3_0_1"]  # 0.0 not retrained; 0.1 retried once
     assert pending(recipe, out) == []
-    from tokmask_peft.sweep import report
+    from tokmask_peft.sweeps import report
 
     report(out)
     assert rows(out) == rows(tmp_path / "local")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import tokmask_peft.sweep as sweep_module
-from tokmask_peft.sweep import report, sweep
+import tokmask_peft.sweeps as sweep_module
+from tokmask_peft.sweeps import report, sweep
 
 RUN_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
              "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import kill_at_training_step
 from tokmask_peft.inference import Classifier
-from tokmask_peft.train import Setup, train
+from tokmask_peft.training import Setup, train
 
 KINDS = ["qwen", "llama", "bert"]
 METHODS = [("full", {}), ("lora", {}), ("qlora", {"quant_bits": 4}), ("qlora", {"quant_bits": 8})]
@@ -186,7 +186,7 @@ def test_extra_eval_sets_are_scored_with_the_best_weights(make_recipe, toy_data,
 def test_frozen_linears_in_autocast_dtype_give_the_same_bits(make_recipe, tmp_path, monkeypatch):
     """bf16 mixed precision stores the frozen LoRA base weights in bf16 once (autocast would cast
     them every step): the run must match one where autocast does the casting, bit for bit."""
-    import tokmask_peft.train as loop
+    import tokmask_peft.training as loop
 
     recipe = make_recipe("llama", train={"mixed_precision": "bf16", "epochs": 2})
     cast = train(recipe, Setup.from_recipe(recipe), output_dir=tmp_path / "cast")

@@ -22,8 +22,8 @@ from .masking import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Recipe": "config", "train": "train", "Setup": "train", "sweep": "sweep", "report": "sweep",
-    "Classifier": "inference", "merge_run": "inference", "compare": "compare",
+    "Recipe": "config", "train": "training", "Setup": "training", "sweep": "sweeps", "report": "sweeps",
+    "Classifier": "inference", "merge_run": "inference", "compare": "comparison",
 }
 
 

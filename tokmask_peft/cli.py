@@ -19,7 +19,7 @@ def _load_recipe(args):
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .training import train
 
     metrics = train(_load_recipe(args))
     best = metrics["best"]
@@ -28,7 +28,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import sweep
+    from .sweeps import sweep
 
     recipe = _load_recipe(args)
     options = {}
@@ -42,7 +42,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .sweep import report
+    from .sweeps import report
 
     report(args.output, args.metric)
     print((Path(args.output) / "results.md").read_text())
@@ -75,7 +75,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare, compare_table
+    from .comparison import compare, compare_table
 
     overrides: dict[str, list[str]] = {}
     for item in args.set:

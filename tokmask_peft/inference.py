@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .data import Example, encode, padding_collator
 from .fused_lora import fuse_lora_inference
 from .modeling import load_base
-from .train import TOKMASK_CONFIG
+from .training import TOKMASK_CONFIG
 
 COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
 
@@ -250,7 +250,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
 
     from peft import PeftModel
 
-    from .train import write_json
+    from .training import write_json
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     config = read_run_config(run_dir)

@@ -1,7 +1,7 @@
 """Spread a sweep's (rate, seed) runs over a Ray cluster: one Ray Tune trial per run.
 
 Optional (``pip install 'tokmask-peft[ray]'``); nothing else in the package imports Ray. Each
-trial calls the same :func:`tokmask_peft.sweep.train_one` as the local executor, so the
+trial calls the same :func:`tokmask_peft.sweeps.train_one` as the local executor, so the
 directory layout, the ``.partial``-then-rename rule and resuming from a checkpoint are the
 same; Ray adds placement, parallelism and retries (``FailureConfig(max_failures)``). The sweep
 directory must be on storage every node sees (a shared filesystem) when the cluster has more
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Recipe
-from .train import METRICS_FILE
+from .training import METRICS_FILE
 
 
 def train_trial(config: dict) -> None:
@@ -24,7 +24,7 @@ def train_trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from .sweep import train_one
+    from .sweeps import train_one
 
     os.chdir(config["cwd"])  # recipes use paths relative to where the sweep was started
     torch.set_num_threads(max(1, int(config["cpus"])))

@@ -16,7 +16,7 @@ from typing import Iterable
 import yaml
 
 from .config import Recipe
-from .train import METRICS_FILE, TOKMASK_CONFIG, Setup, train
+from .training import METRICS_FILE, TOKMASK_CONFIG, Setup, train
 
 REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import METHODS, Recipe
-from .train import METRICS_FILE
+from .training import METRICS_FILE
 
 COLUMNS = ("method", "weighted_f1", "macro_f1", "trainable_params", "total_params", "wall_time_s",
            "peak_memory_mb", "disk_mb")
