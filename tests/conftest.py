@@ -36,11 +36,15 @@ SPANISH = "el la bueno malo casa agua amigo dia sol muy mejor triste perro gato 
 
 
 def _tiny_config(kind: str, vocab: int):
-    from transformers import BertConfig, LlamaConfig, Qwen2Config
+    from transformers import BertConfig, DistilBertConfig, LlamaConfig, Qwen2Config, XLMRobertaConfig
 
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     if kind == "bert":
         return BertConfig(vocab_size=vocab, max_position_embeddings=128, pad_token_id=0, **common)
+    if kind == "xlmr":  # positions start after the pad id: two more than the longest input
+        return XLMRobertaConfig(vocab_size=vocab, max_position_embeddings=130, pad_token_id=0, **common)
+    if kind == "distilbert":
+        return DistilBertConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, pad_token_id=0)
     if kind == "llama":
         return LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=2,
                            **common)
@@ -48,7 +52,9 @@ def _tiny_config(kind: str, vocab: int):
                        pad_token_id=151643, tie_word_embeddings=True, **common)
 
 
-TOKENIZER_OF = {"bert": "bert-uncased", "llama": "llama2", "qwen": "qwen"}
+TOKENIZER_OF = {"bert": "bert-uncased", "xlmr": "bert-uncased", "distilbert": "bert-uncased", "llama": "llama2",
+                "qwen": "qwen"}
+ENCODERS = ("bert", "xlmr", "distilbert")  # saved as bare encoders: the task head is new at load
 
 
 def make_tiny_model(kind: str, path: Path) -> Path:
@@ -60,7 +66,7 @@ def make_tiny_model(kind: str, path: Path) -> Path:
     torch.manual_seed(0)
     # Like the real Qwen2.5 checkpoints, leave spare embedding rows, so the added <mask> fits.
     config = _tiny_config(kind, len(tokenizer) + (64 if kind == "qwen" else 0))
-    model = AutoModel.from_config(config) if kind == "bert" else AutoModelForCausalLM.from_config(config)
+    model = AutoModel.from_config(config) if kind in ENCODERS else AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -45,7 +45,9 @@ def _adapter_keys(run: Path) -> list[str]:
         return list(f.keys())
 
 
-@pytest.mark.parametrize("kind,head", [("qwen", "score"), ("bert", "classifier")])
+# RoBERTa-style heads are two layers; DistilBERT adds a new pre_classifier: all new, all trained and saved.
+@pytest.mark.parametrize("kind,head", [("qwen", "score"), ("bert", "classifier"), ("xlmr", "classifier.out_proj"),
+                                       ("distilbert", "pre_classifier")])
 def test_adapter_round_trip_in_fresh_process_reproduces_logits(make_recipe, kind, head, tmp_path):
     recipe = make_recipe(kind, "sequence", "lora", train={"epochs": 2})
     train(recipe)
@@ -169,6 +171,41 @@ def test_cpu_4bit_shape_limit_is_explained(tmp_path, load_tokenizer):
     cfg = ModelConfig(name=str(tmp_path), method="qlora")
     tokenizer, mask = prepare_tokenizer(cfg)
     with pytest.raises(ValueError, match=r"divisible by 64.*mlp\.down_proj.*quant_bits: 8"):
+        build_model(cfg, ["a", "b"], tokenizer, mask)
+
+
+def test_every_module_the_checkpoint_lacks_is_trained_not_the_whole_body(tmp_path, load_tokenizer):
+    from transformers import BertConfig, BertModel
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    # A checkpoint without the pooler (as some sentence encoders ship): BERT's classifier reads it.
+    BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=128), add_pooling_layer=False).save_pretrained(tmp_path)
+    load_tokenizer("bert-uncased").save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path), method="lora")
+    tokenizer, mask = prepare_tokenizer(cfg)
+    model = build_model(cfg, ["a", "b"], tokenizer, mask)
+    assert model.get_base_model().tokmask_new_modules == ["bert.pooler", "classifier"]
+    trainable = {n.split(".modules_to_save")[0] for n, p in model.named_parameters()
+                 if p.requires_grad and "lora_" not in n}
+    assert trainable == {"base_model.model.bert.pooler", "base_model.model.classifier"}
+
+
+def test_qlora_refuses_to_quantise_a_new_module(tmp_path, load_tokenizer):
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    # DeBERTa-v2's sequence head starts with a new pooler: quantised, it could never be trained.
+    DebertaV2Model(DebertaV2Config(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=128)).save_pretrained(tmp_path)
+    load_tokenizer("bert-uncased").save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path), method="qlora", quant_bits=8)
+    tokenizer, mask = prepare_tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"QLoRA quantised \['pooler\.dense'\].*method: lora"):
         build_model(cfg, ["a", "b"], tokenizer, mask)
 
 

@@ -84,6 +84,26 @@ def head_name(model) -> str:
     raise ValueError(f"{type(base).__name__} has no classification head named {HEAD_NAMES}")
 
 
+def new_module_names(model, missing_keys) -> list[str]:
+    """Modules the checkpoint did not hold, so they start random: the head, and on some models more
+    (RoBERTa's two-layer head, DistilBERT's ``pre_classifier``, DeBERTa's ``pooler``, a pooler a
+    checkpoint lacks). A frozen one would stay random for good: LoRA trains and saves them all."""
+    body = getattr(model, "base_model_prefix", "")
+    names = set()
+    for key in missing_keys:
+        parts = key.split(".")[:-1]  # the module that owns the parameter
+        depth = 2 if parts[:1] == [body] else 1  # "classifier", but "bert.pooler", not all of "bert"
+        if parts:
+            names.add(".".join(parts[:depth]))
+    return sorted(names)
+
+
+def trainable_module_names(model) -> list[str]:
+    """What LoRA trains in full and saves with the adapter: the head plus every new module."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    return sorted({head_name(base), *getattr(base, "tokmask_new_modules", [])})
+
+
 def input_embedding_name(model) -> str:
     embeddings = model.get_input_embeddings()
     for name, module in model.named_modules():
@@ -116,7 +136,8 @@ def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device:
         kwargs["quantization_config"] = quantization_config(cfg)
         if device is not None and device.type != "cpu":
             kwargs["device_map"] = {"": device}  # bitsandbytes quantises on load to the target device
-    model = auto.from_pretrained(weights_path(cfg), **kwargs)
+    model, info = auto.from_pretrained(weights_path(cfg), output_loading_info=True, **kwargs)
+    model.tokmask_new_modules = new_module_names(model, info["missing_keys"])
     # Decoders pool the last non-pad token, found through config.pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -134,7 +155,7 @@ def lora_config(cfg: ModelConfig, model, mask_token: MaskToken):
     return LoraConfig(
         task_type=TaskType.TOKEN_CLS if cfg.task == "token" else TaskType.SEQ_CLS,
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules, modules_to_save=[head_name(model)], **extra)
+        target_modules=cfg.target_modules, modules_to_save=trainable_module_names(model), **extra)
 
 
 def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: MaskToken, seed: int = 0,
@@ -157,12 +178,24 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
     from peft import prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
+        check_new_modules_unquantised(model)
         check_cpu_4bit_shapes(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return add_adapter(model, cfg, mask_token, seed)
+
+
+def check_new_modules_unquantised(model) -> None:
+    """A new (random) module must be trained in full, which a quantised layer cannot be; only the
+    heads named ``score``/``classifier`` are kept out of quantisation at load."""
+    quantised = [f"{name}.{sub}".rstrip(".") for name in trainable_module_names(model)
+                 for sub, module in model.get_submodule(name).named_modules()
+                 if type(module).__name__ in ("Linear4bit", "Linear8bitLt")]
+    if quantised:
+        raise ValueError(f"QLoRA quantised {quantised}, which the checkpoint did not hold (new, random "
+                         "weights that must be trained in full); use method: lora for this model")
 
 
 def check_cpu_4bit_shapes(model, block: int = 64) -> None:
@@ -182,19 +215,26 @@ def add_adapter(base, cfg: ModelConfig, mask_token: MaskToken, seed: int):
     ``PeftModel.unload()`` gives it back."""
     from peft import get_peft_model
 
-    reset_head(getattr(base, head_name(base)), seed, base.config)
+    reset_new_modules(base, trainable_module_names(base), seed)
     transformers.set_seed(seed)
     return get_peft_model(base, lora_config(cfg, base, mask_token))
 
 
-def reset_head(head: torch.nn.Module, seed: int, config) -> None:
-    """Draw the classification head from ``seed`` (normal, std = ``initializer_range``)."""
+def reset_new_modules(model, names: list[str], seed: int) -> None:
+    """Draw the head and other new modules from ``seed``: linear weights normal with std
+    ``initializer_range`` and zero bias, norms reset; the same seed gives the same head whether the
+    base was just loaded or kept from an earlier run of a sweep."""
     g = torch.Generator().manual_seed(seed)
-    std = getattr(config, "initializer_range", 0.02)
+    std = getattr(model.config, "initializer_range", 0.02)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
+        for name in names:
+            for module in model.get_submodule(name).modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, torch.nn.LayerNorm):
+                    module.reset_parameters()
 
 
 def cast_frozen_linears(model, dtype: torch.dtype) -> int:
