@@ -130,6 +130,11 @@ def test_overrides_and_errors():
         Recipe.from_dict({**base, "sweep": {"rates": [0.1, 0.101]}})
     with pytest.raises(ValueError, match="exactly one of data.dev"):
         Recipe.from_dict({"model": {"name": "m"}, "data": {"train": "t"}})
+    for modules, message in (([], "all-linear or a list"), (["q_proj", "all-linear"], "on its own"),
+                             ([1], "all-linear or a list"), ("", "is empty")):
+        with pytest.raises(ValueError, match=f"model.target_modules.*{message}"):
+            Recipe.from_dict({**base, "model": {"name": "m", "target_modules": modules}})
+    assert Recipe.from_dict({**base, "model": {"name": "m", "target_modules": ["q_proj", "v_proj"]}})
     with pytest.raises(FileNotFoundError, match="not installed"):
         resolve_path("pkg:surely_not_a_package_xyz/data.csv")
     assert resolve_path("pkg:tokmask_peft/config.py").endswith("tokmask_peft/config.py")

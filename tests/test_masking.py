@@ -180,6 +180,23 @@ def test_hook_masks_only_in_training():
     assert torch.equal(seen[2], ids) and torch.equal(seen[3], ids)
 
 
+def test_hook_protects_padding_when_the_attention_mask_comes_positionally():
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            seen.append(input_ids.clone())
+            return input_ids
+
+    model = Model().train()
+    ids, attn = random_batch(rows=8, cols=64)
+    ids = torch.where(attn.bool(), ids, torch.full_like(ids, 7))  # padded with an ordinary id
+    attach_masking(model, TokenMasker(MASK, [PAD], rate=0.9, seed=0))
+    model(ids, attn)
+    assert (seen[0][attn.bool()] == MASK).any()
+    assert torch.equal(seen[0][~attn.bool()], ids[~attn.bool()])
+
+
 # ---- the real tokenizers in ../shared -------------------------------------------------------
 
 

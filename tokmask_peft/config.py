@@ -88,6 +88,14 @@ class ModelConfig:
         _positive("model", "lora_alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"model.lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        modules = self.target_modules
+        if isinstance(modules, str):
+            if not modules:
+                raise ValueError("model.target_modules is empty: give all-linear or a list of module names")
+        elif not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise ValueError(f"model.target_modules must be all-linear or a list of module names, got {modules!r}")
+        elif "all-linear" in modules:
+            raise ValueError("model.target_modules: write all-linear on its own (a string), not inside a list")
         if not isinstance(self.mask_policy, str) or not self.mask_policy:
             raise ValueError(f"model.mask_policy must be one of {MASK_POLICIES} or a token, got {self.mask_policy!r}")
 

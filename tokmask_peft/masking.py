@@ -279,9 +279,9 @@ def attach_masking(model: torch.nn.Module, masker: TokenMasker) -> torch.utils.h
     def hook(module, args, kwargs):
         if not module.training:
             return None
-        if args:  # input_ids passed positionally
-            masked = masker(args[0], kwargs.get("attention_mask"))
-            return (masked, *args[1:]), kwargs
+        if args:  # input_ids passed positionally, maybe attention_mask too (HF's argument order)
+            attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            return (masker(args[0], attention_mask), *args[1:]), kwargs
         if kwargs.get("input_ids") is None:
             return None
         kwargs["input_ids"] = masker(kwargs["input_ids"], kwargs.get("attention_mask"))
