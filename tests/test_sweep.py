@@ -67,6 +67,21 @@ def test_sweep_writes_one_run_per_rate_and_seed_and_resumes(make_recipe, tmp_pat
     assert (out / "results.png").stat().st_size > 5000
 
 
+def test_extending_a_sweep_trained_with_another_recipe_is_refused(make_recipe, tmp_path, counted_train):
+    out = tmp_path / "sweep"
+    sweep(make_recipe("llama", "sequence", "lora", train={"epochs": 1}, sweep={"rates": [0.1], "seeds": [0]}), out)
+    before = sorted(p.name for p in out.rglob("*"))
+    changed = make_recipe("llama", "sequence", "lora", train={"epochs": 1, "lr": 1e-3},
+                          sweep={"rates": [0.1, 0.3], "seeds": [0]})
+    with pytest.raises(ValueError, match=r"mask_0\.10/seed_0 was trained with another recipe.*\['train\.lr'\]"):
+        sweep(changed, out)
+    assert sorted(p.name for p in out.rglob("*")) == before and len(counted_train) == 1
+    # The same recipe with another rate, a log interval and another output path extends it.
+    same = make_recipe("llama", "sequence", "lora", train={"epochs": 1, "log_every": 5, "output_dir": "elsewhere"},
+                       sweep={"rates": [0.1, 0.3], "seeds": [0]})
+    assert len(sweep(same, out)) == 2 and counted_train == [(0.1, 0), (0.3, 0)]
+
+
 def test_partial_runs_never_count_as_done(make_recipe, tmp_path, monkeypatch):
     recipe = make_recipe("bert", "sequence", "lora", train={"epochs": 1}, sweep={"rates": [0.1], "seeds": [0]})
     out = tmp_path / "sweep"

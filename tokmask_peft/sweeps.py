@@ -16,7 +16,7 @@ from typing import Iterable
 import yaml
 
 from .config import Recipe
-from .training import METRICS_FILE, TOKMASK_CONFIG, Setup, train
+from .training import METRICS_FILE, TOKMASK_CONFIG, Setup, fingerprint_diff, run_fingerprint, train
 
 REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 
@@ -41,6 +41,21 @@ def run_recipe(recipe: Recipe, rate: float, seed: int) -> Recipe:
 def pending(recipe: Recipe, out: Path) -> list[tuple[float, int]]:
     """The (rate, seed) pairs whose run directory is not complete yet."""
     return [(rate, seed) for rate, seed in grid(recipe) if not is_complete(run_dir(out, rate, seed))]
+
+
+def check_finished_runs(recipe: Recipe, out: Path) -> None:
+    """Refuse to extend a sweep whose finished runs were trained with another recipe: the table
+    would mix the two, and ``recipe.yaml`` would describe only one of them. New rates and seeds
+    are fine; output paths, logging and workers may differ."""
+    for rate, seed in grid(recipe):
+        path = run_dir(out, rate, seed)
+        if not is_complete(path):
+            continue
+        saved = json.loads((path / TOKMASK_CONFIG).read_text()).get("recipe", {})
+        diff = fingerprint_diff(saved, run_fingerprint(run_recipe(recipe, rate, seed)), shared_keys_only=True)
+        if diff:
+            raise ValueError(f"{path} was trained with another recipe (differs in {diff}); sweep into another "
+                             "output directory, or delete the runs to retrain them")
 
 
 def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:
@@ -76,6 +91,7 @@ def sweep(recipe: Recipe, out: str | Path | None = None, executor: str = "local"
         The rows of ``results.csv``.
     """
     out = Path(out or recipe.train.output_dir)
+    check_finished_runs(recipe, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     todo = pending(recipe, out)

@@ -146,6 +146,16 @@ def run_fingerprint(recipe: Recipe) -> dict:
     return d
 
 
+def fingerprint_diff(saved: dict, fingerprint: dict, shared_keys_only: bool = False) -> list[str]:
+    """``section.key`` names where a saved fingerprint (read from JSON) differs from ``fingerprint``;
+    ``shared_keys_only`` skips keys one side lacks (a run saved before a recipe field existed)."""
+    current = json.loads(json.dumps(fingerprint, default=str))
+    pick = (lambda a, b: a & b) if shared_keys_only else (lambda a, b: a | b)
+    return sorted(f"{s}.{k}" for s in pick(current.keys(), saved.keys())
+                  for k in pick(current.get(s, {}).keys(), saved.get(s, {}).keys())
+                  if saved.get(s, {}).get(k) != current.get(s, {}).get(k))
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
@@ -221,10 +231,8 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     fingerprint = run_fingerprint(recipe)
     resuming = (checkpoint / "recipe.json").exists()
     if resuming:
-        saved = json.loads((checkpoint / "recipe.json").read_text())
-        if saved != json.loads(json.dumps(fingerprint, default=str)):
-            diff = sorted(f"{s}.{k}" for s in fingerprint for k in fingerprint[s]
-                          if saved.get(s, {}).get(k) != json.loads(json.dumps(fingerprint[s][k], default=str)))
+        diff = fingerprint_diff(json.loads((checkpoint / "recipe.json").read_text()), fingerprint)
+        if diff:
             raise ValueError(f"{checkpoint} belongs to a different run (differs in {diff}); "
                              "use another output_dir or delete the checkpoint")
 
