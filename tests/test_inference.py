@@ -47,6 +47,18 @@ def test_two_adapters_on_one_base_match_each_alone(swept):
         both.use(0.5)
 
 
+@pytest.mark.parametrize("metric", ["weighted_f1", "loss"])
+def test_sweep_loads_with_the_rate_best_on_dev_active(swept, metric):
+    out = swept["sequence"]
+    dev = {rate: json.loads((out / f"mask_{rate:.2f}" / "seed_0" / "metrics.json").read_text())["best"][metric]
+           for rate in (0.0, 0.3)}
+    expected = (min if metric == "loss" else max)(dev, key=dev.get)
+    clf = Classifier.from_sweep(out, seed=0, device="cpu", metric=metric)
+    assert clf.best == clf.active == f"mask_{expected:.2f}"
+    with pytest.raises(ValueError, match="metric 'f2' is not among"):
+        Classifier.from_sweep(out, seed=0, device="cpu", metric="f2")
+
+
 def active_state(model):
     return [(name, attr, getattr(module, attr)) for name, module in model.named_modules()
             for attr in ("_active_adapter", "active_adapter") if attr in vars(module)]
@@ -118,3 +130,7 @@ def test_cli_predict_reads_stdin_and_writes_json_lines(swept):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["text"] for line in lines] == TEXTS
     assert all(line["adapter"] == "mask_0.30" and line["label"] in ("negative", "positive") for line in lines)
+    best = Classifier.from_sweep(swept["sequence"], device="cpu").best
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(swept["sequence"]), "--device",
+                           "cpu"], input=TEXTS[0], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["adapter"] == best

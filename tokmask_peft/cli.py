@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict labels for texts (JSON lines out)")
     p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
     p.add_argument("--input", default="-", help="text file, one input per line, or - for stdin")
-    p.add_argument("--rate", type=float, help="use the adapter of this masking rate")
+    p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
+                   "rate best on dev by weighted F1)")
     p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--tta", type=int, default=0, help="average over K masked copies (test-time masking)")

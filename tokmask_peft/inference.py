@@ -51,7 +51,7 @@ class Classifier:
 
     Usage::
 
-        clf = Classifier.from_sweep("runs/sa", seed=0)   # every mask_*/seed_0 adapter, one base
+        clf = Classifier.from_sweep("runs/sa", seed=0)   # every mask_*/seed_0 adapter; the best on dev active
         clf.use(0.1)                                      # or clf.use("mask_0.10")
         clf.predict(["que buena pelicula", "so boring"])
     """
@@ -64,6 +64,7 @@ class Classifier:
         self._names: dict[str, str] = {}  # public adapter name -> PEFT adapter name
         self._configs: dict[str, dict] = {}  # public adapter name -> its tokmask_config.json
         self._switches: dict[str, list[tuple]] = {}  # PEFT adapter name -> recorded active-adapter state
+        self.best: str | None = None  # from_sweep: the adapter of the rate best on dev
         fuse_lora_inference(model)  # unmerged adapters predict at (near) merged speed
 
     @classmethod
@@ -95,14 +96,24 @@ class Classifier:
         return clf
 
     @classmethod
-    def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None):
-        """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep."""
+    def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None,
+                   metric: str = "weighted_f1"):
+        """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep; the
+        active one is the rate the sweep's table calls best on dev by ``metric`` (mean over seeds)."""
+        from .sweeps import collect, summarise
+
         runs = sorted(p for p in Path(sweep_dir).glob(f"mask_*/seed_{seed}") if (p / TOKMASK_CONFIG).is_file())
         if not runs:
             raise FileNotFoundError(f"no finished runs {sweep_dir}/mask_*/seed_{seed}")
         clf = cls.from_run(runs[0], device=device)
         for run in runs[1:]:
             clf.add_adapter(run)
+        rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in clf.adapters]
+        best = [entry for entry in summarise(rows, metric) if entry.get("best")]
+        if not best or metric not in best[0]:
+            raise ValueError(f"metric {metric!r} is not among the sweep's dev metrics")
+        clf.best = adapter_name(best[0]["rate"])
+        clf.use(clf.best)
         return clf
 
     # ---- adapters -----------------------------------------------------------------------------
