@@ -30,6 +30,12 @@ def test_compare_prints_a_full_table(make_recipe, tmp_path):
     assert full["trainable_params"] == full["total_params"] > lora["trainable_params"]
     assert lora["disk_mb"] < full["disk_mb"]
     assert yaml.safe_load((tmp_path / "cmp" / "recipe_full.yaml").read_text())["train"]["lr"] == 5e-4
+    # Asked again with another lr for LoRA: refused before anything trains, the key named.
+    before = sorted(p.name for p in (tmp_path / "cmp").rglob("*"))
+    proc = tokmask("compare", path, "--methods", "full,lora", "--output", tmp_path / "cmp",
+                   "--set", "full:train.lr=5e-4", "--set", "lora:train.lr=1e-3", check=False)
+    assert proc.returncode != 0 and "cmp/lora was trained with another recipe (differs in ['train.lr'])" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "cmp").rglob("*")) == before
 
 
 def test_bad_recipe_gives_a_clear_error(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import METHODS, Recipe
-from .training import METRICS_FILE
+from .training import METRICS_FILE, TOKMASK_CONFIG, fingerprint_diff, run_fingerprint
 
 COLUMNS = ("method", "weighted_f1", "macro_f1", "trainable_params", "total_params", "wall_time_s",
            "peak_memory_mb", "disk_mb")
@@ -36,15 +36,18 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
         method_overrides: extra ``key=value`` per method, e.g. ``{"full": ["train.lr=2e-5"]}``.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    recipes = {}
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        recipes[method] = recipe.with_overrides([f"model.method={method}", f"train.output_dir={out / method}",
+                                                 *(method_overrides or {}).get(method, [])])
+        check_finished_run(recipes[method], out / method)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method, r in recipes.items():
         run = out / method
         if not (run / METRICS_FILE).exists():
-            r = recipe.with_overrides([f"model.method={method}", f"train.output_dir={run}",
-                                       *(method_overrides or {}).get(method, [])])
             path = out / f"recipe_{method}.yaml"
             path.write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
             subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "train", str(path)], check=True)
@@ -57,6 +60,17 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
     (out / "compare.md").write_text(compare_table(rows))
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def check_finished_run(recipe: Recipe, run: Path) -> None:
+    """A finished run is reused only if it was trained with this recipe; else say which keys differ."""
+    if not (run / TOKMASK_CONFIG).is_file():
+        return
+    saved = json.loads((run / TOKMASK_CONFIG).read_text()).get("recipe", {})
+    diff = fingerprint_diff(saved, run_fingerprint(recipe), shared_keys_only=True)
+    if diff:
+        raise ValueError(f"{run} was trained with another recipe (differs in {diff}); compare into another "
+                         "output directory, or delete the run to retrain it")
 
 
 def compare_table(rows: list[dict]) -> str:
