@@ -134,3 +134,21 @@ def test_cli_predict_reads_stdin_and_writes_json_lines(swept):
     proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(swept["sequence"]), "--device",
                            "cpu"], input=TEXTS[0], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["adapter"] == best
+
+
+@pytest.mark.parametrize("quant_bits", [4, 8])
+def test_qlora_run_reloads_with_its_dev_score(make_recipe, toy_data, quant_bits):
+    """Qwen + QLoRA + a new <mask> row: the reloaded classifier scores dev as the best checkpoint did
+    (a random head or a lost mask row would not)."""
+    from tokmask_peft.data import read_examples
+    from tokmask_peft.training import train
+
+    recipe = make_recipe("qwen", "sequence", "qlora", model={"quant_bits": quant_bits},
+                         train={"lr": 1e-2, "epochs": 4})
+    best = train(recipe)["best"]
+    clf = Classifier.from_run(recipe.train.output_dir, device="cpu")
+    dev = read_examples(str(toy_data["dev"]), "lince", "sequence", "text", "label", True, "validation")
+    predicted = [r["label"] for r in clf.predict([ex.text for ex in dev])]
+    accuracy = sum(p == ex.label for p, ex in zip(predicted, dev)) / len(dev)
+    assert best["accuracy"] > 0.75
+    assert abs(accuracy - best["accuracy"]) <= 1 / len(dev), (accuracy, best)
