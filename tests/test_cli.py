@@ -47,3 +47,6 @@ def test_bad_recipe_gives_a_clear_error(tmp_path):
     assert "train.lr must be a number, got 'abc'" in proc.stderr
     proc = tokmask("train", tmp_path / "missing.yaml", check=False)
     assert "missing.yaml does not exist" in proc.stderr
+    proc = tokmask("train", path, "model.quant_bits=4", f"model.name={tmp_path}/no_model", check=False)
+    assert proc.returncode != 0 and f"model.name '{tmp_path}/no_model': no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:  # OSError: files, and transformers' "cannot load this model"
         raise SystemExit(f"tokmask {args.command}: error: {e}") from None
 
 

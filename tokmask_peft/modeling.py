@@ -23,6 +23,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("TOKMASK_CACHE", Path.home() / ".cache" / "tokmask_peft"))
 
 
+def local_or_hub(value: str, field: str) -> str:
+    """``value`` resolved (``pkg:`` paths); a path that is plainly local (absolute, ``./``, ``~``,
+    ``pkg:``) must exist, else transformers reports it as a malformed hub id."""
+    resolved = resolve_path(value)
+    local = value.startswith(("/", "./", "../", "~", "pkg:")) or Path(value).is_absolute()
+    if local and not Path(resolved).expanduser().exists():
+        raise FileNotFoundError(f"{field} {value!r}: no such directory")
+    return str(Path(resolved).expanduser()) if local else resolved
+
+
 def weights_path(cfg: ModelConfig) -> str:
     """Where to load weights from: ``cfg.name``, or for GGUF a safetensors copy made once.
 
@@ -30,7 +40,7 @@ def weights_path(cfg: ModelConfig) -> str:
     test) take about a second.
     """
     if not cfg.gguf_file:
-        return resolve_path(cfg.name)
+        return local_or_hub(cfg.name, "model.name")
     source = Path(resolve_path(cfg.name)) / cfg.gguf_file
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} does not exist (model.name + model.gguf_file)")
@@ -57,7 +67,7 @@ def weights_path(cfg: ModelConfig) -> str:
 
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer with a pad token set deliberately (decoders often ship without one)."""
-    source = resolve_path(cfg.tokenizer) or weights_path(cfg)
+    source = local_or_hub(cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else weights_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
