@@ -235,6 +235,20 @@ def test_frozen_linears_in_autocast_dtype_give_the_same_bits(make_recipe, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_base_trains_its_head_in_fp32(make_recipe, tmp_path):
+    """A LoRA model loaded in bf16 under bf16 autocast: the head's updates must not be rounded to
+    bf16's 8-bit mantissa (in bf16 every saved weight would lie on the bf16 grid)."""
+    recipe = make_recipe("llama", model={"dtype": "bfloat16"},
+                         train={"mixed_precision": "bf16", "epochs": 1, "lr": 2e-4})
+    metrics = train(recipe)
+    head = next(v for k, v in load_file(Path(recipe.train.output_dir) / "adapter_model.safetensors").items()
+                if k.endswith("score.weight"))
+    assert head.dtype == torch.float32
+    off_grid = (head.bfloat16().float() != head).float().mean()
+    assert off_grid > 0.9, off_grid
+    assert metrics["history"]
+
+
 def test_setup_with_bf16_base_refuses_a_full_precision_run(make_recipe, tmp_path):
     recipe = make_recipe("qwen", train={"mixed_precision": "bf16", "epochs": 1})
     setup = Setup.from_recipe(recipe)

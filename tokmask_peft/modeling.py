@@ -264,6 +264,22 @@ def cast_frozen_linears(model, dtype: torch.dtype) -> int:
     return count
 
 
+def upcast_trainable(model) -> int:
+    """Store half-precision trainable tensors in float32; returns how many.
+
+    A LoRA model loaded in bf16 keeps its head (a copy of a bf16 module) in bf16, where AdamW's
+    updates are rounded to the weights' 8-bit mantissa: near 0.02 one bf16 step is 1.2e-4, so an
+    update of lr 2e-4 moves a weight one or two steps, and once the decaying schedule takes the lr
+    below half a step the update is lost. Under autocast the matmuls still run in bf16.
+    """
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
 def parameter_counts(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -25,7 +25,8 @@ from .data import LengthGroupedBatches, encode, label_names, check_labels, paddi
 from .losses import class_weights, classification_loss, label_counts
 from .masking import MaskToken, TokenMasker, attach_masking
 from .metrics import classification_metrics
-from .modeling import add_adapter, build_model, cast_frozen_linears, parameter_counts, prepare_tokenizer
+from .modeling import (add_adapter, build_model, cast_frozen_linears, parameter_counts, prepare_tokenizer,
+                       upcast_trainable)
 
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
@@ -249,6 +250,8 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     if (compute_dtype is not None and recipe.model.method == "lora" and plain_or_ddp
             and cast_frozen_linears(model, compute_dtype)):
         setup.frozen_dtype = compute_dtype
+    if compute_dtype is not None and recipe.model.method != "full":
+        upcast_trainable(model)  # head (and any half-precision trainable) updated in fp32, run in autocast
     counts = parameter_counts(model)
     schedule = recipe.masking.to_schedule()
     # Each process masks with its own stream; the hook masks only while model.training.
