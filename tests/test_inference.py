@@ -59,6 +59,37 @@ def test_sweep_loads_with_the_rate_best_on_dev_active(swept, metric):
         Classifier.from_sweep(out, seed=0, device="cpu", metric="f2")
 
 
+@pytest.fixture(scope="module")
+def swept_full(tmp_path_factory, tiny_model, toy_data):
+    from tokmask_peft.config import Recipe
+
+    out = tmp_path_factory.mktemp("swept_full")
+    sweep(Recipe.from_dict({
+        "model": {"name": tiny_model("llama"), "method": "full"},
+        "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 5e-4, "output_dir": str(out)},
+        "sweep": {"rates": [0.0, 0.3], "seeds": [0]}}))
+    return out
+
+
+def test_sweep_of_full_models_loads_the_one_asked_for(swept_full, swept):
+    dev = {rate: json.loads((swept_full / f"mask_{rate:.2f}" / "seed_0" / "metrics.json").read_text())["best"]
+           ["weighted_f1"] for rate in (0.0, 0.3)}
+    best = f"mask_{max(dev, key=dev.get):.2f}"
+    clf = Classifier.from_sweep(swept_full, device="cpu")
+    assert clf.best == clf.active == best and clf.adapters == []
+    chosen = Classifier.from_sweep(swept_full, device="cpu", rate=0.3)
+    alone = Classifier.from_run(swept_full / "mask_0.30" / "seed_0", device="cpu")
+    assert chosen.active == "mask_0.30" and chosen.best == best
+    torch.testing.assert_close(torch.stack(chosen.logits(TEXTS)), torch.stack(alone.logits(TEXTS)), rtol=0, atol=0)
+    with pytest.raises(KeyError, match=r"no finished run for rate 0.5 .*\['mask_0.00', 'mask_0.30'\]"):
+        Classifier.from_sweep(swept_full, device="cpu", rate=0.5)
+    assert Classifier.from_sweep(swept["sequence"], device="cpu", rate=0.3).active == "mask_0.30"
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(swept_full), "--rate", "0.3",
+                           "--device", "cpu"], input=TEXTS[0], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["adapter"] == "mask_0.30"
+
+
 def active_state(model):
     return [(name, attr, getattr(module, attr)) for name, module in model.named_modules()
             for attr in ("_active_adapter", "active_adapter") if attr in vars(module)]

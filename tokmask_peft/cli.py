@@ -54,10 +54,12 @@ def cmd_predict(args) -> None:
     path = Path(args.path)
     if (path / TOKMASK_CONFIG).is_file():
         clf = Classifier.from_run(path, device=args.device)
+        if args.rate is not None:
+            clf.use(args.rate)
     else:
-        clf = Classifier.from_sweep(path, seed=args.seed, device=args.device)
-    if args.rate is not None or args.adapter:
-        clf.use(args.adapter or args.rate)
+        clf = Classifier.from_sweep(path, seed=args.seed, device=args.device, rate=args.rate)
+    if args.adapter:
+        clf.use(args.adapter)
     stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with stream:
         texts = [line.rstrip("\n") for line in stream if line.strip()]

@@ -65,6 +65,7 @@ class Classifier:
         self._configs: dict[str, dict] = {}  # public adapter name -> its tokmask_config.json
         self._switches: dict[str, list[tuple]] = {}  # PEFT adapter name -> recorded active-adapter state
         self.best: str | None = None  # from_sweep: the adapter of the rate best on dev
+        self._whole_model: str | None = None  # a fully fine-tuned model's run name
         fuse_lora_inference(model)  # unmerged adapters predict at (near) merged speed
 
     @classmethod
@@ -93,27 +94,39 @@ class Classifier:
             clf._names[name] = peft_name(name)
             clf._configs[name] = config
             clf._record_switches()
+        else:
+            clf._whole_model = name or _default_name(config)
         return clf
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None,
-                   metric: str = "weighted_f1"):
+                   metric: str = "weighted_f1", rate: float | None = None):
         """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep; the
-        active one is the rate the sweep's table calls best on dev by ``metric`` (mean over seeds)."""
+        active one is ``rate``, else the rate the sweep's table calls best on dev by ``metric``
+        (mean over seeds). A sweep of fully fine-tuned models loads that one rate's model only."""
         from .sweeps import collect, summarise
 
-        runs = sorted(p for p in Path(sweep_dir).glob(f"mask_*/seed_{seed}") if (p / TOKMASK_CONFIG).is_file())
+        runs = {adapter_name(read_run_config(p)["masking"]["rate"]): p
+                for p in sorted(Path(sweep_dir).glob(f"mask_*/seed_{seed}")) if (p / TOKMASK_CONFIG).is_file()}
         if not runs:
             raise FileNotFoundError(f"no finished runs {sweep_dir}/mask_*/seed_{seed}")
-        clf = cls.from_run(runs[0], device=device)
-        for run in runs[1:]:
-            clf.add_adapter(run)
-        rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in clf.adapters]
+        rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in runs]
         best = [entry for entry in summarise(rows, metric) if entry.get("best")]
         if not best or metric not in best[0]:
             raise ValueError(f"metric {metric!r} is not among the sweep's dev metrics")
-        clf.best = adapter_name(best[0]["rate"])
-        clf.use(clf.best)
+        best_name = adapter_name(best[0]["rate"])
+        wanted = best_name if rate is None else adapter_name(rate)
+        if wanted not in runs:
+            raise KeyError(f"no finished run for rate {rate} under {sweep_dir} (seed {seed}); rates: {list(runs)}")
+        if read_run_config(runs[wanted])["method"] == "full":
+            clf = cls.from_run(runs[wanted], device=device)  # one whole model per rate: load only this one
+        else:
+            first, *others = runs.values()
+            clf = cls.from_run(first, device=device)
+            for run in others:
+                clf.add_adapter(run)
+            clf.use(wanted)
+        clf.best = best_name
         return clf
 
     # ---- adapters -----------------------------------------------------------------------------
@@ -124,6 +137,9 @@ class Classifier:
 
     @property
     def active(self) -> str | None:
+        """The active adapter's name; for a fully fine-tuned model, its run's (``mask_0.10``)."""
+        if not self._names:
+            return self._whole_model
         current = getattr(self.model, "active_adapter", None)
         return next((public for public, internal in self._names.items() if internal == current), None)
 
