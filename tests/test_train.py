@@ -193,6 +193,24 @@ def test_every_module_the_checkpoint_lacks_is_trained_not_the_whole_body(tmp_pat
     assert trainable == {"base_model.model.bert.pooler", "base_model.model.classifier"}
 
 
+def test_checkpoint_lacking_the_body_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    shutil.copytree(tiny_model("llama"), tmp_path, dirs_exist_ok=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k == "model.norm.weight"}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # e.g. weights of another architecture: names that do not match
+    cfg = ModelConfig(name=str(tmp_path), method="lora")
+    tokenizer, mask = prepare_tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"lacks 100% of a LlamaForSequenceClassification's weights.*model\.embed_tokens"):
+        build_model(cfg, ["a", "b"], tokenizer, mask)
+
+
 def test_qlora_refuses_to_quantise_a_new_module(tmp_path, load_tokenizer):
     from transformers import DebertaV2Config, DebertaV2Model
 

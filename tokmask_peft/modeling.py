@@ -187,6 +187,7 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
         return model
     from peft import prepare_model_for_kbit_training
 
+    check_checkpoint_covers_body(model)
     if cfg.method == "qlora":
         check_new_modules_unquantised(model)
         check_cpu_4bit_shapes(model)
@@ -195,6 +196,17 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return add_adapter(model, cfg, mask_token, seed)
+
+
+def check_checkpoint_covers_body(model, most: float = 0.2) -> None:
+    """A checkpoint that lacks much of the model is the wrong one for this architecture; LoRA would
+    train those random weights in full (they are new modules). Say so instead."""
+    names = getattr(model, "tokmask_new_modules", [])
+    new = sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
+    total = sum(p.numel() for p in model.parameters())
+    if new > most * total:
+        raise ValueError(f"{model.name_or_path} lacks {new / total:.0%} of a {type(model).__name__}'s weights "
+                         f"(new: {names[:6]}); is model.name the right checkpoint?")
 
 
 def check_new_modules_unquantised(model) -> None:
