@@ -193,6 +193,32 @@ def test_every_module_the_checkpoint_lacks_is_trained_not_the_whole_body(tmp_pat
     assert trainable == {"base_model.model.bert.pooler", "base_model.model.classifier"}
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_fine_tuned_classifier_with_another_label_count_gets_a_new_head(tmp_path, load_tokenizer, method):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=128, num_labels=5)
+                                  ).save_pretrained(tmp_path)
+    load_tokenizer("bert-uncased").save_pretrained(tmp_path)
+    cfg = ModelConfig(name=str(tmp_path), method=method)
+    tokenizer, mask = prepare_tokenizer(cfg)
+    model = build_model(cfg, ["a", "b", "c"], tokenizer, mask)
+    base = model.get_base_model() if method == "lora" else model
+    assert base.classifier.out_features == 3 and base.tokmask_new_modules == ["classifier"]
+    # ... but a body tensor of another shape is the wrong checkpoint
+    from safetensors.torch import save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["bert.pooler.dense.weight"] = weights["bert.pooler.dense.weight"][:, :32].contiguous()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"another shape than this model's: \['bert\.pooler\.dense\.weight'\]"):
+        build_model(cfg, ["a", "b", "c"], tokenizer, mask)
+
+
 def test_checkpoint_lacking_the_body_is_refused(tiny_model, tmp_path):
     import shutil
 

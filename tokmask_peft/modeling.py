@@ -146,8 +146,16 @@ def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device:
         kwargs["quantization_config"] = quantization_config(cfg)
         if device is not None and device.type != "cpu":
             kwargs["device_map"] = {"": device}  # bitsandbytes quantises on load to the target device
-    model, info = auto.from_pretrained(weights_path(cfg), output_loading_info=True, **kwargs)
-    model.tokmask_new_modules = new_module_names(model, info["missing_keys"])
+    # A head of another label count (fine-tuning a fine-tuned classifier) is drawn anew; a body
+    # tensor of another shape means the wrong checkpoint, and is refused.
+    model, info = auto.from_pretrained(weights_path(cfg), output_loading_info=True, ignore_mismatched_sizes=True,
+                                       **kwargs)
+    mismatched = [key for key, *_ in info.get("mismatched_keys", [])]
+    in_body = [key for key in mismatched if key.split(".")[0] == getattr(model, "base_model_prefix", None)]
+    if in_body:
+        raise ValueError(f"{cfg.name}: checkpoint tensors of another shape than this model's: {in_body[:4]}; "
+                         "is model.name the right checkpoint?")
+    model.tokmask_new_modules = new_module_names(model, [*info["missing_keys"], *mismatched])
     # Decoders pool the last non-pad token, found through config.pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
