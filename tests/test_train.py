@@ -159,34 +159,36 @@ def test_bad_input_errors_name_the_problem(make_recipe, tmp_path, toy_data):
         make_recipe("bert", masking={"rate": 1.5})
 
 
+def build_from(path, labels=("a", "b"), **model):
+    """``build_model`` on the checkpoint and tokenizer saved in ``path``, as ``train`` would call it."""
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import build_model, prepare_tokenizer
+
+    cfg = ModelConfig(name=str(path), **model)
+    tokenizer, mask = prepare_tokenizer(cfg)
+    return build_model(cfg, list(labels), tokenizer, mask)
+
+
 def test_cpu_4bit_shape_limit_is_explained(tmp_path, load_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tokmask_peft.config import ModelConfig
-    from tokmask_peft.modeling import build_model, prepare_tokenizer
 
     LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=100, num_hidden_layers=1,
                                  num_attention_heads=4, pad_token_id=2)).save_pretrained(tmp_path)
     load_tokenizer("llama2").save_pretrained(tmp_path)
-    cfg = ModelConfig(name=str(tmp_path), method="qlora")
-    tokenizer, mask = prepare_tokenizer(cfg)
     with pytest.raises(ValueError, match=r"divisible by 64.*mlp\.down_proj.*quant_bits: 8"):
-        build_model(cfg, ["a", "b"], tokenizer, mask)
+        build_from(tmp_path, method="qlora")
 
 
 def test_every_module_the_checkpoint_lacks_is_trained_not_the_whole_body(tmp_path, load_tokenizer):
     from transformers import BertConfig, BertModel
 
-    from tokmask_peft.config import ModelConfig
-    from tokmask_peft.modeling import build_model, prepare_tokenizer
 
     # A checkpoint without the pooler (as some sentence encoders ship): BERT's classifier reads it.
     BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=128), add_pooling_layer=False).save_pretrained(tmp_path)
     load_tokenizer("bert-uncased").save_pretrained(tmp_path)
-    cfg = ModelConfig(name=str(tmp_path), method="lora")
-    tokenizer, mask = prepare_tokenizer(cfg)
-    model = build_model(cfg, ["a", "b"], tokenizer, mask)
+    model = build_from(tmp_path, method="lora")
     assert model.get_base_model().tokmask_new_modules == ["bert.pooler", "classifier"]
     trainable = {n.split(".modules_to_save")[0] for n, p in model.named_parameters()
                  if p.requires_grad and "lora_" not in n}
@@ -197,16 +199,12 @@ def test_every_module_the_checkpoint_lacks_is_trained_not_the_whole_body(tmp_pat
 def test_a_fine_tuned_classifier_with_another_label_count_gets_a_new_head(tmp_path, load_tokenizer, method):
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tokmask_peft.config import ModelConfig
-    from tokmask_peft.modeling import build_model, prepare_tokenizer
 
     BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=1,
                                              num_attention_heads=4, intermediate_size=128, num_labels=5)
                                   ).save_pretrained(tmp_path)
     load_tokenizer("bert-uncased").save_pretrained(tmp_path)
-    cfg = ModelConfig(name=str(tmp_path), method=method)
-    tokenizer, mask = prepare_tokenizer(cfg)
-    model = build_model(cfg, ["a", "b", "c"], tokenizer, mask)
+    model = build_from(tmp_path, ["a", "b", "c"], method=method)
     base = model.get_base_model() if method == "lora" else model
     assert base.classifier.out_features == 3 and base.tokmask_new_modules == ["classifier"]
     # ... but a body tensor of another shape is the wrong checkpoint
@@ -216,7 +214,7 @@ def test_a_fine_tuned_classifier_with_another_label_count_gets_a_new_head(tmp_pa
     weights["bert.pooler.dense.weight"] = weights["bert.pooler.dense.weight"][:, :32].contiguous()
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"another shape than this model's: \['bert\.pooler\.dense\.weight'\]"):
-        build_model(cfg, ["a", "b", "c"], tokenizer, mask)
+        build_from(tmp_path, ["a", "b", "c"], method=method)
 
 
 def test_checkpoint_lacking_the_body_is_refused(tiny_model, tmp_path):
@@ -224,33 +222,26 @@ def test_checkpoint_lacking_the_body_is_refused(tiny_model, tmp_path):
 
     from safetensors.torch import save_file
 
-    from tokmask_peft.config import ModelConfig
-    from tokmask_peft.modeling import build_model, prepare_tokenizer
 
     shutil.copytree(tiny_model("llama"), tmp_path, dirs_exist_ok=True)
     weights = load_file(tmp_path / "model.safetensors")
     save_file({k: v for k, v in weights.items() if k == "model.norm.weight"}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})  # e.g. weights of another architecture: names that do not match
-    cfg = ModelConfig(name=str(tmp_path), method="lora")
-    tokenizer, mask = prepare_tokenizer(cfg)
-    with pytest.raises(ValueError, match=r"lacks 100% of a LlamaForSequenceClassification's weights.*model\.embed_tokens"):
-        build_model(cfg, ["a", "b"], tokenizer, mask)
+    lacks = r"lacks 100% of a LlamaForSequenceClassification's weights.*model\.embed_tokens"
+    with pytest.raises(ValueError, match=lacks):
+        build_from(tmp_path, method="lora")
 
 
 def test_qlora_refuses_to_quantise_a_new_module(tmp_path, load_tokenizer):
     from transformers import DebertaV2Config, DebertaV2Model
 
-    from tokmask_peft.config import ModelConfig
-    from tokmask_peft.modeling import build_model, prepare_tokenizer
 
     # DeBERTa-v2's sequence head starts with a new pooler: quantised, it could never be trained.
     DebertaV2Model(DebertaV2Config(vocab_size=30522, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    intermediate_size=128)).save_pretrained(tmp_path)
     load_tokenizer("bert-uncased").save_pretrained(tmp_path)
-    cfg = ModelConfig(name=str(tmp_path), method="qlora", quant_bits=8)
-    tokenizer, mask = prepare_tokenizer(cfg)
     with pytest.raises(ValueError, match=r"QLoRA quantised \['pooler\.dense'\].*method: lora"):
-        build_model(cfg, ["a", "b"], tokenizer, mask)
+        build_from(tmp_path, method="qlora", quant_bits=8)
 
 
 def test_extra_eval_sets_are_scored_with_the_best_weights(make_recipe, toy_data, tmp_path):

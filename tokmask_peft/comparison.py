@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import METHODS, Recipe
-from .training import METRICS_FILE, TOKMASK_CONFIG, fingerprint_diff, run_fingerprint
+from .training import METRICS_FILE, refuse_other_recipe
 
 COLUMNS = ("method", "weighted_f1", "macro_f1", "trainable_params", "total_params", "wall_time_s",
            "peak_memory_mb", "disk_mb")
@@ -42,7 +42,8 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         recipes[method] = recipe.with_overrides([f"model.method={method}", f"train.output_dir={out / method}",
                                                  *(method_overrides or {}).get(method, [])])
-        check_finished_run(recipes[method], out / method)
+        refuse_other_recipe(out / method, recipes[method], "compare into another output directory, or delete "
+                            "the run to retrain it")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method, r in recipes.items():
@@ -60,17 +61,6 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
     (out / "compare.md").write_text(compare_table(rows))
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     return rows
-
-
-def check_finished_run(recipe: Recipe, run: Path) -> None:
-    """A finished run is reused only if it was trained with this recipe; else say which keys differ."""
-    if not (run / TOKMASK_CONFIG).is_file():
-        return
-    saved = json.loads((run / TOKMASK_CONFIG).read_text()).get("recipe", {})
-    diff = fingerprint_diff(saved, run_fingerprint(recipe), shared_keys_only=True)
-    if diff:
-        raise ValueError(f"{run} was trained with another recipe (differs in {diff}); compare into another "
-                         "output directory, or delete the run to retrain it")
 
 
 def compare_table(rows: list[dict]) -> str:

@@ -16,7 +16,7 @@ from typing import Iterable
 import yaml
 
 from .config import Recipe
-from .training import METRICS_FILE, TOKMASK_CONFIG, Setup, fingerprint_diff, run_fingerprint, train
+from .training import METRICS_FILE, TOKMASK_CONFIG, Setup, refuse_other_recipe, train
 
 REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 
@@ -49,13 +49,9 @@ def check_finished_runs(recipe: Recipe, out: Path) -> None:
     are fine; output paths, logging and workers may differ."""
     for rate, seed in grid(recipe):
         path = run_dir(out, rate, seed)
-        if not is_complete(path):
-            continue
-        saved = json.loads((path / TOKMASK_CONFIG).read_text()).get("recipe", {})
-        diff = fingerprint_diff(saved, run_fingerprint(run_recipe(recipe, rate, seed)), shared_keys_only=True)
-        if diff:
-            raise ValueError(f"{path} was trained with another recipe (differs in {diff}); sweep into another "
-                             "output directory, or delete the runs to retrain them")
+        if is_complete(path):
+            refuse_other_recipe(path, run_recipe(recipe, rate, seed),
+                                "sweep into another output directory, or delete the runs to retrain them")
 
 
 def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:

@@ -157,6 +157,16 @@ def fingerprint_diff(saved: dict, fingerprint: dict, shared_keys_only: bool = Fa
                   if saved.get(s, {}).get(k) != current.get(s, {}).get(k))
 
 
+def refuse_other_recipe(run: Path, recipe: Recipe, advice: str) -> None:
+    """A finished run in ``run`` is reused only if ``recipe`` trained it; else name the keys that differ."""
+    if not (run / TOKMASK_CONFIG).is_file():
+        return
+    saved = json.loads((run / TOKMASK_CONFIG).read_text()).get("recipe", {})
+    diff = fingerprint_diff(saved, run_fingerprint(recipe), shared_keys_only=True)
+    if diff:
+        raise ValueError(f"{run} was trained with another recipe (differs in {diff}); {advice}")
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
