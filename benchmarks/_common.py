@@ -69,6 +69,8 @@ SHAPES = {  # name: (hidden, layers, heads, kv heads, intermediate)
     "medium": (512, 4, 8, 4, 1408),
     "tinyllama-1.1b": (2048, 22, 32, 4, 5632),
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864),
+    # Qwen2.5-0.5B's 24 layers at hidden 64: per-op overhead dominates a step, as it does on a GPU.
+    "qwen2.5-0.5b-narrow": (64, 24, 4, 2, 128),
 }
 
 

@@ -297,3 +297,53 @@ def test_setup_with_bf16_base_refuses_a_full_precision_run(make_recipe, tmp_path
     with pytest.raises(ValueError, match="mixed_precision='no'"):
         train(fp32, setup, output_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_classifiers_build_no_kv_cache(make_recipe):
+    """A classifier never decodes: a KV cache per forward pass is copies thrown away."""
+    recipe = make_recipe("qwen")
+    setup = Setup.from_recipe(recipe)
+    model = setup.model_for(0)
+    assert model.config.use_cache is False
+    batch = setup.tokenizer(["hola amigo", "good morning my friend"], padding=True, return_tensors="pt")
+    assert model(**batch).past_key_values is None
+
+
+def test_compile_blocks_compiles_each_layer_in_place(make_recipe):
+    from tokmask_peft.modeling import compile_blocks
+
+    model = Setup.from_recipe(make_recipe("llama")).model_for(0)
+    names = list(model.state_dict())
+    assert compile_blocks(model, dynamic=True) == 2  # the tiny models' two decoder layers
+    assert list(model.state_dict()) == names  # in place: adapter files keep PEFT's names
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compile_is_not_part_of_what_a_resume_must_match(make_recipe):
+    from tokmask_peft.training import run_fingerprint
+
+    assert run_fingerprint(make_recipe("qwen")) == run_fingerprint(make_recipe("qwen", train={"compile": True}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,task,method,extra", [("qwen", "sequence", "lora", {}),
+                                                    ("llama", "token", "qlora", {"quant_bits": 4})])
+def test_compiled_blocks_train_as_eager_does(make_recipe, tmp_path, kind, task, method, extra):
+    """train.compile changes speed, not results: the same losses and adapter as eager (these decoders
+    have no dropout, whose compiled masks come from another generator)."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        graphs = counters["stats"]["unique_graphs"]
+        recipe = make_recipe(kind, task, method, model=extra, train={"epochs": 2, "compile": compiled})
+        runs[compiled] = train(recipe, output_dir=tmp_path / str(compiled))
+        assert (counters["stats"]["unique_graphs"] > graphs) == compiled
+    losses = {c: [r["loss"] for r in map(json.loads, (tmp_path / str(c) / "log.jsonl").read_text().splitlines())
+                  if "loss" in r] for c in runs}
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5) and len(losses[True]) == 12
+    assert runs[True]["best"]["weighted_f1"] == runs[False]["best"]["weighted_f1"]
+    eager, compiled = (load_file(tmp_path / str(c) / "adapter_model.safetensors") for c in (False, True))
+    assert eager.keys() == compiled.keys()
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)

@@ -158,6 +158,9 @@ def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device:
     model.tokmask_new_modules = new_module_names(model, [*info["missing_keys"], *mismatched])
     # Decoders pool the last non-pad token, found through config.pad_token_id.
     model.config.pad_token_id = tokenizer.pad_token_id
+    # A classifier never decodes: without this, every forward pass builds a KV cache it throws
+    # away (two copies per layer, and a recompile per layer under torch.compile).
+    model.config.use_cache = False
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
@@ -298,6 +301,27 @@ def upcast_trainable(model) -> int:
             param.data = param.data.float()
             count += 1
     return count
+
+
+def compile_blocks(model, **compile_kwargs) -> int:
+    """``torch.compile`` each repeated block (decoder or encoder layer) in place; returns how many.
+
+    Compiling one block class rather than the whole model is PyTorch's regional compilation: the
+    layers share one compiled graph, so compile time is that of one layer, and the step loses most
+    of its per-op Python and kernel launches. In place (``nn.Module.compile``), so parameter names,
+    hooks and adapter files are as without it.
+    """
+    blocks, inside = [], ()
+    for name, modules in model.named_modules():
+        if (isinstance(modules, torch.nn.ModuleList) and len(modules) > 1 and len({type(m) for m in modules}) == 1
+                and not name.startswith(inside)):  # outermost only: not a block's own list of experts
+            blocks += list(modules)
+            inside += (name + ".",)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks (a ModuleList of layers) to compile")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 def parameter_counts(model) -> dict[str, int]:

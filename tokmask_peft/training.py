@@ -25,8 +25,8 @@ from .data import LengthGroupedBatches, encode, label_names, check_labels, paddi
 from .losses import class_weights, classification_loss, label_counts
 from .masking import MaskToken, TokenMasker, attach_masking
 from .metrics import classification_metrics
-from .modeling import (add_adapter, build_model, cast_frozen_linears, parameter_counts, prepare_tokenizer,
-                       upcast_trainable)
+from .modeling import (add_adapter, build_model, cast_frozen_linears, compile_blocks, parameter_counts,
+                       prepare_tokenizer, upcast_trainable)
 
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
@@ -140,9 +140,9 @@ class TrainState:
 
 
 def run_fingerprint(recipe: Recipe) -> dict:
-    """What must match for a checkpoint to be resumed into (everything but where it is written)."""
+    """What must match for a checkpoint to be resumed into (everything but where and how fast it is written)."""
     d = recipe.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "num_workers", "log_every")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "num_workers", "log_every", "compile")}
     d.pop("sweep", None)
     return d
 
@@ -184,7 +184,9 @@ def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, f
     model.eval()
     preds, refs = [], []
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    with torch.no_grad():
+    # Eager even where train.compile compiled the blocks: a second, no-grad graph would cost another
+    # compile for a pass that is a small part of a run (and bitsandbytes' 4-bit ops fail in one on CPU).
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for batch in loader:
             labels = batch.pop("labels")
             logits = model(**batch).logits
@@ -262,6 +264,11 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         setup.frozen_dtype = compute_dtype
     if compute_dtype is not None and recipe.model.method != "full":
         upcast_trainable(model)  # head (and any half-precision trainable) updated in fp32, run in autocast
+    if tc.compile:
+        if not plain_or_ddp:
+            raise ValueError(f"train.compile is supported on one device or with DDP, not {accelerator.distributed_type}")
+        # Dynamic shapes: one graph serves every batch length, instead of a recompile per length.
+        compile_blocks(model, dynamic=True)
     counts = parameter_counts(model)
     schedule = recipe.masking.to_schedule()
     # Each process masks with its own stream; the hook masks only while model.training.
