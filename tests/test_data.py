@@ -128,6 +128,9 @@ def test_overrides_and_errors():
         Recipe.from_dict({**base, "train": {"lrate": 1}})
     with pytest.raises(ValueError, match="differ at two decimals"):
         Recipe.from_dict({**base, "sweep": {"rates": [0.1, 0.101]}})
+    with pytest.raises(ValueError, match="train.compile must be true or false, got 'maybe'"):
+        Recipe.from_dict(base).with_overrides(["train.compile=maybe"])
+    assert Recipe.from_dict(base).with_overrides(["train.compile=true"]).train.compile is True
     with pytest.raises(ValueError, match="exactly one of data.dev"):
         Recipe.from_dict({"model": {"name": "m"}, "data": {"train": "t"}})
     for modules, message in (([], "all-linear or a list"), (["q_proj", "all-linear"], "on its own"),

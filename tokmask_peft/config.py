@@ -295,6 +295,9 @@ def _build(cls, section: str, values: Any):
                 values[name] = hints[name](float(value)) if hints[name] is float else int(value)
             except ValueError:
                 raise ValueError(f"{section}.{name} must be a number, got {value!r}") from None
+        # A string such as "no" or "maybe" would otherwise be truthy.
+        if hints[name] is bool and not isinstance(value, bool):
+            raise ValueError(f"{section}.{name} must be true or false, got {value!r}")
     return cls(**values)
 
 
