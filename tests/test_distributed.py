@@ -18,16 +18,19 @@ recipe = Recipe.from_yaml(sys.argv[1])
 metrics = train(recipe)
 state = PartialState()
 print(f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']}")
+from torch._dynamo.utils import counters
+print(f"COMPILED GRAPHS {counters['stats']['unique_graphs']}")
 """
 
 
 def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path):
     import yaml
 
-    for task in ("sequence", "token"):
-        recipe = make_recipe("llama", task, "lora", train={"epochs": 2, "batch_size": 8,
-                                                            "output_dir": str(tmp_path / task)})
-        path = tmp_path / f"{task}.yaml"
+    # The last run compiles its layers (train.compile): under DDP it must train as the eager one did.
+    for task, compiled in (("sequence", False), ("token", False), ("sequence", True)):
+        recipe = make_recipe("llama", task, "lora", train={"epochs": 2, "batch_size": 8, "compile": compiled,
+                                                            "output_dir": str(tmp_path / f"{task}{compiled}")})
+        path = tmp_path / f"{task}{compiled}.yaml"
         path.write_text(yaml.safe_dump(recipe.to_dict()))
         script = tmp_path / "run.py"
         script.write_text(SCRIPT)
@@ -39,6 +42,8 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path
         lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
         # 96 examples, batch 8 per process, 2 processes: 6 updates per epoch, 2 epochs.
         assert lines == ["RANK 0 OF 2 DistributedType.MULTI_CPU STEPS 12", "RANK 1 OF 2 DistributedType.MULTI_CPU STEPS 12"]
+        graphs = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("COMPILED GRAPHS")]
+        assert len(graphs) == 2 and all((n > 0) == compiled for n in graphs), graphs
         out = Path(recipe.train.output_dir)
         files = sorted(p.name for p in out.iterdir())
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
@@ -47,3 +52,6 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path
         assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
         assert metrics["dev_examples"] == 32
         assert sum(1 for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line) == 2
+    losses = {run: [r["loss"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+                    if "loss" in r] for run in ("sequenceFalse", "sequenceTrue")}
+    assert losses["sequenceTrue"] == pytest.approx(losses["sequenceFalse"], abs=1e-5) and len(losses["sequenceTrue"]) == 12
