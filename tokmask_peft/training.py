@@ -111,7 +111,8 @@ class Setup:
         return add_adapter(self.base, cfg, self.mask_token, seed)
 
     def release(self, model) -> None:
-        """Strip the adapter so the kept base is as loaded (``get_peft_model`` mutated it)."""
+        """Strip the adapter so the kept base is as loaded (``get_peft_model`` mutated it); layers that
+        ``train.compile`` compiled stay compiled, for the next run."""
         if self.recipe.model.method != "full" and self.base is not None:
             model.unload()
 
