@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
                    "mixed_precision": "bf16" if args.bf16 else "no"}))
         # Each side keeps its own base, loaded once outside the timings: the Trainer gets the
         # model exactly as loaded (our loop stores frozen weights in the autocast dtype).
-        compiled = Recipe.from_dict({**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "compile": True}})
+        compiled = recipe.with_overrides(["train.compile=true"])
         setups = {name: Setup.from_recipe(recipe) for name in names}
         for setup in setups.values():
             setup.release(setup.model_for(0))
