@@ -134,6 +134,13 @@ def make_recipe(tiny_model, toy_data, tmp_path):
     return make
 
 
+def logged_losses(run: Path) -> list[float]:
+    """The training losses a run wrote to its log.jsonl, one per logged step."""
+    import json
+
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 def kill_at_training_step(monkeypatch, step: int) -> None:
     """Make the loop die (as a killed process would) in the forward pass of training step ``step``."""
     import torch

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import logged_losses
+
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
@@ -52,6 +54,5 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path
         assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
         assert metrics["dev_examples"] == 32
         assert sum(1 for line in (out / "log.jsonl").read_text().splitlines() if '"eval"' in line) == 2
-    losses = {run: [r["loss"] for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
-                    if "loss" in r] for run in ("sequenceFalse", "sequenceTrue")}
+    losses = {run: logged_losses(tmp_path / run) for run in ("sequenceFalse", "sequenceTrue")}
     assert losses["sequenceTrue"] == pytest.approx(losses["sequenceFalse"], abs=1e-5) and len(losses["sequenceTrue"]) == 12

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import kill_at_training_step
+from conftest import kill_at_training_step, logged_losses
 from tokmask_peft.inference import Classifier
 from tokmask_peft.training import Setup, train
 
@@ -29,7 +29,7 @@ def test_loss_falls_on_learnable_toy_task(make_recipe, kind, task, method, extra
     metrics = train(recipe)
     assert len(metrics["history"]) == epochs
     out = Path(recipe.train.output_dir)
-    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = logged_losses(out)
     quarter = len(losses) // 4
     assert sum(losses[-quarter:]) < 0.7 * sum(losses[:quarter]), losses
     assert metrics["best"]["accuracy"] > 0.75  # the majority class of the toy dev set is 66 %
@@ -340,8 +340,7 @@ def test_compiled_blocks_train_as_eager_does(make_recipe, tmp_path, kind, task, 
         recipe = make_recipe(kind, task, method, model=extra, train={"epochs": 2, "compile": compiled})
         runs[compiled] = train(recipe, output_dir=tmp_path / str(compiled))
         assert (counters["stats"]["unique_graphs"] > graphs) == compiled
-    losses = {c: [r["loss"] for r in map(json.loads, (tmp_path / str(c) / "log.jsonl").read_text().splitlines())
-                  if "loss" in r] for c in runs}
+    losses = {c: logged_losses(tmp_path / str(c)) for c in runs}
     assert losses[True] == pytest.approx(losses[False], abs=1e-5) and len(losses[True]) == 12
     assert runs[True]["best"]["weighted_f1"] == runs[False]["best"]["weighted_f1"]
     eager, compiled = (load_file(tmp_path / str(c) / "adapter_model.safetensors") for c in (False, True))
