@@ -257,17 +257,17 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     if setup.frozen_dtype not in (None, compute_dtype):
         raise ValueError(f"this Setup's kept base holds {setup.frozen_dtype} weights from an earlier "
                          f"mixed-precision run; build a new Setup for mixed_precision={tc.mixed_precision!r}")
-    model = setup.model_for(tc.seed, accelerator.device)
     plain_or_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
                                                     DistributedType.MULTI_CPU)  # FSDP flattens to one dtype
+    if tc.compile and not plain_or_ddp:  # before the model is built: a kept base would keep this run's adapter
+        raise ValueError(f"train.compile is supported on one device or with DDP, not {accelerator.distributed_type}")
+    model = setup.model_for(tc.seed, accelerator.device)
     if (compute_dtype is not None and recipe.model.method == "lora" and plain_or_ddp
             and cast_frozen_linears(model, compute_dtype)):
         setup.frozen_dtype = compute_dtype
     if compute_dtype is not None and recipe.model.method != "full":
         upcast_trainable(model)  # head (and any half-precision trainable) updated in fp32, run in autocast
     if tc.compile:
-        if not plain_or_ddp:
-            raise ValueError(f"train.compile is supported on one device or with DDP, not {accelerator.distributed_type}")
         # Dynamic shapes: one graph serves every batch length, instead of a recompile per length.
         compile_blocks(model, dynamic=True)
     counts = parameter_counts(model)
