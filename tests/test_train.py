@@ -346,3 +346,28 @@ def test_compiled_blocks_train_as_eager_does(make_recipe, tmp_path, kind, task, 
     eager, compiled = (load_file(tmp_path / str(c) / "adapter_model.safetensors") for c in (False, True))
     assert eager.keys() == compiled.keys()
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-5) for k in eager)
+
+
+def test_decoders_pad_on_the_right_in_training_and_after_reload(make_recipe, tmp_path):
+    """Llama's tokenizer files say left; every tokenizer the product loads pads on the right, so a
+    text's logits do not depend on what it is batched with (and no pad row attends to nothing)."""
+    from transformers import AutoTokenizer
+
+    from tokmask_peft.data import padding_collator
+
+    recipe = make_recipe("llama", train={"epochs": 1})
+    assert AutoTokenizer.from_pretrained(recipe.model.name).padding_side == "left"
+    setup = Setup.from_recipe(recipe)
+    batch = padding_collator(setup.tokenizer, "sequence")(setup.train_features[:16])
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max() and bool((batch["attention_mask"][:, 0] == 1).all())
+
+    train(recipe, setup, output_dir=tmp_path / "run")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run")
+    saved.padding_side = "left"  # as a run saved before this fix holds it
+    saved.save_pretrained(tmp_path / "run")
+    clf = Classifier.from_run(tmp_path / "run", device="cpu")
+    assert clf.tokenizer.padding_side == "right"
+    short, long = "el perro", "the good movie really casa agua amigo dia sol muy"
+    alone = clf.logits([short])[0]
+    torch.testing.assert_close(clf.logits([short, long])[0], alone, rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ import torch
 from .config import ModelConfig
 from .data import Example, encode, padding_collator
 from .fused_lora import fuse_lora_inference
-from .modeling import load_base
+from .modeling import classifier_tokenizer, load_base
 from .training import TOKMASK_CONFIG
 
 COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
@@ -71,12 +71,12 @@ class Classifier:
     @classmethod
     def from_run(cls, run_dir: str | Path, name: str | None = None, device: str | torch.device | None = None):
         """Load the base named in ``run_dir``'s config and attach its adapter (or its full model)."""
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tokenizer = AutoTokenizer.from_pretrained(run_dir)  # holds an added <mask> token, if any
+        tokenizer = classifier_tokenizer(run_dir)  # holds an added <mask> token, if any
         if config["method"] == "full":
             auto = AutoModelForTokenClassification if config["task"] == "token" else AutoModelForSequenceClassification
             model = auto.from_pretrained(run_dir)
@@ -283,9 +283,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
     config = read_run_config(run_dir)
     if config["method"] == "full":
         raise ValueError(f"{run_dir} is a fully fine-tuned model already: nothing to merge")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    tokenizer = classifier_tokenizer(run_dir)
     cfg = dataclasses.replace(model_config_of(config), method="lora")
     base = load_base(cfg, config["labels"], tokenizer, config["seed"])
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()

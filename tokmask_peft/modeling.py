@@ -65,10 +65,23 @@ def weights_path(cfg: ModelConfig) -> str:
     return str(target)
 
 
+def classifier_tokenizer(source):
+    """A tokenizer that pads on the right, whatever its files say (Llama's say left).
+
+    A classifier pools the last non-pad token and never generates, so left padding buys nothing and
+    costs two things: a text's logits then depend on what it is batched with (its positions shift;
+    bf16 on an H100: up to 0.004 apart, exactly equal with right padding), and under a causal mask a
+    left pad attends to nothing, a row some CUDA attention kernels turn into NaN (reported upstream
+    for transformers 5; not reproduced here)."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer with a pad token set deliberately (decoders often ship without one)."""
     source = local_or_hub(cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else weights_path(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = classifier_tokenizer(source)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             # Llama/TinyLlama: no pad token. EOS is a safe pad for classification because the
