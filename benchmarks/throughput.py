@@ -63,6 +63,18 @@ def run_trainer(recipe: Recipe, setup: Setup, out: Path, use_gpu: bool) -> tuple
     return elapsed, f1
 
 
+def compile_break_even(compiled_warmup_s: float, n_train: int, speed: dict[str, float]) -> dict:
+    """How many training examples a job must see before compiling has paid for itself.
+
+    The one-off cost is what the compiled side's first (warm-up) run took beyond a steady-state run
+    of the same job; it is repaid at the per-example time saved against each other contender."""
+    per_example = {name: 1.0 / samples_per_s for name, samples_per_s in speed.items()}
+    compile_s = compiled_warmup_s - n_train * per_example["ours_compiled"]
+    saved = {name: per_example[name] - per_example["ours_compiled"] for name in ("trainer", "ours")}
+    return {"compile_seconds": compile_s,
+            "examples_vs": {name: (compile_s / s if s > 0 else None) for name, s in saved.items()}}  # None: never
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="small")
@@ -122,6 +134,11 @@ def main(argv=None) -> dict:
         print(f"with train.compile: {speed['ours_compiled']:.1f} samples/s -> {summary['speedup_compiled']:.2f}x the "
               f"Trainer, dev wF1 {f1['ours_compiled']:.4f}; its warm-up run (the compile) took "
               f"{warmups['ours_compiled'] or 'no warm-up, the compile is in the timed run'} s")
+        if warmups["ours_compiled"]:
+            summary["compile_break_even"] = compile_break_even(warmups["ours_compiled"][0], n_train, speed)
+            print(f"the one-off compile ({summary['compile_break_even']['compile_seconds']:.1f} s) pays for itself after "
+                  + ", ".join(f"{n:,.0f} training examples against {k}" if n is not None else f"never against {k}"
+                              for k, n in summary["compile_break_even"]["examples_vs"].items()))
     name = ("throughput" + ("_tiny" if args.tiny else "") + ("_gpu" if use_gpu else "")
             + (f"_{shape}" if shape not in ("small", "tiny") else "") + ("_compile" if args.compile else ""))
     write_result(name, summary, args.out)

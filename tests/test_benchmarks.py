@@ -27,3 +27,16 @@ def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     assert data["benchmark"] and data["environment"]["versions"]["torch"]
     if flags:
         assert data["speedup_compiled"] > 0
+
+
+def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import compile_break_even
+
+    # 2,000 examples at 200/s take 10 s, so a 30 s first run paid 20 s to compile; against 100/s that
+    # saves 5 ms an example (4,000 examples to repay), against 150/s 1.67 ms (12,000); never against 250/s.
+    got = compile_break_even(30.0, 2000, {"ours_compiled": 200.0, "trainer": 100.0, "ours": 150.0})
+    assert got["compile_seconds"] == pytest.approx(20.0)
+    assert got["examples_vs"] == {"trainer": pytest.approx(4000), "ours": pytest.approx(12000)}
+    assert compile_break_even(30.0, 2000, {"ours_compiled": 200.0, "trainer": 250.0, "ours": 150.0}
+                              )["examples_vs"]["trainer"] is None
