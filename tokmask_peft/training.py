@@ -260,7 +260,8 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     plain_or_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
                                                     DistributedType.MULTI_CPU)  # FSDP flattens to one dtype
     if tc.compile and not plain_or_ddp:  # before the model is built: a kept base would keep this run's adapter
-        raise ValueError(f"train.compile is supported on one device or with DDP, not {accelerator.distributed_type}")
+        raise ValueError(f"train.compile is supported on one device or with DDP, not "
+                         f"{accelerator.distributed_type}: set train.compile=false")
     model = setup.model_for(tc.seed, accelerator.device)
     if (compute_dtype is not None and recipe.model.method == "lora" and plain_or_ddp
             and cast_frozen_linears(model, compute_dtype)):
