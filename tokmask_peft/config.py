@@ -199,7 +199,7 @@ class TrainConfig:
     """Batch examples of similar length together (less padding, faster)."""
     compile: bool = False
     """torch.compile each decoder/encoder layer (regional, dynamic shapes): a faster step where per-op
-    overhead dominates, for a one-off compile (tens of seconds; cached on disk for later runs)."""
+    overhead dominates, for a one-off compile (16-142 s measured; cached on disk for later runs)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     checkpoint_every: int = 0
