@@ -1,19 +1,22 @@
 """Helpers every benchmark shares: timing by alternation, and a self-describing JSON result."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def environment() -> dict:
     import torch
 
-    from tokmask_peft.training import package_versions
+    from tokmask_peft.runs import package_versions
 
     return {
         "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -49,6 +52,17 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
 
 def median(xs) -> float:
     return statistics.median(xs)
+
+
+def benchmark_parser(doc: str | None, **options) -> argparse.ArgumentParser:
+    """The flags every benchmark takes, ``--tiny`` (seconds on a tiny model: CI's check that the
+    script runs) and ``--out``, plus ``--NAME`` for each keyword (its type taken from the default)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a few seconds on a tiny model: checks the script runs")
+    parser.add_argument("--out", default="benchmarks/results", help="where the JSON result goes")
+    for name, default in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return parser
 
 
 def write_result(name: str, result: dict, out_dir: str | os.PathLike = "benchmarks/results") -> Path:
@@ -95,6 +109,14 @@ def make_decoder(shape: str, path: Path, tokenizer: str = "llama2") -> Path:
     model.to(torch.bfloat16).save_pretrained(path)  # half the bytes to write and read; loads as any dtype
     tok.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def decoder(shape: str, tokenizer: str = "llama2") -> Iterator[tuple[Path, Path]]:
+    """A temporary folder and, inside it, a random-weight decoder of ``shape``: ``(folder, model_dir)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        yield tmp, make_decoder(shape, tmp / "model", tokenizer)
 
 
 def lince_recipe(model_dir: Path, output_dir: Path, task: str = "sequence", **sections) -> dict:

@@ -12,43 +12,34 @@ and the merged model.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, alternate, lince_recipe, make_decoder, median, write_result  # noqa: E402
+from _common import SHARED, alternate, benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.data import read_lince  # noqa: E402
-from tokmask_peft.fused_lora import fuse_lora_inference  # noqa: E402
+from tokmask_peft.adapters import fuse_lora_inference  # noqa: E402
 from tokmask_peft.inference import Classifier, merge_run  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="small")
+    parser = benchmark_parser(__doc__, shape="small", adapters=6, texts=512, repeats=5)
     parser.add_argument("--model", help="real weights instead of a random-weight --shape")
     parser.add_argument("--gguf-file", help="with --model: the GGUF file inside it")
-    parser.add_argument("--adapters", type=int, default=6)
-    parser.add_argument("--texts", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     shape, n_adapters, n_texts, repeats = ("tiny", 2, 32, 2) if args.tiny else \
         (args.shape, args.adapters, args.texts, args.repeats)
     rates = [round(0.1 * i, 1) for i in range(n_adapters)]
     texts = [e.text for e in read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "dev.conll", "sequence")[:n_texts]]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        real = args.model and not args.tiny
+    real = args.model and not args.tiny
+    with decoder("tiny" if real else shape) as (tmp, model_dir):
         if real:
             shape = args.model + (f"/{args.gguf_file}" if args.gguf_file else "")
-        weights = args.model if real else make_decoder(shape, tmp / "model")
+        weights = args.model if real else model_dir
         recipe = Recipe.from_dict(lince_recipe(weights, tmp / "sweep",
                                                model={"gguf_file": args.gguf_file if real else None},
                                                data={"max_train_examples": 64, "max_eval_examples": 32},

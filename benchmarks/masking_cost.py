@@ -4,26 +4,19 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import alternate, median, write_result  # noqa: E402
+from _common import alternate, benchmark_parser, median, write_result  # noqa: E402
 
 from tokmask_peft.masking import TokenMasker  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--cols", type=int, default=128)
-    parser.add_argument("--tiny", action="store_true", help="a few repeats: checks the script runs")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, repeats=200, rows=64, cols=128).parse_args(argv)
     repeats = 5 if args.tiny else args.repeats
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 150_000, (args.rows, args.cols), generator=g)

@@ -7,15 +7,13 @@ alternating; the figure is the ratio of the medians.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import alternate, lince_recipe, make_decoder, median, write_result  # noqa: E402
+from _common import alternate, benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
@@ -23,18 +21,11 @@ from tokmask_peft.training import Setup  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="medium")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, shape="medium", batch=32, repeats=15).parse_args(argv)
     shape, repeats = ("tiny", 2) if args.tiny else (args.shape, args.repeats)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_decoder(shape, Path(tmp) / "model")
-        recipe = Recipe.from_dict(lince_recipe(model_dir, Path(tmp) / "run", data={"max_train_examples": 256}))
+    with decoder(shape) as (tmp, model_dir):
+        recipe = Recipe.from_dict(lince_recipe(model_dir, tmp / "run", data={"max_train_examples": 256}))
         setup = Setup.from_recipe(recipe)
         model = setup.model_for(0).to(device).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

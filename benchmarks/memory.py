@@ -9,29 +9,27 @@ resident size (which also counts Python, torch and the tokenised data).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import SHARED, lince_recipe, make_decoder, write_result  # noqa: E402
+from _common import SHARED, benchmark_parser, decoder, lince_recipe, write_result  # noqa: E402
 
 
 def weight_footprints(model_dir: Path) -> dict[str, float]:
     """Bytes of the loaded base: bf16 vs bitsandbytes 4-bit NF4 (double quantisation)."""
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import AutoModelForSequenceClassification
+
+    from tokmask_peft.config import ModelConfig
+    from tokmask_peft.modeling import quantization_config
 
     device = {"": 0} if torch.cuda.is_available() else None
+    nf4 = quantization_config(ModelConfig(name=str(model_dir), method="qlora", quant_bits=4, dtype="bfloat16"))
     out = {}
-    for name, kwargs in {
-        "bf16": {"dtype": torch.bfloat16},
-        "nf4": {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["score"]), "dtype": torch.bfloat16},
-    }.items():
+    for name, kwargs in {"bf16": {"dtype": torch.bfloat16},
+                         "nf4": {"quantization_config": nf4, "dtype": torch.bfloat16}}.items():
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3, device_map=device, **kwargs)
         out[name] = model.get_memory_footprint() / 2**20
         del model
@@ -54,20 +52,11 @@ def long_texts(path: Path, n: int) -> Path:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="medium")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--train", type=int, default=160)
-    parser.add_argument("--methods", default="full,lora,qlora")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, shape="medium", batch=16, length=128, train=160,
+                            methods="full,lora,qlora").parse_args(argv)
     shape, n_train = ("tiny", 32) if args.tiny else (args.shape, args.train)
     gpu = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model_dir = make_decoder(shape, tmp / "model")
+    with decoder(shape) as (tmp, model_dir):
         footprint = weight_footprints(model_dir)
         ratio = footprint["nf4"] / footprint["bf16"]
         print(f"base weights ({shape}): bf16 {footprint['bf16']:.1f} MiB, NF4 {footprint['nf4']:.1f} MiB "

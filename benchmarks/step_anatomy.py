@@ -16,17 +16,15 @@ one pass over the shared frozen base could cost a fraction of six sequential run
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lince_recipe, make_decoder, write_result  # noqa: E402
+from _common import benchmark_parser, decoder, lince_recipe, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.data import LengthGroupedBatches, padding_collator  # noqa: E402
@@ -36,13 +34,7 @@ from tokmask_peft.training import Setup  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen2.5-0.5b")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, shape="qwen2.5-0.5b", steps=25, repeats=3).parse_args(argv)
     shape, steps, repeats = ("tiny", 3, 1) if args.tiny else (args.shape, args.steps, args.repeats)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -51,9 +43,8 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        recipe = Recipe.from_dict(lince_recipe(make_decoder(shape, tmp / "model"), tmp / "run",
+    with decoder(shape) as (tmp, model_dir):
+        recipe = Recipe.from_dict(lince_recipe(model_dir, tmp / "run",
                                                data={"max_train_examples": 64 * (steps + 5), "max_eval_examples": 8},
                                                train={"mixed_precision": "bf16" if cuda else "no"}))
         setup = Setup.from_recipe(recipe)

@@ -8,18 +8,16 @@ re-creates only the adapter per run. Whole wall times alternate sweep, independe
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lince_recipe, make_decoder, median, write_result  # noqa: E402
+from _common import benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
 
 RATES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
 
@@ -30,19 +28,12 @@ def tokmask(*args) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="small")
-    parser.add_argument("--train", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, shape="small", train=256, repeats=2).parse_args(argv)
     shape, n_train, repeats, rates = ("tiny", 32, 1, RATES[:2]) if args.tiny else \
         (args.shape, args.train, args.repeats, RATES)
     times = {"sweep": [], "independent": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        recipe = lince_recipe(make_decoder(shape, tmp / "model"), tmp / "run",
+    with decoder(shape) as (tmp, model_dir):
+        recipe = lince_recipe(model_dir, tmp / "run",
                               data={"max_train_examples": n_train, "max_eval_examples": 128},
                               sweep={"rates": rates, "seeds": [0]})
         path = tmp / "recipe.yaml"

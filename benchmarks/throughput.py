@@ -12,17 +12,15 @@ its one-off compile falls in the untimed warm-up run, whose time is recorded apa
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import lince_recipe, make_decoder, median, write_result  # noqa: E402
+from _common import benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
@@ -76,26 +74,18 @@ def compile_break_even(compiled_warmup_s: float, n_train: int, speed: dict[str, 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="small")
-    parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--dev", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed pairs first (CUDA/kernel warm-up)")
+    parser = benchmark_parser(__doc__, shape="small", train=2000, dev=400, batch=32, repeats=3,
+                              warmup=1)  # warmup: untimed pairs first (CUDA/kernel warm-up)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time tokmask_peft with train.compile")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     shape, n_train, repeats = ("tiny", 96, 1) if args.tiny else (args.shape, args.train, args.repeats)
     use_gpu = torch.cuda.is_available()
     names = ["ours", "trainer"] + (["ours_compiled"] if args.compile else [])
     results, warmups = {name: [] for name in names}, {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with decoder(shape) as (tmp, model_dir):
         recipe = Recipe.from_dict(lince_recipe(
-            make_decoder(shape, tmp / "model"), tmp / "run",
+            model_dir, tmp / "run",
             data={"max_train_examples": n_train, "max_eval_examples": args.dev},
             train={"batch_size": args.batch, "eval_batch_size": 64, "warmup_ratio": 0.1,
                    "mixed_precision": "bf16" if args.bf16 else "no"}))

@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import shared_path
+from helpers import shared_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import logged_losses
+from helpers import logged_losses
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from tokmask_peft.adapters import peft_name
 from tokmask_peft.inference import Classifier, merge_run
 from tokmask_peft.sweeps import sweep
 
@@ -106,8 +107,8 @@ def test_replayed_switch_equals_peft_set_adapter(swept):
         both.use(rate)
         torch.testing.assert_close(torch.stack(both.logits(TEXTS)), alone[rate], rtol=0, atol=1e-6)
         replayed = active_state(both.model)
-        both.model.set_adapter(both._names[both.active], inference_mode=True)
-        assert replayed == active_state(both.model) and any(v == [both._names[both.active]] for *_, v in replayed)
+        both.model.set_adapter(peft_name(both.active), inference_mode=True)
+        assert replayed == active_state(both.model) and any(v == [peft_name(both.active)] for *_, v in replayed)
         assert not any(p.requires_grad for p in both.model.parameters())
 
 

@@ -40,7 +40,7 @@ def test_ray_matches_local_retries_failures_and_resumes(make_recipe, tmp_path, m
     # A driver killed mid-sweep leaves finished runs and a .partial one with a checkpoint.
     out = tmp_path / "ray"
     sweep(recipe.with_overrides(["sweep.rates=[0.0]"]), out)
-    from conftest import kill_at_training_step
+    from helpers import kill_at_training_step
 
     from tokmask_peft.sweeps import train_one
 

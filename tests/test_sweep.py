@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import tokmask_peft.grid as grid_module
 import tokmask_peft.sweeps as sweep_module
 from tokmask_peft.sweeps import report, sweep
 
@@ -14,13 +15,13 @@ RUN_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "l
 @pytest.fixture
 def counted_train(monkeypatch):
     calls = []
-    real = sweep_module.train
+    real = grid_module.train
 
     def counting(recipe, setup=None, output_dir=None):
         calls.append((recipe.masking.rate, recipe.train.seed))
         return real(recipe, setup=setup, output_dir=output_dir)
 
-    monkeypatch.setattr(sweep_module, "train", counting)
+    monkeypatch.setattr(grid_module, "train", counting)
     return calls
 
 
@@ -89,7 +90,7 @@ def test_partial_runs_never_count_as_done(make_recipe, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("crash mid-run")
 
-    monkeypatch.setattr(sweep_module, "train", crash)
+    monkeypatch.setattr(grid_module, "train", crash)
     with pytest.raises(RuntimeError):
         sweep(recipe, out)
     assert not (out / "mask_0.10" / "seed_0").exists()

@@ -21,7 +21,12 @@ class Toy(torch.utils.data.Dataset):
 
 
 def test_trainer_sees_masked_inputs_in_training_only(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     model = BertForSequenceClassification(BertConfig(
         vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

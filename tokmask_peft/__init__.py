@@ -22,7 +22,7 @@ from .masking import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Recipe": "config", "train": "training", "Setup": "training", "sweep": "sweeps", "report": "sweeps",
+    "Recipe": "config", "train": "training", "Setup": "setup", "sweep": "sweeps", "report": "reporting",
     "Classifier": "inference", "merge_run": "inference", "compare": "comparison",
 }
 

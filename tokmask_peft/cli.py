@@ -42,14 +42,15 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .sweeps import report
+    from .reporting import report
 
     report(args.output, args.metric)
     print((Path(args.output) / "results.md").read_text())
 
 
 def cmd_predict(args) -> None:
-    from .inference import TOKMASK_CONFIG, Classifier
+    from .inference import Classifier
+    from .runs import TOKMASK_CONFIG
 
     path = Path(args.path)
     if (path / TOKMASK_CONFIG).is_file():

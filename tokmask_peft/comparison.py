@@ -6,7 +6,6 @@ resident size only grows).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .config import METHODS, Recipe
-from .training import METRICS_FILE, refuse_other_recipe
+from .runs import is_complete, read_metrics, refuse_other_recipe, write_json
 
 COLUMNS = ("method", "weighted_f1", "macro_f1", "trainable_params", "total_params", "wall_time_s",
            "peak_memory_mb", "disk_mb")
@@ -48,18 +47,18 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
     rows = []
     for method, r in recipes.items():
         run = out / method
-        if not (run / METRICS_FILE).exists():
+        if not is_complete(run):
             path = out / f"recipe_{method}.yaml"
             path.write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
             subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "train", str(path)], check=True)
-        metrics = json.loads((run / METRICS_FILE).read_text())
+        metrics = read_metrics(run)
         best = metrics["best"]
         rows.append({"method": method, "weighted_f1": best["weighted_f1"], "macro_f1": best["macro_f1"],
                      "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
                      "wall_time_s": metrics["wall_time_s"], "peak_memory_mb": metrics["peak_memory_mb"],
                      "disk_mb": directory_mb(run)})
     (out / "compare.md").write_text(compare_table(rows))
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "compare.json", rows)
     return rows
 
 

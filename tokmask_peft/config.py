@@ -5,13 +5,14 @@ Full, LoRA and QLoRA differ by the single field ``model.method``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .masking import MASK_POLICIES, SCHEDULES, RateSchedule, check_rate
+from .masking import MASK_POLICIES, RateSchedule, check_rate
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
@@ -151,10 +152,10 @@ class MaskingConfig:
     """First rate of the ``linear`` schedule."""
 
     def __post_init__(self):
-        check_rate(self.rate, "masking.rate")
-        check_rate(self.start, "masking.start")
-        _choice("masking", "schedule", self.schedule, SCHEDULES)
-        self.to_schedule()  # RateSchedule validates the rest (warmup_fraction)
+        try:  # RateSchedule owns the checks; its messages name the field, here with its section
+            self.to_schedule()
+        except ValueError as e:
+            raise ValueError(f"masking.{e}") from None
 
     def to_schedule(self) -> RateSchedule:
         """The rate in force at each step, as the training loop uses it."""
@@ -220,6 +221,24 @@ class TrainConfig:
         _choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
         _choice("train", "metric", self.metric, METRICS)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+
+    # Step arithmetic, counted on the unsharded loader: Accelerate steps the scheduler once per
+    # process per update, so the schedule spans every process's updates.
+    def updates_per_epoch(self, batches: int) -> int:
+        """Optimizer updates in one pass over ``batches`` batches (a last, short accumulation counts)."""
+        return math.ceil(batches / self.grad_accum)
+
+    def total_updates(self, batches: int, processes: int = 1) -> int:
+        """Updates the learning-rate schedule spans: all epochs, or ``max_steps`` on every process."""
+        total = self.epochs * self.updates_per_epoch(batches)
+        return min(total, self.max_steps * processes) if self.max_steps else total
+
+    def local_updates(self, batches: int, processes: int = 1) -> int:
+        """Updates one process makes before the run ends."""
+        return math.ceil(self.total_updates(batches, processes) / processes)
+
+    def warmup_updates(self, total: int) -> int:
+        return int(self.warmup_ratio * total)
 
 
 @dataclasses.dataclass

@@ -1,38 +1,29 @@
 """Inference: load the base once, attach rate adapters by name, switch, predict, merge.
 
-Adapters are loaded through PEFT only (``PeftModel.from_pretrained`` / ``load_adapter`` /
-``set_adapter``); ``tokmask_config.json`` beside each adapter says which base, task, labels and
-mask token it was trained with, and a mismatch is refused rather than silently producing a
-random head.
+Three parts: loading (a run, a sweep, picking the rate best on dev) is :meth:`Classifier.from_run`
+and :meth:`Classifier.from_sweep`; holding adapters is :class:`~tokmask_peft.adapters.AdapterSet`
+(``None`` for a fully fine-tuned model); predicting (tokenise, batch, test-time masking,
+logits → labels) is the functions at the end. ``tokmask_config.json`` beside each adapter says
+which base, task, labels and mask token it was trained with; a mismatch is refused rather than
+silently producing a random head.
 """
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .adapters import AdapterSet
 from .config import ModelConfig
 from .data import Example, encode, padding_collator
-from .fused_lora import fuse_lora_inference
+from .masking import MaskToken, TokenMasker
 from .modeling import classifier_tokenizer, load_base
-from .training import TOKMASK_CONFIG
+from .reporting import summarise
+from .runs import TOKMASK_CONFIG, adapter_name, collect, read_run_config, run_dirs, write_json
 
 COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / TOKMASK_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a tokmask_peft run directory")
-    return json.loads(path.read_text())
-
-
-def adapter_name(rate: float) -> str:
-    """``mask_0.10`` for rate 0.1: the name a sweep gives the run directory and the adapter."""
-    return f"mask_{rate:.2f}"
 
 
 def model_config_of(run_config: dict) -> ModelConfig:
@@ -46,8 +37,14 @@ def check_compatible(reference: dict, other: dict, where: str) -> None:
                              f"base has {key}={reference.get(key)!r}; load it on a matching base")
 
 
+def default_name(config: dict) -> str:
+    return adapter_name(config["masking"]["rate"])
+
+
 class Classifier:
     """One base model, any number of rate adapters; predict with the active one.
+
+    A fully fine-tuned model is a Classifier without an adapter set (``adapter_set is None``).
 
     Usage::
 
@@ -56,47 +53,40 @@ class Classifier:
         clf.predict(["que buena pelicula", "so boring"])
     """
 
-    def __init__(self, model, tokenizer, run_config: dict, device: torch.device):
+    def __init__(self, model, tokenizer, run_config: dict, device: torch.device, name: str,
+                 adapter_set: AdapterSet | None = None):
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, run_config, device
         self.labels: list[str] = run_config["labels"]
         self.task: str = run_config["task"]
-        self.collate = padding_collator(tokenizer, self.task)
-        self._names: dict[str, str] = {}  # public adapter name -> PEFT adapter name
-        self._configs: dict[str, dict] = {}  # public adapter name -> its tokmask_config.json
-        self._switches: dict[str, list[tuple]] = {}  # PEFT adapter name -> recorded active-adapter state
+        self.name = name  # the first (or only) model's name: mask_0.10
+        self.adapter_set = adapter_set
         self.best: str | None = None  # from_sweep: the adapter of the rate best on dev
-        self._whole_model: str | None = None  # a fully fine-tuned model's run name
-        fuse_lora_inference(model)  # unmerged adapters predict at (near) merged speed
+        self.collate = padding_collator(tokenizer, self.task)
+
+    # ---- loading --------------------------------------------------------------------------------
 
     @classmethod
     def from_run(cls, run_dir: str | Path, name: str | None = None, device: str | torch.device | None = None):
         """Load the base named in ``run_dir``'s config and attach its adapter (or its full model)."""
-        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = classifier_tokenizer(run_dir)  # holds an added <mask> token, if any
+        name = name or default_name(config)
+        adapter_set = None
         if config["method"] == "full":
+            from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
             auto = AutoModelForTokenClassification if config["task"] == "token" else AutoModelForSequenceClassification
             model = auto.from_pretrained(run_dir)
         else:
-            from peft import PeftModel
-
             base = load_base(model_config_of(config), config["labels"], tokenizer, config["seed"], device)
-            name = name or _default_name(config)
-            model = PeftModel.from_pretrained(base, run_dir, adapter_name=peft_name(name))
+            adapter_set = AdapterSet.load(base, run_dir, name, config)
+            model = adapter_set.model
         if config["method"] != "qlora":
             model.to(device)
         model.eval()
-        clf = cls(model, tokenizer, config, device)
-        if config["method"] != "full":
-            clf._names[name] = peft_name(name)
-            clf._configs[name] = config
-            clf._record_switches()
-        else:
-            clf._whole_model = name or _default_name(config)
-        return clf
+        return cls(model, tokenizer, config, device, name, adapter_set)
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None,
@@ -104,18 +94,11 @@ class Classifier:
         """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep; the
         active one is ``rate``, else the rate the sweep's table calls best on dev by ``metric``
         (mean over seeds). A sweep of fully fine-tuned models loads that one rate's model only."""
-        from .sweeps import collect, summarise
-
-        runs = {adapter_name(read_run_config(p)["masking"]["rate"]): p
-                for p in sorted(Path(sweep_dir).glob(f"mask_*/seed_{seed}")) if (p / TOKMASK_CONFIG).is_file()}
+        runs = {default_name(read_run_config(p)): p for p in run_dirs(sweep_dir, seed)}
         if not runs:
             raise FileNotFoundError(f"no finished runs {sweep_dir}/mask_*/seed_{seed}")
-        rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in runs]
-        best = [entry for entry in summarise(rows, metric) if entry.get("best")]
-        if not best or metric not in best[0]:
-            raise ValueError(f"metric {metric!r} is not among the sweep's dev metrics")
-        best_name = adapter_name(best[0]["rate"])
-        wanted = best_name if rate is None else adapter_name(rate)
+        best = best_rate_name(sweep_dir, runs, metric)
+        wanted = best if rate is None else adapter_name(rate)
         if wanted not in runs:
             raise KeyError(f"no finished run for rate {rate} under {sweep_dir} (seed {seed}); rates: {list(runs)}")
         if read_run_config(runs[wanted])["method"] == "full":
@@ -126,70 +109,42 @@ class Classifier:
             for run in others:
                 clf.add_adapter(run)
             clf.use(wanted)
-        clf.best = best_name
+        clf.best = best
         return clf
 
-    # ---- adapters -----------------------------------------------------------------------------
+    # ---- adapters -------------------------------------------------------------------------------
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._names)
+        return self.adapter_set.names if self.adapter_set else []
 
     @property
     def active(self) -> str | None:
         """The active adapter's name; for a fully fine-tuned model, its run's (``mask_0.10``)."""
-        if not self._names:
-            return self._whole_model
-        current = getattr(self.model, "active_adapter", None)
-        return next((public for public, internal in self._names.items() if internal == current), None)
+        return self.adapter_set.active if self.adapter_set else self.name
+
+    @property
+    def active_config(self) -> dict:
+        return self.adapter_set.configs[self.active] if self.adapter_set else self.config
 
     def add_adapter(self, run_dir: str | Path, name: str | None = None) -> str:
         """Attach another run's adapter to the same base; returns its name (default ``mask_0.10``)."""
-        if not self.adapters:
+        if self.adapter_set is None:
             raise ValueError("this classifier holds a fully fine-tuned model: it has no base to share")
         config = read_run_config(run_dir)
         check_compatible(self.config, config, str(run_dir))
-        name = name or _default_name(config)
-        if name in self.adapters:
-            raise ValueError(f"an adapter named {name!r} is already loaded; pass another name")
-        self.model.load_adapter(str(run_dir), adapter_name=peft_name(name))
-        fuse_lora_inference(self.model)  # the new adapter may wrap modules the first did not
-        self._names[name] = peft_name(name)
-        self._configs[name] = config
-        self._record_switches()  # it may also have added modules: record every adapter afresh
-        self.model.eval()
+        name = name or default_name(config)
+        self.adapter_set.add(run_dir, name, config)
         return name
 
     def use(self, name_or_rate: str | float) -> None:
         """Make an adapter active, by name or by masking rate (0.1 → ``mask_0.10``)."""
         name = adapter_name(name_or_rate) if isinstance(name_or_rate, (int, float)) else name_or_rate
-        if name not in self.adapters:
-            raise KeyError(f"no adapter {name!r}; loaded: {self.adapters}")
-        self._replay(self._names[name])  # recorded when the adapter was loaded
+        if self.adapter_set is None:
+            raise KeyError(f"no adapter {name!r}: this classifier holds one fully fine-tuned model")
+        self.adapter_set.use(name)
 
-    def _replay(self, internal: str) -> None:
-        for module, attr, value in self._switches[internal]:
-            setattr(module, attr, copy.copy(value))
-
-    def _record_switches(self) -> None:
-        """Record, per adapter, the state PEFT's ``set_adapter`` leaves; ``use`` replays it.
-
-        ``set_adapter`` walks the module tree and resets requires_grad on every adapter of every
-        layer: ~21 ms on a 30-layer model with 6 adapters. In inference mode it leaves all of them
-        frozen, so what differs between adapters is only each module's active-adapter attribute.
-        Recording happens when adapters are loaded, so every switch is a replay (~0.3 ms).
-        """
-        active = getattr(self.model, "active_adapter", None)
-        self._switches.clear()
-        for internal in self._names.values():
-            self.model.set_adapter(internal, inference_mode=True)
-            self._switches[internal] = [(module, attr, copy.copy(vars(module)[attr]))
-                                        for module in self.model.modules()
-                                        for attr in ("_active_adapter", "active_adapter") if attr in vars(module)]
-        if active in self._switches:
-            self._replay(active)
-
-    # ---- prediction ---------------------------------------------------------------------------
+    # ---- prediction -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def logits(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
@@ -199,64 +154,61 @@ class Classifier:
         ``tta=K`` returns log of the mean softmax over K masked copies at ``tta_rate`` (default:
         the adapter's training rate): a test-time masking ensemble.
         """
-        masker = self._tta_masker(tta_rate, seed) if tta else None
-        examples = [Example(t if self.task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
-                    for i, t in enumerate(texts)]
+        masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
+        examples = as_examples(texts, self.task)
         features = encode(examples, self.tokenizer, self.task, None, self.config["max_length"])
         out: list[torch.Tensor] = []
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
-            if masker is None:
-                logits = self.model(**batch).logits.float().cpu()
-            else:
-                probs = sum(self.model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
-                            .logits.float().softmax(-1).cpu() for _ in range(tta))
-                logits = (probs / tta).log()
+            logits = batch_logits(self.model, batch, masker, tta)
             for row, feature, example in zip(logits, chunk, examples[start:start + batch_size]):
-                out.append(row if self.task == "sequence"
-                           else _word_logits(row, feature["word_ids"], len(example.text), self.tokenizer))
+                out.append(row if self.task == "sequence" else word_logits(row, feature["word_ids"], len(example.text)))
         return out
-
-    def _tta_masker(self, rate: float | None, seed: int):
-        from .masking import MaskToken, TokenMasker
-
-        config = self.active_config
-        rate = config["masking"]["rate"] if rate is None else rate
-        return TokenMasker.for_tokenizer(self.tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed)
-
-    @property
-    def active_config(self) -> dict:
-        return self._configs.get(self.active, self.config)
 
     def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
                 tta_rate: float | None = None) -> list[dict]:
         """Labels and probabilities; token tasks give one label per input word (words past
         ``max_length`` get ``None``)."""
-        results = []
-        for logits in self.logits(texts, batch_size, tta, tta_rate):
-            probs = logits.softmax(-1)
-            if self.task == "sequence":
-                results.append({"label": self.labels[int(probs.argmax())],
-                                "probs": {lab: round(float(p), 6) for lab, p in zip(self.labels, probs)}})
-            else:
-                results.append({"labels": [self.labels[int(p.argmax())] if not torch.isnan(p).any() else None
-                                           for p in probs]})
-        return results
+        return [to_result(logits, self.labels, self.task) for logits in self.logits(texts, batch_size, tta, tta_rate)]
 
 
-def peft_name(name: str) -> str:
-    """PEFT adapter names cannot hold dots (they become module names): ``mask_0.10`` → ``mask_0_10``."""
-    return name.replace(".", "_")
+def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str) -> str:
+    """The adapter name of the rate the sweep's table calls best by ``metric`` (mean over seeds)."""
+    rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in runs]
+    best = [entry for entry in summarise(rows, metric) if entry.get("best")]
+    if not best or metric not in best[0]:
+        raise ValueError(f"metric {metric!r} is not among the sweep's dev metrics")
+    return adapter_name(best[0]["rate"])
 
 
-def _default_name(config: dict) -> str:
-    return adapter_name(config["masking"]["rate"])
+# ---- prediction, as functions of a batch --------------------------------------------------------
 
 
-def _word_logits(row: torch.Tensor, word_ids: list, n_words: int, tokenizer) -> torch.Tensor:
-    """Token logits → one row per word (its first sub-word); NaN rows for truncated words."""
-    row = row[row.shape[0] - len(word_ids):] if tokenizer.padding_side == "left" else row[:len(word_ids)]
+def as_examples(texts: Sequence[str | list[str]], task: str) -> list[Example]:
+    """Token tasks take lists of words, or strings split on whitespace."""
+    return [Example(t if task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
+            for i, t in enumerate(texts)]
+
+
+def tta_masker(tokenizer, config: dict, rate: float | None, seed: int) -> TokenMasker:
+    """The masker of test-time masking: the adapter's own mask token, at its training rate by default."""
+    rate = config["masking"]["rate"] if rate is None else rate
+    return TokenMasker.for_tokenizer(tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed)
+
+
+def batch_logits(model, batch: dict, masker: TokenMasker | None, copies: int) -> torch.Tensor:
+    """Float logits on the CPU; with a masker, log of the mean softmax over ``copies`` masked copies."""
+    if masker is None:
+        return model(**batch).logits.float().cpu()
+    probs = sum(model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
+                .logits.float().softmax(-1).cpu() for _ in range(copies))
+    return (probs / copies).log()
+
+
+def word_logits(row: torch.Tensor, word_ids: list, n_words: int) -> torch.Tensor:
+    """Token logits (right-padded) → one row per word (its first sub-word); NaN rows for truncated words."""
+    row = row[:len(word_ids)]
     out = torch.full((n_words, row.shape[-1]), float("nan"))
     seen = set()
     for position, w in enumerate(word_ids):
@@ -266,6 +218,17 @@ def _word_logits(row: torch.Tensor, word_ids: list, n_words: int, tokenizer) -> 
     return out
 
 
+def to_result(logits: torch.Tensor, labels: list[str], task: str) -> dict:
+    probs = logits.softmax(-1)
+    if task == "sequence":
+        return {"label": labels[int(probs.argmax())],
+                "probs": {lab: round(float(p), 6) for lab, p in zip(labels, probs)}}
+    return {"labels": [labels[int(p.argmax())] if not torch.isnan(p).any() else None for p in probs]}
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+
 def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
     """Export ``run_dir``'s adapter merged into a full-precision base as a standalone model.
 
@@ -273,11 +236,7 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
     round the update away). The result loads with plain ``AutoModelFor*.from_pretrained`` and
     with :meth:`Classifier.from_run`.
     """
-    import dataclasses
-
     from peft import PeftModel
-
-    from .training import write_json
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     config = read_run_config(run_dir)

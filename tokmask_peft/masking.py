@@ -176,9 +176,9 @@ class RateSchedule:
 
     def __post_init__(self):
         check_rate(self.rate, "rate")
-        check_rate(self.start, "schedule start")
+        check_rate(self.start, "start")
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.kind!r}")
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.kind!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"warmup_fraction must lie in [0, 1], got {self.warmup_fraction!r}")
 

@@ -316,6 +316,24 @@ def upcast_trainable(model) -> int:
     return count
 
 
+def prepare_precision(model, method: str, compute_dtype: torch.dtype | None, cast_frozen: bool = True) -> bool:
+    """Ready a model for mixed precision in ``compute_dtype`` (``None``: full precision, nothing to do).
+
+    LoRA: the frozen linears under adapters are stored in ``compute_dtype`` (``cast_frozen``; not
+    under FSDP, which flattens parameters to one dtype). LoRA/QLoRA: half-precision trainables are
+    upcast to fp32 (the head, any new module), so their updates are not rounded away.
+
+    Returns:
+        True when frozen linears were cast, so a kept base now holds ``compute_dtype`` weights.
+    """
+    if compute_dtype is None:
+        return False
+    cast = method == "lora" and cast_frozen and cast_frozen_linears(model, compute_dtype) > 0
+    if method != "full":
+        upcast_trainable(model)
+    return cast
+
+
 def compile_blocks(model, **compile_kwargs) -> int:
     """``torch.compile`` each repeated block (decoder or encoder layer) in place; returns how many.
 

@@ -1,7 +1,7 @@
 """Spread a sweep's (rate, seed) runs over a Ray cluster: one Ray Tune trial per run.
 
 Optional (``pip install 'tokmask-peft[ray]'``); nothing else in the package imports Ray. Each
-trial calls the same :func:`tokmask_peft.sweeps.train_one` as the local executor, so the
+trial calls the same :func:`tokmask_peft.grid.train_one` as the local executor, so the
 directory layout, the ``.partial``-then-rename rule and resuming from a checkpoint are the
 same; Ray adds placement, parallelism and retries (``FailureConfig(max_failures)``). The sweep
 directory must be on storage every node sees (a shared filesystem) when the cluster has more
@@ -14,23 +14,20 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Recipe
-from .training import METRICS_FILE
+from .grid import train_one
+from .runs import read_metrics
 
 
 def train_trial(config: dict) -> None:
     """The Ray Tune trainable: train one grid point of the sweep, report its best dev metrics."""
-    import json
-
     import torch
     from ray import tune
-
-    from .sweeps import train_one
 
     os.chdir(config["cwd"])  # recipes use paths relative to where the sweep was started
     torch.set_num_threads(max(1, int(config["cpus"])))
     rate, seed = config["point"]
     run = train_one(config["recipe"], rate, seed, Path(config["out"]))
-    best = json.loads((run / METRICS_FILE).read_text())["best"] or {}
+    best = read_metrics(run)["best"] or {}
     tune.report({k: v for k, v in best.items() if isinstance(v, (int, float))})
 
 

@@ -1,18 +1,23 @@
-"""One explicit Accelerate loop for every method and task: mask (training only) → forward →
-loss → accumulate/clip/step → evaluate → keep the best → checkpoint. Resumable.
+"""One explicit Accelerate loop for every method and task, in named phases:
+
+    start   accelerator; refuse another run's checkpoint; what the distributed setup supports
+    build   model (from the Setup), masking hook, loaders, class weights, optimizer, scheduler
+    fit     optimizer updates in time order; after each: log, evaluate?, checkpoint?, stop?
+    finish  best weights back, extra evaluation sets scored, metrics.json written
+    close   hook removed, the kept base released (also when a run fails)
+
+Evaluation with patience and best-weights keeping is one unit (:class:`EarlyStopping` and
+:func:`evaluate_and_keep`); the resumable checkpoint another (:class:`Checkpoints`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import random
 import resource
 import shutil
 import time
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
@@ -20,109 +25,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .config import Recipe, resolve_path
-from .data import LengthGroupedBatches, encode, label_names, check_labels, padding_collator, read_examples
+from .config import Recipe
+from .data import LengthGroupedBatches, padding_collator
 from .losses import class_weights, classification_loss, label_counts
-from .masking import MaskToken, TokenMasker, attach_masking
+from .masking import TokenMasker, attach_masking
 from .metrics import classification_metrics
-from .modeling import (add_adapter, build_model, cast_frozen_linears, compile_blocks, parameter_counts,
-                       prepare_tokenizer, upcast_trainable)
+from .modeling import compile_blocks, parameter_counts
+from .runs import (CHECKPOINT_DIR, LOG_FILE, METRICS_FILE, TOKMASK_CONFIG, fingerprint_diff, run_config,
+                   run_fingerprint, write_json)
+from .setup import Setup
 
-TOKMASK_CONFIG = "tokmask_config.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_DIR = "checkpoint"
-VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
-
-
-def package_versions() -> dict[str, str | None]:
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# ---- what every run of one recipe shares --------------------------------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-    """Tokenizer, mask token, labels and tokenised splits: built once, shared by a sweep's runs.
-
-    For LoRA/QLoRA it also keeps the frozen base model, so a sweep creates a fresh adapter per
-    run instead of reloading (and, for QLoRA, re-quantising) the base.
-    """
-
-    recipe: Recipe
-    tokenizer: Any
-    mask_token: MaskToken
-    labels: list[str]
-    train_features: list[dict]
-    dev_features: list[dict]
-    extra_features: dict[str, list[dict]]
-    base: Any = None
-    frozen_dtype: torch.dtype | None = None  # set once train() stores the kept base's frozen linears in bf16/fp16
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> "Setup":
-        d, task = recipe.data, recipe.model.task
-        tokenizer, mask_token = prepare_tokenizer(recipe.model)
-
-        def read(path, split):
-            return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags,
-                                 split)
-
-        train = read(d.train, "train")
-        # Fixed shuffles (seed 0): every rate and seed of a sweep sees the same split and subset.
-        if d.dev_fraction:
-            train = random.Random(0).sample(train, len(train))
-            n_dev = max(1, int(len(train) * d.dev_fraction))
-            dev, train = train[:n_dev], train[n_dev:]
-        else:
-            dev = read(d.dev, "validation")
-        dev = dev[: d.max_eval_examples or None]
-        if d.max_train_examples and d.max_train_examples < len(train):
-            train = random.Random(0).sample(train, d.max_train_examples)
-        labels = label_names(train)
-        if len(labels) < 2:
-            raise ValueError(f"{d.train}: training data has {len(labels)} label(s) {labels}; need at least 2")
-        extra = {name: read(path, "validation")[: d.max_eval_examples or None] for name, path in d.extra_eval.items()}
-        for examples in (dev, *extra.values()):
-            check_labels(examples, labels)
-        label2id = {label: i for i, label in enumerate(labels)}
-
-        def enc(examples):
-            return encode(examples, tokenizer, task, label2id, d.max_length)
-
-        return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
-                   {name: enc(ex) for name, ex in extra.items()})
-
-    def model_for(self, seed: int, device: torch.device | None = None):
-        """A model ready to train for ``seed``: a fresh full model, or a fresh adapter on the kept base."""
-        cfg = self.recipe.model
-        if cfg.method == "full":
-            return build_model(cfg, self.labels, self.tokenizer, self.mask_token, seed, device)
-        if self.base is None:
-            model = build_model(cfg, self.labels, self.tokenizer, self.mask_token, seed, device)
-            self.base = model.get_base_model()
-            return model
-        return add_adapter(self.base, cfg, self.mask_token, seed)
-
-    def release(self, model) -> None:
-        """Strip the adapter so the kept base is as loaded (``get_peft_model`` mutated it); layers that
-        ``train.compile`` compiled stay compiled, for the next run."""
-        if self.recipe.model.method != "full" and self.base is not None:
-            model.unload()
-
-
-# ---- the loop ---------------------------------------------------------------------------------
+__all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
 
 
 @dataclasses.dataclass
 class TrainState:
-    """Loop counters, checkpointed with the model so a resumed run continues where it stopped."""
+    """Loop counters, checkpointed with the model so a resumed run continues where it stopped.
+
+    ``epoch`` counts finished passes over the training data.
+    """
 
     step: int = 0
     epoch: int = 0
@@ -140,44 +61,314 @@ class TrainState:
             setattr(self, k, v)
 
 
-def run_fingerprint(recipe: Recipe) -> dict:
-    """What must match for a checkpoint to be resumed into (everything but where and how fast it is written)."""
-    d = recipe.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "num_workers", "log_every", "compile")}
-    d.pop("sweep", None)
-    return d
-
-
-def fingerprint_diff(saved: dict, fingerprint: dict, shared_keys_only: bool = False) -> list[str]:
-    """``section.key`` names where a saved fingerprint (read from JSON) differs from ``fingerprint``;
-    ``shared_keys_only`` skips keys one side lacks (a run saved before a recipe field existed)."""
-    current = json.loads(json.dumps(fingerprint, default=str))
-    pick = (lambda a, b: a & b) if shared_keys_only else (lambda a, b: a | b)
-    return sorted(f"{s}.{k}" for s in pick(current.keys(), saved.keys())
-                  for k in pick(current.get(s, {}).keys(), saved.get(s, {}).keys())
-                  if saved.get(s, {}).get(k) != current.get(s, {}).get(k))
-
-
-def refuse_other_recipe(run: Path, recipe: Recipe, advice: str) -> None:
-    """A finished run in ``run`` is reused only if ``recipe`` trained it; else name the keys that differ."""
-    if not (run / TOKMASK_CONFIG).is_file():
-        return
-    saved = json.loads((run / TOKMASK_CONFIG).read_text()).get("recipe", {})
-    diff = fingerprint_diff(saved, run_fingerprint(recipe), shared_keys_only=True)
-    if diff:
-        raise ValueError(f"{run} was trained with another recipe (differs in {diff}); {advice}")
-
-
 def is_better(metric: str, new: float, old: float | None) -> bool:
     if old is None:
         return True
     return new < old if metric == "loss" else new > old
 
 
-def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+class EarlyStopping:
+    """The best dev record and its weights, and patience: evaluations without improvement."""
+
+    def __init__(self, metric: str, patience: int):
+        self.metric, self.patience = metric, patience
+        self.weights: dict | None = None
+
+    def update(self, state: TrainState, record: dict, weights: Callable[[], dict]) -> bool:
+        """Count ``record``; True (and its weights kept) when it is the best so far."""
+        if is_better(self.metric, record[self.metric], state.best and state.best[self.metric]):
+            state.best, state.bad_evals = record, 0
+            self.weights = weights()
+            return True
+        state.bad_evals += 1
+        return False
+
+    def should_stop(self, state: TrainState) -> bool:
+        return bool(self.patience) and state.bad_evals >= self.patience
+
+
+class Checkpoints:
+    """A run's resumable state in ``OUT/checkpoint``: Accelerate's ``save_state`` (trainable tensors,
+    optimizer, scheduler, RNG states, the masker's generator, loop counters), the best weights so far,
+    and the fingerprint of the recipe a resume must match."""
+
+    def __init__(self, accelerator: Accelerator, out: Path, fingerprint: dict):
+        self.accelerator, self.path, self.fingerprint = accelerator, out / CHECKPOINT_DIR, fingerprint
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / "recipe.json").exists()
+
+    def refuse_other_run(self) -> None:
+        if self.exists:
+            diff = fingerprint_diff(json.loads((self.path / "recipe.json").read_text()), self.fingerprint)
+            if diff:
+                raise ValueError(f"{self.path} belongs to a different run (differs in {diff}); "
+                                 "use another output_dir or delete the checkpoint")
+
+    def save(self, best_weights: dict | None) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(self.path))
+        if self.accelerator.is_main_process:
+            write_json(self.path / "recipe.json", self.fingerprint)
+            if best_weights is not None:
+                torch.save(best_weights, self.path / "best_trainable.pt")
+
+    def load(self) -> dict | None:
+        """Restore every registered object; returns the best weights saved with them, if any."""
+        self.accelerator.load_state(str(self.path), strict=False)
+        best = self.path / "best_trainable.pt"
+        return torch.load(best) if best.exists() else None
+
+    def remove(self) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one run is made of; :func:`build` fills in the parts after ``model``."""
+
+    recipe: Recipe
+    setup: Setup
+    out: Path
+    accelerator: Accelerator
+    checkpoints: Checkpoints
+    model: Any = None
+    hook: Any = None
+    masker: TokenMasker | None = None
+    schedule: Any = None
+    sampler: LengthGroupedBatches | None = None
+    train_loader: Any = None
+    dev_loader: Any = None
+    class_weights: torch.Tensor | None = None
+    trainable: list = dataclasses.field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    counts: dict = dataclasses.field(default_factory=dict)
+    updates: int = 0
+    """Optimizer updates this process makes before the run ends."""
+
+    @property
+    def fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with (self.out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def trainable_state(self) -> dict:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+    def evaluate(self, loader) -> dict[str, float]:
+        tc = self.recipe.train
+        return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
+                        tc.focal_gamma)
+
+
+def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
+    """Train one run of ``recipe``; write adapter (or full model), tokenizer and side files.
+
+    Args:
+        recipe: the validated recipe; ``train.output_dir`` is where files go unless ``output_dir``.
+        setup: shared tokenizer/data/base from :meth:`Setup.from_recipe` (built here if ``None``).
+        output_dir: overrides ``recipe.train.output_dir`` (sweeps point each run elsewhere).
+
+    Returns:
+        The contents of ``metrics.json``.
+    """
+    out = Path(output_dir or recipe.train.output_dir)
+    if (out / METRICS_FILE).exists():
+        raise FileExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another output_dir")
+    setup = setup or Setup.from_recipe(recipe)
+    if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
+        raise ValueError("setup was built for a different model or data section than this recipe")
+    started = time.perf_counter()
+    run = start(recipe, setup, out)
+    try:
+        build(run)
+        state, stopping = TrainState(), EarlyStopping(recipe.train.metric, recipe.train.patience)
+        resume_or_begin(run, state, stopping)
+        fit(run, state, stopping)
+        return finish(run, state, stopping, started)
+    finally:
+        close(run)
+
+
+# ---- start, build ----------------------------------------------------------------------------
+
+
+def start(recipe: Recipe, setup: Setup, out: Path) -> Run:
+    """The accelerator, and every refusal that must come before a model is built (a sweep's kept
+    base would otherwise keep the refused run's adapter)."""
+    tc = recipe.train
+    _allow_precision(tc.mixed_precision)
+    # cpu=True when there is no accelerator: Accelerate then recognises torchrun's env as MULTI_CPU.
+    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
+                              cpu=not torch.accelerator.is_available(),
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    checkpoints = Checkpoints(accelerator, out, run_fingerprint(recipe))
+    checkpoints.refuse_other_run()
+    if tc.compile and not _plain_or_ddp(accelerator):
+        raise ValueError(f"train.compile is supported on one device or with DDP, not "
+                         f"{accelerator.distributed_type}: set train.compile=false")
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    return Run(recipe, setup, out, accelerator, checkpoints)
+
+
+def build(run: Run) -> None:
+    """Model, masking hook, loaders, class weights, optimizer and scheduler, prepared by Accelerate."""
+    recipe, setup, accelerator, tc = run.recipe, run.setup, run.accelerator, run.recipe.train
+    run.model = setup.model_for(tc.seed, accelerator.device, tc.mixed_precision,
+                                cast_frozen=_plain_or_ddp(accelerator))  # FSDP flattens to one dtype
+    if tc.compile:
+        # Dynamic shapes: one graph serves every batch length, instead of a recompile per length.
+        compile_blocks(run.model, dynamic=True)
+    run.counts = parameter_counts(run.model)
+    run.schedule = recipe.masking.to_schedule()
+    # Each process masks with its own stream; the hook masks only while model.training.
+    run.masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=run.schedule.rate_at(0, 1),
+                                           seed=tc.seed * 1009 + accelerator.process_index)
+    run.hook = attach_masking(run.model, run.masker)
+    run.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
+                                       tc.seed, tc.group_by_length)
+    # Loaders get their own generator: a new iterator would otherwise draw from the global RNG,
+    # which dropout also uses, and a resumed run would drift from an uninterrupted one.
+    # Pinned batches copy to a GPU without waiting for the work already queued there.
+    pin = accelerator.device.type == "cuda"
+    train_loader = DataLoader(setup.train_features, batch_sampler=run.sampler, num_workers=tc.num_workers,
+                              collate_fn=padding_collator(setup.tokenizer, recipe.model.task), pin_memory=pin,
+                              generator=torch.Generator().manual_seed(tc.seed))
+    dev_loader = eval_loader(setup.dev_features, setup.tokenizer, recipe.model.task, tc.eval_batch_size, pin)
+    run.class_weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = _adamw(run.trainable, tc, accelerator.device)
+    total = tc.total_updates(len(run.sampler), accelerator.num_processes)
+    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_updates(total), total)
+    run.model, run.optimizer, run.train_loader, run.dev_loader, run.scheduler = accelerator.prepare(
+        run.model, optimizer, train_loader, dev_loader, scheduler)
+    run.updates = tc.local_updates(len(run.sampler), accelerator.num_processes)
+
+
+def _adamw(trainable: list, tc, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without decay on biases and norms; fused (the HF Trainer's default too): one kernel over
+    all tensors instead of a loop; a LoRA model has hundreds of small tensors (6.7 -> 2.3 ms per step on CPU)."""
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
+                             fused=device.type in ("cpu", "cuda", "xpu"))
+
+
+def resume_or_begin(run: Run, state: TrainState, stopping: EarlyStopping) -> None:
+    """Register what a checkpoint holds; restore it, or start an empty run directory."""
+    for obj in (run.masker, state):
+        run.accelerator.register_for_checkpointing(obj)
+    _checkpoint_only_trainable(run.accelerator)
+    if run.checkpoints.exists:
+        stopping.weights = run.checkpoints.load()
+        run.accelerator.print(f"resumed {run.out} at step {state.step} (epoch {state.epoch}, "
+                              f"batch {state.batches_done})")
+    elif run.accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / LOG_FILE).unlink(missing_ok=True)
+
+
+# ---- fit ----------------------------------------------------------------------------------------
+
+
+def fit(run: Run, state: TrainState, stopping: EarlyStopping) -> None:
+    """Optimizer updates in time order; after each one: log, evaluate?, checkpoint?, stop?"""
+    tc = run.recipe.train
+    if state.stopped_early or state.step >= run.updates:
+        return  # resumed from a run that had finished training
+    run.model.train()  # from_pretrained leaves modules in eval mode: dropout (and masking) would stay off
+    # disable=None: tqdm draws only on a terminal, so logs of batch jobs stay readable.
+    progress = tqdm(total=run.updates, initial=state.step, desc=run.out.name, dynamic_ncols=True,
+                    disable=None if run.accelerator.is_local_main_process else True)
+    with progress:
+        for loss, epoch_ended in optimizer_updates(run, state):
+            progress.update(1)
+            lr = run.scheduler.get_last_lr()[0]
+            # loss.item() waits for the device: only when something shows or logs it, so on a GPU
+            # the host can queue the next step while this one runs.
+            if not progress.disable:
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", p=f"{run.masker.rate:.2f}")
+            if state.step % tc.log_every == 0:
+                run.log({"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr,
+                         "mask_rate": run.masker.rate})
+            last = state.step >= run.updates or state.epoch >= tc.epochs
+            if _evaluation_due(tc, state.step, epoch_ended, last) and evaluate_and_keep(run, state, stopping):
+                state.stopped_early = True
+                return
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                run.checkpoints.save(stopping.weights)
+            if last:
+                return
+
+
+def _evaluation_due(tc, step: int, epoch_ended: bool, last: bool) -> bool:
+    """Every ``eval_every`` updates, else at each epoch's end; always after the last update."""
+    return last or (step % tc.eval_every == 0 if tc.eval_every else epoch_ended)
+
+
+def optimizer_updates(run: Run, state: TrainState) -> Iterator[tuple[torch.Tensor, bool]]:
+    """Train batch by batch from where ``state`` says; yield ``(loss, epoch_ended)`` after each
+    optimizer update. The counters in ``state`` advance here and nowhere else."""
+    while state.epoch < run.recipe.train.epochs:
+        run.sampler.set_epoch(state.epoch)
+        run.train_loader.set_epoch(state.epoch)
+        loader = run.train_loader
+        if state.batches_done:
+            loader = run.accelerator.skip_first_batches(run.train_loader, state.batches_done)
+        for batch in loader:
+            loss = train_step(run, batch, state.step)
+            state.batches_done += 1
+            if not run.accelerator.sync_gradients:
+                continue
+            state.step += 1
+            # Accelerate syncs (updates) on the last batch of a pass whatever the accumulation count.
+            epoch_ended = run.accelerator.gradient_state.end_of_dataloader
+            if epoch_ended:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+            yield loss, epoch_ended
+
+
+def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
+    """Forward (masked by the hook), loss, backward; clip and step when the accumulation is full."""
+    tc, accelerator = run.recipe.train, run.accelerator
+    with accelerator.accumulate(run.model):
+        run.masker.rate = run.schedule.rate_at(step, run.updates)
+        labels = batch.pop("labels")
+        loss = classification_loss(run.model(**batch).logits, labels, run.class_weights, tc.focal_gamma)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and tc.max_grad_norm:
+            # The trainable list, not model.parameters(): walking a PEFT model's module tree
+            # cost ~16 ms per step on a 24-layer decoder. FSDP wants all its (flat) parameters.
+            accelerator.clip_grad_norm_(run.model.parameters() if run.fsdp else run.trainable, tc.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return loss
+
+
+def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping) -> bool:
+    """Score dev, log it, save the run when it is the best so far, checkpoint if asked at every
+    evaluation; True when patience says stop."""
+    metrics = run.evaluate(run.dev_loader)
+    record = {"step": state.step, "epoch": state.epoch, **metrics}
+    state.history.append(record)
+    run.log({"eval": record})
+    run.accelerator.print(f"step {state.step} epoch {state.epoch}: " +
+                          " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if stopping.update(state, record, run.trainable_state):
+        save_run(run)
+    if run.recipe.train.checkpoint_every == 0:
+        run.checkpoints.save(stopping.weights)
+    return stopping.should_stop(state)
 
 
 def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0) -> dict[str, float]:
@@ -206,7 +397,7 @@ def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, f
     return {**classification_metrics(torch.cat(preds), torch.cat(refs)), "loss": float(loss_sum / loss_count)}
 
 
-def _eval_loader(features, tokenizer, task, batch_size, pin_memory=False):
+def eval_loader(features, tokenizer, task, batch_size, pin_memory=False) -> DataLoader:
     # Sorted by length: less padding; order does not matter for the metrics.
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -214,217 +405,33 @@ def _eval_loader(features, tokenizer, task, batch_size, pin_memory=False):
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+# ---- save, finish, close -------------------------------------------------------------------------
 
 
-def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
-    """Train one run of ``recipe``; write adapter (or full model), tokenizer and side files.
+def save_run(run: Run) -> None:
+    """Adapter (or full model) + tokenizer + tokmask_config.json, written by the main process only."""
+    accelerator, setup, recipe = run.accelerator, run.setup, run.recipe
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(run.model)
+    kwargs = {"save_embedding_layers": False} if recipe.model.method != "full" else {}
+    unwrapped.save_pretrained(run.out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+                              **kwargs)
+    if accelerator.is_main_process:
+        setup.tokenizer.save_pretrained(run.out)
+        write_json(run.out / TOKMASK_CONFIG, run_config(recipe, setup.labels, setup.mask_token))
 
-    Args:
-        recipe: the validated recipe; ``train.output_dir`` is where files go unless ``output_dir``.
-        setup: shared tokenizer/data/base from :meth:`Setup.from_recipe` (built here if ``None``).
-        output_dir: overrides ``recipe.train.output_dir`` (sweeps point each run elsewhere).
 
-    Returns:
-        The contents of ``metrics.json``.
-    """
-    tc, task = recipe.train, recipe.model.task
-    out = Path(output_dir or tc.output_dir)
-    if (out / METRICS_FILE).exists():
-        raise FileExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another output_dir")
-    setup = setup or Setup.from_recipe(recipe)
-    if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
-        raise ValueError("setup was built for a different model or data section than this recipe")
-    _allow_precision(tc.mixed_precision)
-    # cpu=True when there is no accelerator: Accelerate then recognises torchrun's env as MULTI_CPU.
-    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
-                              cpu=not torch.accelerator.is_available(),
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
-    checkpoint = out / CHECKPOINT_DIR
-    fingerprint = run_fingerprint(recipe)
-    resuming = (checkpoint / "recipe.json").exists()
-    if resuming:
-        diff = fingerprint_diff(json.loads((checkpoint / "recipe.json").read_text()), fingerprint)
-        if diff:
-            raise ValueError(f"{checkpoint} belongs to a different run (differs in {diff}); "
-                             "use another output_dir or delete the checkpoint")
-
-    started = time.perf_counter()
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
-    if setup.frozen_dtype not in (None, compute_dtype):
-        raise ValueError(f"this Setup's kept base holds {setup.frozen_dtype} weights from an earlier "
-                         f"mixed-precision run; build a new Setup for mixed_precision={tc.mixed_precision!r}")
-    plain_or_ddp = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
-                                                    DistributedType.MULTI_CPU)  # FSDP flattens to one dtype
-    if tc.compile and not plain_or_ddp:  # before the model is built: a kept base would keep this run's adapter
-        raise ValueError(f"train.compile is supported on one device or with DDP, not "
-                         f"{accelerator.distributed_type}: set train.compile=false")
-    model = setup.model_for(tc.seed, accelerator.device)
-    if (compute_dtype is not None and recipe.model.method == "lora" and plain_or_ddp
-            and cast_frozen_linears(model, compute_dtype)):
-        setup.frozen_dtype = compute_dtype
-    if compute_dtype is not None and recipe.model.method != "full":
-        upcast_trainable(model)  # head (and any half-precision trainable) updated in fp32, run in autocast
-    if tc.compile:
-        # Dynamic shapes: one graph serves every batch length, instead of a recompile per length.
-        compile_blocks(model, dynamic=True)
-    counts = parameter_counts(model)
-    schedule = recipe.masking.to_schedule()
-    # Each process masks with its own stream; the hook masks only while model.training.
-    masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=schedule.rate_at(0, 1),
-                                       seed=tc.seed * 1009 + accelerator.process_index)
-    hook = attach_masking(model, masker)
-
-    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size, tc.seed,
-                                   tc.group_by_length)
-    # Loaders get their own generator: a new iterator would otherwise draw from the global RNG,
-    # which dropout also uses, and a resumed run would drift from an uninterrupted one.
-    # Pinned batches copy to a GPU without waiting for the work already queued there.
-    pin = accelerator.device.type == "cuda"
-    train_loader = DataLoader(setup.train_features, batch_sampler=sampler, num_workers=tc.num_workers,
-                              collate_fn=padding_collator(setup.tokenizer, task), pin_memory=pin,
-                              generator=torch.Generator().manual_seed(tc.seed))
-    dev_loader = _eval_loader(setup.dev_features, setup.tokenizer, task, tc.eval_batch_size, pin)
-    weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    # Fused (the HF Trainer's default too): one kernel over all tensors instead of a loop or a few
-    # per tensor group; a LoRA model has hundreds of small tensors (6.7 -> 2.3 ms per step on CPU).
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
-                                  fused=accelerator.device.type in ("cpu", "cuda", "xpu"))
-    # Counted on the unsharded loader: Accelerate steps the scheduler once per process per update.
-    updates_per_epoch = math.ceil(len(sampler) / tc.grad_accum)
-    total_updates = tc.epochs * updates_per_epoch
-    if tc.max_steps:
-        total_updates = min(total_updates, tc.max_steps * accelerator.num_processes)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_updates), total_updates)
-    model, optimizer, train_loader, dev_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, dev_loader, scheduler)
-    local_updates = math.ceil(total_updates / accelerator.num_processes)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-
-    state = TrainState()
-    for obj in (masker, state):
-        accelerator.register_for_checkpointing(obj)
-    _checkpoint_only_trainable(accelerator)
-    if resuming:
-        accelerator.load_state(str(checkpoint), strict=False)
-        accelerator.print(f"resumed {out} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "log.jsonl").exists():
-            (out / "log.jsonl").unlink()
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with (out / "log.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    best_state = None
-
-    def trainable_state() -> dict:
-        unwrapped = accelerator.unwrap_model(model)
-        return {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(checkpoint))
-        if accelerator.is_main_process:
-            write_json(checkpoint / "recipe.json", fingerprint)
-            if best_state is not None:
-                torch.save(best_state, checkpoint / "best_trainable.pt")
-
-    if resuming and (checkpoint / "best_trainable.pt").exists():
-        best_state = torch.load(checkpoint / "best_trainable.pt")
-
-    def run_eval() -> bool:
-        """Evaluate, keep the best, checkpoint; True when early stopping says stop."""
-        nonlocal best_state
-        metrics = evaluate(model, dev_loader, accelerator, task, weights, tc.focal_gamma)
-        record = {"step": state.step, "epoch": state.epoch, **metrics}
-        state.history.append(record)
-        log({"eval": record})
-        accelerator.print(f"step {state.step} epoch {state.epoch}: " +
-                          " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if is_better(tc.metric, metrics[tc.metric], state.best and state.best[tc.metric]):
-            state.best, state.bad_evals = record, 0
-            best_state = trainable_state()
-            save_run(accelerator, model, setup, recipe, out)
-        else:
-            state.bad_evals += 1
-        if tc.checkpoint_every == 0:
-            save_checkpoint()
-        return bool(tc.patience) and state.bad_evals >= tc.patience
-
-    model.train()
-    # None: tqdm draws only on a terminal, so logs of batch jobs stay readable.
-    progress = tqdm(total=local_updates, initial=state.step, disable=None if accelerator.is_local_main_process else True,
-                    desc=out.name, dynamic_ncols=True)
-    stop = state.stopped_early or state.step >= local_updates
-    while not stop and state.epoch < tc.epochs:
-        sampler.set_epoch(state.epoch)
-        train_loader.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_loader, state.batches_done) if state.batches_done else train_loader
-        for batch in loader:
-            with accelerator.accumulate(model):
-                masker.rate = schedule.rate_at(state.step, local_updates)
-                labels = batch.pop("labels")
-                loss = classification_loss(model(**batch).logits, labels, weights, tc.focal_gamma)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
-                    # The trainable list, not model.parameters(): walking a PEFT model's module tree
-                    # cost ~16 ms per step on a 24-layer decoder. FSDP wants all its (flat) parameters.
-                    accelerator.clip_grad_norm_(model.parameters() if fsdp else trainable, tc.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_done += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            lr = scheduler.get_last_lr()[0]
-            progress.update(1)
-            # loss.item() waits for the device: only when something shows or logs it, so on a GPU
-            # the host can queue the next step while this one runs.
-            if not progress.disable:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", p=f"{masker.rate:.2f}")
-            if state.step % tc.log_every == 0:
-                log({"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr, "mask_rate": masker.rate})
-            if tc.eval_every and state.step % tc.eval_every == 0 and run_eval():
-                stop = state.stopped_early = True
-                break
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                save_checkpoint()
-            if state.step >= local_updates:
-                stop = True
-                break
-        else:
-            state.epoch, state.batches_done = state.epoch + 1, 0
-            if not tc.eval_every and run_eval():
-                stop = state.stopped_early = True
-            continue
-        if stop and not state.stopped_early and not (tc.eval_every and state.step % tc.eval_every == 0):
-            run_eval()  # max_steps reached mid-epoch: score what we have
-    progress.close()
-    hook.remove()
-
-    # Back to the best weights for the extra evaluation sets and for the caller.
-    unwrapped = accelerator.unwrap_model(model)
-    if best_state is not None:
-        unwrapped.load_state_dict(best_state, strict=False)
-    extra = {}
-    for name, features in setup.extra_features.items():
-        loader = accelerator.prepare(_eval_loader(features, setup.tokenizer, task, tc.eval_batch_size))
-        extra[name] = evaluate(model, loader, accelerator, task, weights, tc.focal_gamma)
+def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float) -> dict:
+    """Back to the best weights, score the extra evaluation sets, write ``metrics.json``."""
+    accelerator, setup, tc = run.accelerator, run.setup, run.recipe.train
+    if stopping.weights is not None:
+        accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
+    extra = {name: run.evaluate(accelerator.prepare(eval_loader(features, setup.tokenizer, run.recipe.model.task,
+                                                                tc.eval_batch_size)))
+             for name, features in setup.extra_features.items()}
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
     metrics = {
-        "best": state.best, "history": state.history, "extra_eval": extra, **counts,
+        "best": state.best, "history": state.history, "extra_eval": extra, **run.counts,
         "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
         "steps": state.step, "stopped_early": state.stopped_early,
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
@@ -432,14 +439,31 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(out / METRICS_FILE, metrics)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    setup.release(unwrapped)
-    if accelerator.device.type != "cpu":
+        write_json(run.out / METRICS_FILE, metrics)
+    run.checkpoints.remove()
+    return metrics
+
+
+def close(run: Run) -> None:
+    """Detach the masking hook and give a sweep's kept base back, whether the run finished or failed."""
+    if run.hook is not None:
+        run.hook.remove()
+    if run.model is not None:
+        run.setup.release(run.accelerator.unwrap_model(run.model))
+    if run.accelerator.device.type != "cpu":
         # gc + emptied device cache so a sweep's next run starts clean; on a CPU there is no
         # cache to empty and the forced gc.collect() only cost ~0.3 s per run.
-        accelerator.free_memory()
-    return metrics
+        run.accelerator.free_memory()
+
+
+def _plain_or_ddp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
 def _allow_precision(mixed_precision: str) -> None:
@@ -463,27 +487,3 @@ def _checkpoint_only_trainable(accelerator: Accelerator) -> None:
                 weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
     accelerator.register_save_state_pre_hook(shrink)
-
-
-def tokmask_config(setup: Setup, recipe: Recipe) -> dict:
-    """The side file saved beside every adapter: enough to rebuild the base and check compatibility."""
-    m = recipe.model
-    return {
-        "format": 1, "base_model": m.name, "gguf_file": m.gguf_file, "tokenizer": m.tokenizer, "task": m.task,
-        "method": m.method, "quant_bits": m.quant_bits if m.method == "qlora" else None, "dtype": m.dtype,
-        "labels": setup.labels, "max_length": recipe.data.max_length, "mask_token": setup.mask_token.to_dict(),
-        "masking": dataclasses.asdict(recipe.masking), "seed": recipe.train.seed,
-        "versions": package_versions(), "recipe": recipe.to_dict(),
-    }
-
-
-def save_run(accelerator: Accelerator, model, setup: Setup, recipe: Recipe, out: Path) -> None:
-    """Adapter (or full model) + tokenizer + tokmask_config.json, written by the main process only."""
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    kwargs = {"save_embedding_layers": False} if recipe.model.method != "full" else {}
-    unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              **kwargs)
-    if accelerator.is_main_process:
-        setup.tokenizer.save_pretrained(out)
-        write_json(out / TOKMASK_CONFIG, tokmask_config(setup, recipe))

@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from tokmask_peft.fused_lora import fuse_lora_inference
+from tokmask_peft.adapters import fuse_lora_inference
 
 INPUTS = {"input_ids": torch.randint(3, 200, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
 

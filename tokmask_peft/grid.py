@@ -1,0 +1,56 @@
+"""A sweep's grid: rates × seeds, each point one run trained into ``seed_N.partial`` and promoted to
+``seed_N`` once complete. Both executors (local, Ray) train a point through :func:`train_one`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import PartialState
+
+from .config import Recipe
+from .runs import METRICS_FILE, is_complete, partial_dir, promote, refuse_other_recipe, run_dir
+from .setup import Setup
+from .training import train
+
+
+def grid(recipe: Recipe) -> list[tuple[float, int]]:
+    return [(rate, seed) for rate in recipe.sweep.rates for seed in recipe.sweep.seeds]
+
+
+def run_recipe(recipe: Recipe, rate: float, seed: int) -> Recipe:
+    return recipe.with_overrides([f"masking.rate={rate}", f"train.seed={seed}"])
+
+
+def pending(recipe: Recipe, out: Path) -> list[tuple[float, int]]:
+    """The (rate, seed) pairs whose run directory is not complete yet."""
+    return [(rate, seed) for rate, seed in grid(recipe) if not is_complete(run_dir(out, rate, seed))]
+
+
+def check_finished_runs(recipe: Recipe, out: Path) -> None:
+    """Refuse to extend a sweep whose finished runs were trained with another recipe: the table
+    would mix the two, and ``recipe.yaml`` would describe only one of them. New rates and seeds
+    are fine; output paths, logging and workers may differ."""
+    for rate, seed in grid(recipe):
+        path = run_dir(out, rate, seed)
+        if is_complete(path):
+            refuse_other_recipe(path, run_recipe(recipe, rate, seed),
+                                "sweep into another output directory, or delete the runs to retrain them")
+
+
+def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:
+    """Train one grid point into ``<run>.partial`` and rename it once complete.
+
+    A crash leaves only the ``.partial`` directory (which the next attempt resumes from its
+    checkpoint), never a run that looks finished.
+    """
+    final = run_dir(out, rate, seed)
+    partial = partial_dir(final)
+    # A partial with metrics finished but crashed before the rename: only the rename is left.
+    if not (partial / METRICS_FILE).exists():
+        train(run_recipe(recipe, rate, seed), setup=setup, output_dir=partial)
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        promote(partial, final)
+    state.wait_for_everyone()
+    return final

@@ -1,0 +1,156 @@
+"""The run directory: what a run writes, how it is named, when it counts as finished, how it is read.
+
+    OUT/mask_0.10/seed_0/{adapter_config.json, adapter_model.safetensors, tokenizer files,
+                          tokmask_config.json, metrics.json, log.jsonl}
+
+Sweeps, the Ray executor, inference and comparison read runs through this module alone; it
+imports no Accelerate, so reading a run never pulls in the training stack.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+TOKMASK_CONFIG = "tokmask_config.json"
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+PARTIAL_SUFFIX = ".partial"
+REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
+VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
+# What a resume or a reuse need not match: where and how fast a run is written.
+UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile")
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---- names ----------------------------------------------------------------------------------
+
+
+def adapter_name(rate: float) -> str:
+    """``mask_0.10`` for rate 0.1: the name of a rate's directory and of its adapter."""
+    return f"mask_{rate:.2f}"
+
+
+def run_dir(out: str | Path, rate: float, seed: int) -> Path:
+    """``OUT/mask_0.10/seed_0``: the rate with two decimals names the adapter too."""
+    return Path(out) / adapter_name(rate) / f"seed_{seed}"
+
+
+def run_dirs(out: str | Path, seed: int | None = None) -> list[Path]:
+    """The finished runs under a sweep directory, sorted by path; one seed's only if ``seed`` is given."""
+    pattern = f"mask_*/seed_{'*' if seed is None else seed}"
+    return [path for path in sorted(Path(out).glob(pattern)) if is_complete(path)]
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a run trains until it is complete (``seed_0.partial``), so a crash never looks finished."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def promote(partial: Path, final: Path) -> None:
+    """Rename a complete ``.partial`` run to its final name (replacing a stale one)."""
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file() and (path / TOKMASK_CONFIG).is_file()
+
+
+# ---- what a run records -----------------------------------------------------------------------
+
+
+def run_config(recipe, labels: list[str], mask_token) -> dict:
+    """``tokmask_config.json``: enough to rebuild the base and check an adapter's compatibility."""
+    m = recipe.model
+    return {
+        "format": 1, "base_model": m.name, "gguf_file": m.gguf_file, "tokenizer": m.tokenizer, "task": m.task,
+        "method": m.method, "quant_bits": m.quant_bits if m.method == "qlora" else None, "dtype": m.dtype,
+        "labels": labels, "max_length": recipe.data.max_length, "mask_token": mask_token.to_dict(),
+        "masking": dataclasses.asdict(recipe.masking), "seed": recipe.train.seed,
+        "versions": package_versions(), "recipe": recipe.to_dict(),
+    }
+
+
+def read_run_config(run: str | Path) -> dict:
+    path = Path(run) / TOKMASK_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run} is not a tokmask_peft run directory")
+    return json.loads(path.read_text())
+
+
+def read_metrics(run: str | Path) -> dict:
+    return json.loads((Path(run) / METRICS_FILE).read_text())
+
+
+# ---- which recipe trained a run -------------------------------------------------------------
+
+
+def run_fingerprint(recipe) -> dict:
+    """What must match for a checkpoint to be resumed into (everything but where and how fast it is written)."""
+    d = recipe.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
+    d.pop("sweep", None)
+    return d
+
+
+def fingerprint_diff(saved: dict, fingerprint: dict, shared_keys_only: bool = False) -> list[str]:
+    """``section.key`` names where a saved fingerprint (read from JSON) differs from ``fingerprint``;
+    ``shared_keys_only`` skips keys one side lacks (a run saved before a recipe field existed)."""
+    current = json.loads(json.dumps(fingerprint, default=str))
+    pick = (lambda a, b: a & b) if shared_keys_only else (lambda a, b: a | b)
+    return sorted(f"{s}.{k}" for s in pick(current.keys(), saved.keys())
+                  for k in pick(current.get(s, {}).keys(), saved.get(s, {}).keys())
+                  if saved.get(s, {}).get(k) != current.get(s, {}).get(k))
+
+
+def refuse_other_recipe(run: Path, recipe, advice: str) -> None:
+    """A finished run in ``run`` is reused only if ``recipe`` trained it; else name the keys that differ."""
+    if not (run / TOKMASK_CONFIG).is_file():
+        return
+    saved = read_run_config(run).get("recipe", {})
+    diff = fingerprint_diff(saved, run_fingerprint(recipe), shared_keys_only=True)
+    if diff:
+        raise ValueError(f"{run} was trained with another recipe (differs in {diff}); {advice}")
+
+
+# ---- a sweep's rows ----------------------------------------------------------------------------
+
+
+def run_row(path: Path, out: Path) -> dict:
+    """One results-table row from a finished run's two files."""
+    metrics, config = read_metrics(path), read_run_config(path)
+    best = metrics["best"] or {}
+    return {
+        "rate": config["masking"]["rate"], "seed": config["seed"], "method": config["method"],
+        **{m: best.get(m) for m in REPORT_METRICS}, "best_epoch": best.get("epoch"), "best_step": best.get("step"),
+        "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
+        "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
+        **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
+           for m in ("weighted_f1", "macro_f1")},
+        "run": str(path.relative_to(out)),
+    }
+
+
+def collect(out: str | Path) -> list[dict]:
+    """One row per finished run under ``out`` (``mask_*/seed_*``), sorted by rate then seed."""
+    out = Path(out)
+    return sorted((run_row(path, out) for path in run_dirs(out)), key=lambda r: (r["rate"], r["seed"]))

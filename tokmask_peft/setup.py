@@ -1,0 +1,106 @@
+"""What every run of one recipe shares: tokenizer, mask token, labels, encoded splits, and for
+LoRA/QLoRA the frozen base, built once so a sweep gives each run a fresh adapter instead of
+reloading (and, for QLoRA, re-quantising) the base.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import torch
+
+from .config import Recipe, resolve_path
+from .data import Example, check_labels, encode, label_names, read_examples
+from .masking import MaskToken
+from .modeling import DTYPES, add_adapter, build_model, prepare_precision, prepare_tokenizer
+
+COMPUTE_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """Train, dev and extra evaluation examples, with the recipe's subsets taken.
+
+    Shuffles are fixed (seed 0): every rate and seed of a sweep sees the same split and subset.
+    """
+    d, task = recipe.data, recipe.model.task
+
+    def read(path, split):
+        return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split)
+
+    train = read(d.train, "train")
+    if d.dev_fraction:
+        train = random.Random(0).sample(train, len(train))
+        n_dev = max(1, int(len(train) * d.dev_fraction))
+        dev, train = train[:n_dev], train[n_dev:]
+    else:
+        dev = read(d.dev, "validation")
+    dev = dev[: d.max_eval_examples or None]
+    if d.max_train_examples and d.max_train_examples < len(train):
+        train = random.Random(0).sample(train, d.max_train_examples)
+    extra = {name: read(path, "validation")[: d.max_eval_examples or None] for name, path in d.extra_eval.items()}
+    return train, dev, extra
+
+
+@dataclasses.dataclass
+class Setup:
+    """Tokenizer, mask token, labels and tokenised splits: built once, shared by a sweep's runs.
+
+    For LoRA/QLoRA it also keeps the frozen base model (see :meth:`model_for`).
+    """
+
+    recipe: Recipe
+    tokenizer: Any
+    mask_token: MaskToken
+    labels: list[str]
+    train_features: list[dict]
+    dev_features: list[dict]
+    extra_features: dict[str, list[dict]]
+    base: Any = None
+    frozen_dtype: torch.dtype | None = None
+    """Set once a run stores the kept base's frozen linears in bf16/fp16: later runs must match it."""
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "Setup":
+        tokenizer, mask_token = prepare_tokenizer(recipe.model)
+        train, dev, extra = read_splits(recipe)
+        labels = label_names(train)
+        if len(labels) < 2:
+            raise ValueError(f"{recipe.data.train}: training data has {len(labels)} label(s) {labels}; need at least 2")
+        for examples in (dev, *extra.values()):
+            check_labels(examples, labels)
+        label2id = {label: i for i, label in enumerate(labels)}
+
+        def enc(examples):
+            return encode(examples, tokenizer, recipe.model.task, label2id, recipe.data.max_length)
+
+        return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
+                   {name: enc(ex) for name, ex in extra.items()})
+
+    def model_for(self, seed: int, device: torch.device | None = None, mixed_precision: str = "no",
+                  cast_frozen: bool = True):
+        """A model ready to train for ``seed``: a fresh full model, or a fresh adapter on the kept base,
+        prepared for ``mixed_precision`` (see :func:`~tokmask_peft.modeling.prepare_precision`).
+
+        ``cast_frozen=False`` where the distributed wrapper flattens parameters to one dtype (FSDP).
+        """
+        compute_dtype = DTYPES.get(COMPUTE_DTYPES[mixed_precision])
+        if self.frozen_dtype not in (None, compute_dtype):
+            raise ValueError(f"this Setup's kept base holds {self.frozen_dtype} weights from an earlier "
+                             f"mixed-precision run; build a new Setup for mixed_precision={mixed_precision!r}")
+        cfg = self.recipe.model
+        if cfg.method == "full" or self.base is None:
+            model = build_model(cfg, self.labels, self.tokenizer, self.mask_token, seed, device)
+            if cfg.method != "full":
+                self.base = model.get_base_model()
+        else:
+            model = add_adapter(self.base, cfg, self.mask_token, seed)
+        if prepare_precision(model, cfg.method, compute_dtype, cast_frozen):
+            self.frozen_dtype = compute_dtype
+        return model
+
+    def release(self, model) -> None:
+        """Strip the adapter so the kept base is as loaded (``get_peft_model`` mutated it); layers that
+        ``train.compile`` compiled stay compiled, for the next run."""
+        if self.recipe.model.method != "full" and self.base is not None:
+            model.unload()
