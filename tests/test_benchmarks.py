@@ -9,7 +9,8 @@ from helpers import shared_path
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["masking_cost", "masking_overhead", "throughput", "sweep_cost", "memory", "adapter_switch", "step_anatomy"]
+SCRIPTS = ["masking_cost", "masking_overhead", "masking_strategies", "throughput", "sweep_cost", "memory",
+           "adapter_switch", "step_anatomy"]
 
 
 @pytest.mark.parametrize("name,flags", [(name, []) for name in SCRIPTS] + [("throughput", ["--compile"])],

@@ -5,7 +5,8 @@ The public API (the README lists it):
     train, sweep, report      one run; rates x seeds with one adapter per run; the results table
     Classifier, merge_run     inference with many adapters on one base; merged export
     compare                   full vs LoRA vs QLoRA on one recipe
-    mask_tokens, TokenMasker, MaskingCollator, attach_masking, resolve_mask_token, RateSchedule
+    mask_tokens, TokenMasker, MaskingCollator, attach_masking, resolve_mask_token, RateSchedule,
+    consistency_term, symmetric_kl
                               the masking core, for loops you own or do not own
 """
 from .masking import (
@@ -14,9 +15,11 @@ from .masking import (
     RateSchedule,
     TokenMasker,
     attach_masking,
+    consistency_term,
     mask_tokens,
     protected_positions,
     resolve_mask_token,
+    symmetric_kl,
 )
 
 __version__ = "0.1.0"
@@ -37,5 +40,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'tokmask_peft' has no attribute {name!r}")
 
 
-__all__ = ["MaskingCollator", "MaskToken", "RateSchedule", "TokenMasker", "attach_masking", "mask_tokens",
-           "protected_positions", "resolve_mask_token", *_LAZY]
+__all__ = ["MaskingCollator", "MaskToken", "RateSchedule", "TokenMasker", "attach_masking", "consistency_term",
+           "mask_tokens", "protected_positions", "resolve_mask_token", "symmetric_kl", *_LAZY]

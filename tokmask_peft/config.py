@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .masking import MASK_POLICIES, RateSchedule, check_rate
+from .masking import MASK_POLICIES, RateSchedule, check_rate, check_strategy
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
@@ -150,12 +150,28 @@ class MaskingConfig:
     """Fraction of steps for the ``warmup`` schedule."""
     start: float = 0.0
     """First rate of the ``linear`` schedule."""
+    unit: str = "token"
+    """token | word (all pieces of a chosen word) | span (whole-word spans, geometric lengths)."""
+    span_mean: float = 3.0
+    """Mean span length in words for ``unit: span``."""
+    replace: str = "mask"
+    """mask | random (a random ordinary token) | bert (80 % mask, 10 % random, 10 % unchanged)."""
+    consistency: float = 0.0
+    """λ >= 0: add λ · symmetric KL between the masked and a clean pass (R-Drop at rate 0)."""
+    consistency_stop_grad: bool = False
+    """The clean pass as a fixed target (no gradients, cheaper) instead of gradients through both."""
 
     def __post_init__(self):
-        try:  # RateSchedule owns the checks; its messages name the field, here with its section
+        try:  # masking owns the checks; its messages name the field, here with its section
             self.to_schedule()
+            check_strategy(self.unit, self.replace, self.span_mean, max(self.rate, self.start))
         except ValueError as e:
             raise ValueError(f"masking.{e}") from None
+        _positive("masking", "consistency", self.consistency, allow_zero=True)
+
+    def strategy(self) -> dict:
+        """The keyword arguments :meth:`TokenMasker.for_tokenizer` takes."""
+        return {"unit": self.unit, "replace": self.replace, "span_mean": self.span_mean}
 
     def to_schedule(self) -> RateSchedule:
         """The rate in force at each step, as the training loop uses it."""

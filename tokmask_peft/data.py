@@ -178,6 +178,10 @@ def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str
 
     Token classification labels only the first sub-word of each word (``-100`` elsewhere and on
     special tokens), so each word is scored once. ``label2id=None`` leaves labels out (prediction).
+    Every feature keeps ``word_ids`` (word and span masking group pieces by them): the fast
+    tokenizer's word ids of the given words for token tasks; for raw text, whitespace-separated
+    words located through the tokenizer's character offsets (pre-tokenizers disagree on words:
+    Llama's Metaspace treats a whole text as one).
     """
     for ex in examples:
         empty = not ex.text or (isinstance(ex.text, str) and not ex.text.strip())
@@ -188,19 +192,44 @@ def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str
         if task == "token" and label2id is not None and len(ex.label) != len(ex.text):
             raise ValueError(f"{ex.source}: {len(ex.text)} words but {len(ex.label)} labels")
     texts = [ex.text for ex in examples]
-    enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=(task == "token"))
+    enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=(task == "token"),
+                    return_offsets_mapping=task == "sequence")
     features = []
     for i, ex in enumerate(examples):
         feature = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        feature["word_ids"] = enc.word_ids(i) if task == "token" else whitespace_word_ids(ex.text, enc["offset_mapping"][i])
         if task == "token":
-            word_ids = enc.word_ids(i)
-            feature["word_ids"] = word_ids
             if label2id is not None:
-                feature["labels"] = first_subword_labels(word_ids, [label2id[t] for t in ex.label])
+                feature["labels"] = first_subword_labels(feature["word_ids"], [label2id[t] for t in ex.label])
         elif label2id is not None:
             feature["labels"] = label2id[ex.label]
         features.append(feature)
     return features
+
+
+def whitespace_word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[int | None]:
+    """Word index of each token, words being whitespace-separated; ``None`` for special tokens
+    (empty offsets). A token of whitespace alone belongs to the word after it.
+
+    >>> whitespace_word_ids("hi amigo", [(0, 0), (0, 2), (2, 3), (3, 8), (0, 0)])
+    [None, 0, 1, 1, None]
+    """
+    word_of: list[int | None] = []
+    word, after_space = -1, True
+    for char in text:
+        if char.isspace():
+            after_space = True
+            word_of.append(None)
+            continue
+        word += after_space
+        after_space = False
+        word_of.append(word)
+    out = []
+    for start, end in offsets:
+        inside = [w for w in word_of[start:end] if w is not None] if end > start else []
+        after = [w for w in word_of[end:] if w is not None] if end > start else []
+        out.append(inside[0] if inside else (after[0] if after else None))
+    return out
 
 
 def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
@@ -216,16 +245,35 @@ def first_subword_labels(word_ids: Sequence[int | None], word_labels: Sequence[i
     return out
 
 
-def padding_collator(tokenizer, task: str):
-    """The plain (unmasked) padding collator: evaluation and prediction use it as is."""
+def padding_collator(tokenizer, task: str, word_ids: bool = False):
+    """The plain (unmasked) padding collator: evaluation and prediction use it as is.
+
+    ``word_ids=True`` adds a ``word_ids`` tensor (-1 for special tokens and padding) for word and
+    span masking; the masking hook takes it out before the model sees the batch.
+    """
     from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
     inner = DataCollatorForTokenClassification(tokenizer) if task == "token" else DataCollatorWithPadding(tokenizer)
 
     def collate(features: list[dict]) -> dict:
-        return inner([{k: v for k, v in f.items() if k != "word_ids"} for f in features])
+        batch = inner([{k: v for k, v in f.items() if k != "word_ids"} for f in features])
+        if word_ids:
+            batch["word_ids"] = padded_word_ids(features, batch["input_ids"].shape[1], tokenizer.padding_side == "left")
+        return batch
 
     return collate
+
+
+def padded_word_ids(features: Sequence[dict], length: int, left: bool = False) -> torch.Tensor:
+    """The features' word ids as one padded ``(batch, length)`` tensor, -1 where there is no word."""
+    out = torch.full((len(features), length), -1, dtype=torch.long)
+    for row, feature in enumerate(features):
+        ids = torch.tensor([-1 if w is None else w for w in feature["word_ids"]], dtype=torch.long)
+        if left:
+            out[row, length - len(ids):] = ids
+        else:
+            out[row, :len(ids)] = ids
+    return out
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler):

@@ -4,9 +4,16 @@ Every training path (sequence and token classification; full, LoRA and QLoRA; th
 users of the HF ``Trainer``) goes through :func:`mask_tokens`, either by the
 :class:`MaskingCollator` that wraps a padding collator, or by :func:`attach_masking`, a forward
 pre-hook that masks only while ``model.training`` is true.
+
+A strategy is three choices: which positions (``unit``: each token, each whole word, or spans of
+whole words), what replaces them (``replace``: the mask token, a random ordinary token, or BERT's
+80/10/10), and whether a consistency term ties the masked view to the clean one
+(:func:`consistency_term`). Word units need the fast tokenizer's word ids in the batch
+(``word_ids``: -1 for special tokens and padding).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Iterable, Sequence
@@ -15,6 +22,13 @@ import torch
 
 MASK_POLICIES = ("auto", "mask", "unk", "new")
 NEW_MASK_TOKEN = "<mask>"
+UNITS = ("token", "word", "span")
+REPLACEMENTS = ("mask", "random", "bert")
+NEEDS_WORD_IDS = (
+    "masking unit {unit!r} needs word ids in the batch ('word_ids': the fast tokenizer's word_ids(), -1 for "
+    "special tokens and padding): build features with tokmask_peft.data.encode and batches with "
+    "tokmask_peft.data.padding_collator(tokenizer, task, word_ids=True) (HF Trainer: also "
+    "remove_unused_columns=False), or use unit 'token'")
 
 
 def check_rate(rate: float, name: str = "rate") -> float:
@@ -24,22 +38,52 @@ def check_rate(rate: float, name: str = "rate") -> float:
     return float(rate)
 
 
+def check_strategy(unit: str = "token", replace: str = "mask", span_mean: float = 3.0, rate: float = 0.0) -> None:
+    """Raise ``ValueError`` naming the field unless the strategy is valid at ``rate``.
+
+    Spans need ``rate <= span_mean / (span_mean + 1)``: above it, unmasked gaps would have to be
+    shorter than one word on average.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
+    if replace not in REPLACEMENTS:
+        raise ValueError(f"replace must be one of {list(REPLACEMENTS)}, got {replace!r}")
+    if isinstance(span_mean, bool) or not isinstance(span_mean, (int, float)) or not span_mean >= 1:
+        raise ValueError(f"span_mean must be a number >= 1, got {span_mean!r}")
+    if unit == "span" and rate > span_mean / (span_mean + 1):
+        raise ValueError(f"rate {rate} is too high for spans of mean length {span_mean}: at most "
+                         f"span_mean / (span_mean + 1) = {span_mean / (span_mean + 1):.3f}")
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     rate: float,
     mask_id: int,
     protected: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    word_ids: torch.Tensor | None = None,
+    unit: str = "token",
+    span_mean: float = 3.0,
+    replace: str = "mask",
+    random_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Replace each unprotected token by ``mask_id`` independently with probability ``rate``.
+    """Replace unprotected tokens: each token (or each whole word, or spans of words) with probability ``rate``.
 
     Args:
-        input_ids: integer tensor of any shape; never modified in place.
+        input_ids: integer tensor of any shape (word and span units: ``(batch, length)``); never
+            modified in place.
         rate: masking probability p in [0, 1); 0 returns ``input_ids`` itself.
         mask_id: the id written into masked positions.
         protected: bool tensor like ``input_ids``, True where a token must never change
             (padding and special tokens; see :func:`protected_positions`).
         generator: the source of randomness, so that masks are reproducible.
+        word_ids: word index of each token, -1 where none (specials, padding); ``word``/``span``.
+        unit: ``token``, ``word`` (every piece of a chosen word) or ``span`` (whole-word spans of
+            geometric length with mean ``span_mean``, covering a fraction p of words).
+        replace: ``mask``; ``random`` (a random id of ``random_ids``); ``bert`` (of the chosen
+            positions 80 % mask, 10 % random, 10 % unchanged).
+        random_ids: the ordinary vocabulary ids random replacement draws from.
 
     Returns:
         A new tensor of masked ids (or ``input_ids`` when ``rate`` is 0).
@@ -49,22 +93,87 @@ def mask_tokens(
     >>> protected = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.bool)
     >>> mask_tokens(ids, 0.5, mask_id=103, protected=protected, generator=g)
     tensor([[101,   7, 103, 103, 103,  11, 103, 102,   0,   0]])
+    >>> words = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, -1, -1, -1]])  # pieces of three words
+    >>> mask_tokens(ids, 0.5, 103, protected, torch.Generator().manual_seed(0), word_ids=words, unit="word")
+    tensor([[101, 103, 103,   9, 103, 103, 103, 102,   0,   0]])
     """
     rate = check_rate(rate)
     if rate == 0.0:
         return input_ids
-    # Draw on the generator's device, then move: the same seed gives the same mask on CPU and GPU.
-    device = generator.device if generator is not None else input_ids.device
-    draws = torch.rand(input_ids.shape, generator=generator, device=device)
-    if draws.device != input_ids.device:
-        if input_ids.device.type == "cuda":
-            # A copy from pageable memory would first wait for all queued GPU work.
-            draws = draws.pin_memory()
-        draws = draws.to(input_ids.device, non_blocking=True)
-    chosen = draws < rate
+    chosen = choose_positions(input_ids, rate, protected, generator, word_ids, unit, span_mean)
+    return replace_positions(input_ids, chosen, mask_id, replace, random_ids, generator)
+
+
+def choose_positions(input_ids: torch.Tensor, rate: float, protected: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, word_ids: torch.Tensor | None = None,
+                     unit: str = "token", span_mean: float = 3.0) -> torch.Tensor:
+    """The positions to replace, as a bool tensor like ``input_ids`` (see :func:`mask_tokens`)."""
+    check_strategy(unit, "mask", span_mean, rate)
+    if unit == "token":
+        chosen = _uniform(input_ids.shape, generator, input_ids.device) < rate
+    else:
+        if word_ids is None:
+            raise ValueError(NEEDS_WORD_IDS.format(unit=unit))
+        if word_ids.shape != input_ids.shape or input_ids.dim() != 2:
+            raise ValueError(f"word_ids {tuple(word_ids.shape)} must match input_ids {tuple(input_ids.shape)}, "
+                             "both (batch, length)")
+        word_ids = word_ids.to(input_ids.device)
+        words = int(word_ids.max()) + 1 if word_ids.numel() else 0
+        rows = input_ids.shape[0]
+        chosen_words = (_uniform((rows, max(words, 1)), generator, input_ids.device) < rate if unit == "word"
+                        else _spans(rows, max(words, 1), rate, span_mean, generator, input_ids.device))
+        chosen = chosen_words.gather(1, word_ids.clamp(min=0)) & (word_ids >= 0)
     if protected is not None:
         chosen &= ~protected
-    return torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)
+    return chosen
+
+
+def replace_positions(input_ids: torch.Tensor, chosen: torch.Tensor, mask_id: int, replace: str = "mask",
+                      random_ids: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """``input_ids`` with the ``chosen`` positions replaced as ``replace`` says (see :func:`mask_tokens`)."""
+    masked = torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)
+    if replace == "mask":
+        return masked
+    if random_ids is None or not len(random_ids):
+        raise ValueError(f"replace {replace!r} needs random_ids, the ordinary vocabulary ids to draw from "
+                         "(TokenMasker.for_tokenizer supplies them)")
+    random_ids = random_ids.to(input_ids.device)
+    picks = torch.randint(len(random_ids), input_ids.shape, generator=generator,
+                          device=generator.device if generator is not None else input_ids.device)
+    drawn = random_ids[picks.to(input_ids.device)].to(input_ids.dtype)
+    if replace == "random":
+        return torch.where(chosen, drawn, input_ids)
+    u = _uniform(input_ids.shape, generator, input_ids.device)  # bert: 80 % mask, 10 % random, 10 % kept
+    return torch.where(chosen & (u >= 0.8) & (u < 0.9), drawn, torch.where(u < 0.8, masked, input_ids))
+
+
+def _uniform(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform draws made on the generator's device, then moved: the same seed gives the same mask on
+    CPU and GPU."""
+    draws = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
+    if draws.device != device:
+        if device.type == "cuda":
+            # A copy from pageable memory would first wait for all queued GPU work.
+            draws = draws.pin_memory()
+        draws = draws.to(device, non_blocking=True)
+    return draws
+
+
+def _spans(rows: int, words: int, rate: float, span_mean: float, generator, device) -> torch.Tensor:
+    """Whole-word spans as a two-state Markov chain over words: a span continues with probability
+    1 - 1/m (geometric lengths of mean m) and starts after an unmasked word with probability
+    p / (m (1 - p)), whose stationary share of masked words is exactly p; the first word is masked
+    with probability p, so every word is, in expectation."""
+    u = _uniform((rows, words), generator, device)
+    stay, start = 1 - 1 / span_mean, rate / (span_mean * (1 - rate))
+    out = torch.empty(rows, words, dtype=torch.bool, device=device)
+    state = u[:, 0] < rate
+    out[:, 0] = state
+    for w in range(1, words):
+        state = torch.where(state, u[:, w] < stay, u[:, w] < start)
+        out[:, w] = state
+    return out
 
 
 def protected_positions(
@@ -199,7 +308,7 @@ class RateSchedule:
 
 
 class TokenMasker:
-    """Holds mask id, special ids, the current rate and a generator; masks a batch on call.
+    """Holds mask id, special ids, the strategy, the current rate and a generator; masks a batch on call.
 
     Shared by the collator and the model hook. ``rate`` is a plain attribute so a training loop
     can set it from a :class:`RateSchedule` each step. The generator is re-seeded inside each
@@ -207,22 +316,34 @@ class TokenMasker:
     every epoch), so masks differ between epochs and workers yet repeat for a given seed.
     """
 
-    def __init__(self, mask_id: int, special_ids: Iterable[int], rate: float = 0.1, seed: int = 0):
+    def __init__(self, mask_id: int, special_ids: Iterable[int], rate: float = 0.1, seed: int = 0,
+                 unit: str = "token", replace: str = "mask", span_mean: float = 3.0,
+                 random_ids: Sequence[int] | torch.Tensor | None = None):
         self.mask_id = int(mask_id)
         self.special_ids = sorted({int(i) for i in special_ids})
         self.rate = check_rate(rate)
+        check_strategy(unit, replace, span_mean, self.rate)
+        self.unit, self.replace, self.span_mean = unit, replace, float(span_mean)
+        self.random_ids = None if random_ids is None else torch.as_tensor(random_ids, dtype=torch.long)
+        if replace != "mask" and (self.random_ids is None or not len(self.random_ids)):
+            raise ValueError(f"replace {replace!r} needs random_ids: build the masker with TokenMasker.for_tokenizer")
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.paused = False
         self._worker_seed: int | None = None
         self._special_on: dict[tuple, torch.Tensor] = {}  # one host->device copy per device
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, mask_token: MaskToken, rate: float = 0.1, seed: int = 0) -> "TokenMasker":
-        """Protect every id the tokenizer calls special (BOS/EOS/CLS/SEP/pad/added specials)."""
+    def for_tokenizer(cls, tokenizer, mask_token: MaskToken, rate: float = 0.1, seed: int = 0,
+                      **strategy) -> "TokenMasker":
+        """Protect every id the tokenizer calls special (BOS/EOS/CLS/SEP/pad/added specials); random
+        replacement draws from :func:`ordinary_ids`. ``strategy``: ``unit``, ``replace``, ``span_mean``."""
         special = set(tokenizer.all_special_ids)
         if tokenizer.pad_token_id is not None:
             special.add(tokenizer.pad_token_id)
-        return cls(mask_token.id, special, rate=rate, seed=seed)
+        if strategy.get("replace", "mask") != "mask":
+            strategy["random_ids"] = ordinary_ids(tokenizer)
+        return cls(mask_token.id, special, rate=rate, seed=seed, **strategy)
 
     def _sync_worker_generator(self) -> None:
         info = torch.utils.data.get_worker_info()
@@ -230,8 +351,9 @@ class TokenMasker:
             self._worker_seed = info.seed
             self.generator.manual_seed((self.seed * 1_000_003 + info.seed) % 2**63)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.rate == 0.0:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 word_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rate == 0.0 or self.paused:
             return input_ids
         self._sync_worker_generator()
         key = (input_ids.device, input_ids.dtype, tuple(self.special_ids))
@@ -240,7 +362,18 @@ class TokenMasker:
             special = self._special_on[key] = torch.tensor(self.special_ids, dtype=input_ids.dtype,
                                                            device=input_ids.device)
         protected = protected_positions(input_ids, attention_mask, special)
-        return mask_tokens(input_ids, self.rate, self.mask_id, protected, self.generator)
+        return mask_tokens(input_ids, self.rate, self.mask_id, protected, self.generator, word_ids=word_ids,
+                           unit=self.unit, span_mean=self.span_mean, replace=self.replace,
+                           random_ids=self.random_ids)
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Pass batches through unmasked inside the block: the clean view of the consistency term."""
+        before, self.paused = self.paused, True
+        try:
+            yield self
+        finally:
+            self.paused = before
 
     def state_dict(self) -> dict[str, Any]:
         return {"rate": self.rate, "seed": self.seed, "generator": self.generator.get_state()}
@@ -249,6 +382,14 @@ class TokenMasker:
         self.rate = check_rate(state["rate"])
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator"])
+
+
+def ordinary_ids(tokenizer) -> torch.Tensor:
+    """Ids random replacement may emit: the vocabulary less special, added and pad tokens."""
+    excluded = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    if tokenizer.pad_token_id is not None:
+        excluded.add(tokenizer.pad_token_id)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in excluded], dtype=torch.long)
 
 
 class MaskingCollator:
@@ -264,7 +405,8 @@ class MaskingCollator:
 
     def __call__(self, features: list) -> dict:
         batch = self.collator(features)
-        batch["input_ids"] = self.masker(batch["input_ids"], batch.get("attention_mask"))
+        word_ids = batch.pop("word_ids", None)  # the model's forward takes no word ids
+        batch["input_ids"] = self.masker(batch["input_ids"], batch.get("attention_mask"), word_ids)
         return batch
 
 
@@ -272,19 +414,59 @@ def attach_masking(model: torch.nn.Module, masker: TokenMasker) -> torch.utils.h
     """Mask ``input_ids`` on every forward call while ``model.training`` is true.
 
     For loops you do not own (HF ``Trainer``, TRL, Lightning): they call ``model.train()`` and
-    ``model.eval()`` already, so masking follows training and never reaches evaluation.
+    ``model.eval()`` already, so masking follows training and never reaches evaluation. A
+    ``word_ids`` keyword (word and span units) is taken out of the call in every mode.
     Returns the hook handle; ``handle.remove()`` detaches it.
     """
 
     def hook(module, args, kwargs):
+        word_ids = kwargs.pop("word_ids", None)
         if not module.training:
-            return None
+            return args, kwargs
         if args:  # input_ids passed positionally, maybe attention_mask too (HF's argument order)
             attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            return (masker(args[0], attention_mask), *args[1:]), kwargs
+            return (masker(args[0], attention_mask, word_ids), *args[1:]), kwargs
         if kwargs.get("input_ids") is None:
-            return None
-        kwargs["input_ids"] = masker(kwargs["input_ids"], kwargs.get("attention_mask"))
+            return args, kwargs
+        kwargs["input_ids"] = masker(kwargs["input_ids"], kwargs.get("attention_mask"), word_ids)
         return args, kwargs
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The consistency term: the masked view's predictions tied to the clean view's.
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor | None = None,
+                 ignore_index: int = -100) -> torch.Tensor:
+    """Mean over positions of ½ [KL(p_a ‖ p_b) + KL(p_b ‖ p_a)] of the two softmaxes: ≥ 0, and exactly
+    0 for identical logits. Token tasks: only positions whose label is not ``ignore_index``.
+
+    >>> symmetric_kl(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))
+    tensor(0.)
+    """
+    a = logits_a.reshape(-1, logits_a.shape[-1]).float()
+    b = logits_b.reshape(-1, logits_b.shape[-1]).float()
+    if labels is not None and labels.dim() > 1:
+        keep = labels.reshape(-1) != ignore_index
+        a, b = a[keep], b[keep]
+    if a.shape[0] == 0:
+        return a.sum() * 0.0
+    log_a, log_b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (log_a.exp() * (log_a - log_b)).sum(-1) + (log_b.exp() * (log_b - log_a)).sum(-1)
+    return 0.5 * kl.mean()
+
+
+def consistency_term(model: torch.nn.Module, inputs: dict, masked_logits: torch.Tensor, masker: TokenMasker,
+                     labels: torch.Tensor | None = None, stop_grad: bool = False) -> torch.Tensor:
+    """Symmetric KL between the masked view's predictions and a second, clean (unmasked) pass.
+
+    Cutoff (arXiv 2009.13818) and UDA-style consistency: add ``λ · consistency_term(...)`` to the
+    loss. At rate 0 with dropout on, the two passes differ only by dropout: this is R-Drop. With
+    ``stop_grad`` the clean pass is a fixed target (no graph, cheaper); otherwise gradients flow
+    through both passes. ``inputs``: the model's keyword inputs, unmasked (the hook masks them).
+    """
+    with masker.pause(), (torch.no_grad() if stop_grad else contextlib.nullcontext()):
+        clean = model(**inputs).logits
+    return symmetric_kl(masked_logits, clean, labels)

@@ -47,9 +47,16 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise(rows, metric)
-    (out / "results.md").write_text(markdown_table(summary, metric))
+    (out / "results.md").write_text(strategy_line(rows) + markdown_table(summary, metric))
     plot(summary, out / "results.png", metric)
     return rows
+
+
+def strategy_line(rows: list[dict]) -> str:
+    """How the sweep masked, from its runs (one strategy per sweep; several are listed if mixed)."""
+    kinds = sorted({(r["unit"], r["replace"], r["consistency"]) for r in rows})
+    text = "; ".join(f"unit {u}, replace {r}, consistency λ = {c:g}" for u, r, c in kinds)
+    return f"Masking: {text}.\n\n"
 
 
 def markdown_table(summary: list[dict], metric: str = "weighted_f1") -> str:

@@ -139,8 +139,12 @@ def run_row(path: Path, out: Path) -> dict:
     """One results-table row from a finished run's two files."""
     metrics, config = read_metrics(path), read_run_config(path)
     best = metrics["best"] or {}
+    masking = config["masking"]
     return {
-        "rate": config["masking"]["rate"], "seed": config["seed"], "method": config["method"],
+        "rate": masking["rate"], "seed": config["seed"], "method": config["method"],
+        # Runs written before the strategies existed were uniform token masking.
+        "unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
+        "consistency": masking.get("consistency", 0.0),
         **{m: best.get(m) for m in REPORT_METRICS}, "best_epoch": best.get("epoch"), "best_step": best.get("step"),
         "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
         "peak_memory_mb": round(metrics["peak_memory_mb"], 1),

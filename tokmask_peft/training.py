@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 from .config import Recipe
 from .data import LengthGroupedBatches, padding_collator
 from .losses import class_weights, classification_loss, label_counts
-from .masking import TokenMasker, attach_masking
+from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
 from .runs import (CHECKPOINT_DIR, LOG_FILE, METRICS_FILE, TOKMASK_CONFIG, fingerprint_diff, run_config,
@@ -231,7 +231,8 @@ def build(run: Run) -> None:
     run.schedule = recipe.masking.to_schedule()
     # Each process masks with its own stream; the hook masks only while model.training.
     run.masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=run.schedule.rate_at(0, 1),
-                                           seed=tc.seed * 1009 + accelerator.process_index)
+                                           seed=tc.seed * 1009 + accelerator.process_index,
+                                           **recipe.masking.strategy())
     run.hook = attach_masking(run.model, run.masker)
     run.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
                                        tc.seed, tc.group_by_length)
@@ -240,7 +241,8 @@ def build(run: Run) -> None:
     # Pinned batches copy to a GPU without waiting for the work already queued there.
     pin = accelerator.device.type == "cuda"
     train_loader = DataLoader(setup.train_features, batch_sampler=run.sampler, num_workers=tc.num_workers,
-                              collate_fn=padding_collator(setup.tokenizer, recipe.model.task), pin_memory=pin,
+                              collate_fn=padding_collator(setup.tokenizer, recipe.model.task,
+                                                          word_ids=recipe.masking.unit != "token"), pin_memory=pin,
                               generator=torch.Generator().manual_seed(tc.seed))
     dev_loader = eval_loader(setup.dev_features, setup.tokenizer, recipe.model.task, tc.eval_batch_size, pin)
     run.class_weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
@@ -338,12 +340,17 @@ def optimizer_updates(run: Run, state: TrainState) -> Iterator[tuple[torch.Tenso
 
 
 def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
-    """Forward (masked by the hook), loss, backward; clip and step when the accumulation is full."""
-    tc, accelerator = run.recipe.train, run.accelerator
+    """Forward (masked by the hook), loss (+ the consistency term), backward; clip and step when the
+    accumulation is full."""
+    tc, masking, accelerator = run.recipe.train, run.recipe.masking, run.accelerator
     with accelerator.accumulate(run.model):
         run.masker.rate = run.schedule.rate_at(step, run.updates)
         labels = batch.pop("labels")
-        loss = classification_loss(run.model(**batch).logits, labels, run.class_weights, tc.focal_gamma)
+        logits = run.model(**batch).logits
+        loss = classification_loss(logits, labels, run.class_weights, tc.focal_gamma)
+        if masking.consistency:
+            loss = loss + masking.consistency * consistency_term(run.model, batch, logits, run.masker, labels,
+                                                                 masking.consistency_stop_grad)
         accelerator.backward(loss)
         if accelerator.sync_gradients and tc.max_grad_norm:
             # The trainable list, not model.parameters(): walking a PEFT model's module tree
