@@ -1,5 +1,6 @@
 """A sweep's report, rebuilt from its run directories alone: ``results.csv`` (one row per run),
-``results.md`` (mean ± sample std per rate) and ``results.png`` (metric against rate).
+``results.md`` (mean ± sample std per rate, then each rate's paired verdict against p = 0 and a
+recommendation) and ``results.png`` (metric against rate).
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from .runs import METRICS_FILE, REPORT_METRICS, collect
+from .runs import DEV_SET, METRICS_FILE, PREDICTIONS_FILE, REPORT_METRICS, collect, read_run_config
+from .verdicts import (BOOTSTRAP_METRICS, Verdict, chosen_on_dev, load_predictions, paired_verdict, recommendation,
+                       seed_level_verdict)
 
 
 def summarise(rows: Iterable[dict], metric: str = "weighted_f1") -> list[dict]:
@@ -47,7 +50,8 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise(rows, metric)
-    (out / "results.md").write_text(strategy_line(rows) + markdown_table(summary, metric))
+    (out / "results.md").write_text(strategy_line(rows) + markdown_table(summary, metric)
+                                    + verdict_section(out, rows, metric))
     plot(summary, out / "results.png", metric)
     return rows
 
@@ -93,3 +97,65 @@ def plot(summary: list[dict], path: Path, metric: str = "weighted_f1") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- does masking help? ------------------------------------------------------------------------------
+
+
+def set_verdicts(out: Path, rows: list[dict], name: str, metric: str) -> list[Verdict]:
+    """Each rate against p = 0 on evaluation set ``name``: from saved predictions where every run of
+    the pair has them (seeds and examples), else from the runs' best metrics (seeds only)."""
+    by_rate: dict[float, dict[int, dict]] = {}
+    for row in rows:
+        by_rate.setdefault(row["rate"], {})[row["seed"]] = row
+    base = by_rate[0.0]
+    classes = len(read_run_config(out / next(iter(base.values()))["run"])["labels"])
+    loaded: dict[str, dict] = {}
+
+    def predictions(row: dict):
+        path = out / row["run"] / PREDICTIONS_FILE
+        if row["run"] not in loaded:
+            loaded[row["run"]] = load_predictions(path) if path.is_file() else {}
+        return loaded[row["run"]].get(name)
+
+    verdicts = []
+    for rate, runs in sorted(by_rate.items()):
+        if rate == 0.0:
+            continue
+        seeds = sorted(set(runs) & set(base))
+        kept = {s: (predictions(runs[s]), predictions(base[s])) for s in seeds}
+        if seeds and all(a is not None and b is not None for a, b in kept.values()):
+            verdicts.append(paired_verdict(rate, {s: a for s, (a, _) in kept.items()},
+                                           {s: b for s, (_, b) in kept.items()}, classes, metric))
+            continue
+        key = metric if name == DEV_SET else f"{name}_{metric}"
+        if seeds and all(runs[s].get(key) is not None and base[s].get(key) is not None for s in seeds):
+            verdicts.append(seed_level_verdict(rate, {s: runs[s][key] for s in seeds},
+                                               {s: base[s][key] for s in seeds}))
+    return verdicts
+
+
+def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") -> str:
+    """The verdict per rate on dev, the recommendation, and the rate chosen on dev judged on each
+    held-out (``extra_eval``) set, where selection on dev cannot flatter it."""
+    if not any(r["rate"] == 0.0 for r in rows):
+        return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
+    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    dev = set_verdicts(out, rows, DEV_SET, metric)
+    if not dev:
+        return "\nOnly p = 0 in this sweep: nothing to compare.\n"
+    lines = ["", f"Does masking help? Each rate against p = 0 on dev, paired by seed ({metric.replace('_', ' ')}; "
+             "two-level bootstrap over seeds and dev examples where predictions were saved).", "",
+             "| mask rate p | Δ vs p = 0 | 95 % interval | verdict | the interval covers |", "|---|---|---|---|---|"]
+    for v in dev:
+        interval = f"[{v.low:+.4f}, {v.high:+.4f}]" if v.low is not None else "none"
+        lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {interval} | {v.word} | {v.level}, {v.seeds} seed(s) |")
+    lines += ["", recommendation(dev)]
+    chosen = chosen_on_dev(dev)
+    extra_sets = sorted({k[: -len(metric) - 1] for r in rows for k in r if k.endswith(f"_{metric}")} - {""})
+    for name in extra_sets:
+        held = [v for v in set_verdicts(out, rows, name, metric) if v.rate == chosen.rate]
+        if held:
+            lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
+                         f"{held[0].describe()}: {held[0].word}.")
+    return "\n".join(lines) + "\n"

@@ -17,6 +17,8 @@ from typing import Any
 
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.npz"
+DEV_SET = "dev"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 PARTIAL_SUFFIX = ".partial"

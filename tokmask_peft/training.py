@@ -31,9 +31,10 @@ from .losses import class_weights, classification_loss, label_counts
 from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
-from .runs import (CHECKPOINT_DIR, LOG_FILE, METRICS_FILE, TOKMASK_CONFIG, fingerprint_diff, run_config,
-                   run_fingerprint, write_json)
+from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG,
+                   fingerprint_diff, run_config, run_fingerprint, write_json)
 from .setup import Setup
+from .verdicts import Predictions, save_predictions
 
 __all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
 
@@ -162,10 +163,10 @@ class Run:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
 
-    def evaluate(self, loader) -> dict[str, float]:
+    def evaluate(self, loader, keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
         tc = self.recipe.train
         return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
-                        tc.focal_gamma)
+                        tc.focal_gamma, keep)
 
 
 def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
@@ -365,7 +366,7 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
 def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping) -> bool:
     """Score dev, log it, save the run when it is the best so far, checkpoint if asked at every
     evaluation; True when patience says stop."""
-    metrics = run.evaluate(run.dev_loader)
+    metrics, _ = run.evaluate(run.dev_loader)
     record = {"step": state.step, "epoch": state.epoch, **metrics}
     state.history.append(record)
     run.log({"eval": record})
@@ -378,37 +379,55 @@ def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping) -> b
     return stopping.should_stop(state)
 
 
-def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0) -> dict[str, float]:
-    """Dev metrics over all processes (``gather_for_metrics`` drops the duplicated tail)."""
+def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0,
+             keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
+    """Metrics over all processes (``gather_for_metrics`` drops the duplicated tail) and, with ``keep``,
+    every scored unit's prediction (a text, or a labelled word) with its example index and probabilities."""
     model.eval()
-    preds, refs = [], []
+    rows: dict[str, list] = {"example": [], "gold": [], "pred": [], "probs": []}
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     # Eager even where train.compile compiled the blocks: a second, no-grad graph would cost another
     # compile for a pass that is a small part of a run (and bitsandbytes' 4-bit ops fail in one on CPU).
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for batch in loader:
-            labels = batch.pop("labels")
+            labels, example = batch.pop("labels"), batch.pop("example")
             logits = model(**batch).logits
             n = (labels != -100).sum()
             loss_sum += classification_loss(logits, labels, weights, focal_gamma) * n
             loss_count += n
-            pred = logits.argmax(-1)
+            probs = logits.float().softmax(-1)
             if task == "token":
-                pred = accelerator.pad_across_processes(pred, dim=1, pad_index=-100)
-                labels = accelerator.pad_across_processes(labels, dim=1, pad_index=-100)
-            pred, labels = accelerator.gather_for_metrics((pred, labels))
-            preds.append(pred.reshape(-1).cpu())
-            refs.append(labels.reshape(-1).cpu())
+                example = example[:, None].expand_as(labels)
+                probs, labels, example = (accelerator.pad_across_processes(t, dim=1, pad_index=-100)
+                                          for t in (probs, labels, example))
+            probs, labels, example = accelerator.gather_for_metrics((probs, labels, example))
+            scored = labels.reshape(-1) != -100
+            rows["probs"].append(probs.reshape(-1, probs.shape[-1])[scored].cpu())
+            rows["gold"].append(labels.reshape(-1)[scored].cpu())
+            rows["example"].append(example.reshape(-1)[scored].cpu())
     loss_sum, loss_count = accelerator.reduce(loss_sum), accelerator.reduce(loss_count)
     model.train()
-    return {**classification_metrics(torch.cat(preds), torch.cat(refs)), "loss": float(loss_sum / loss_count)}
+    probs, gold = torch.cat(rows["probs"]), torch.cat(rows["gold"])
+    pred = probs.argmax(-1)
+    metrics = {**classification_metrics(pred, gold), "loss": float(loss_sum / loss_count)}
+    if not keep:
+        return metrics, None
+    return metrics, Predictions(torch.cat(rows["example"]).numpy(), gold.numpy(), pred.numpy(), probs.numpy())
 
 
 def eval_loader(features, tokenizer, task, batch_size, pin_memory=False) -> DataLoader:
-    # Sorted by length: less padding; order does not matter for the metrics.
+    """Batches sorted by length (less padding; order does not matter to the metrics), each carrying
+    its examples' indices (``example``) so predictions can be saved per example."""
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    return DataLoader(features, batch_sampler=batches, collate_fn=padding_collator(tokenizer, task),
+    collate = padding_collator(tokenizer, task)
+
+    def with_index(chunk: list[tuple[int, dict]]) -> dict:
+        batch = collate([feature for _, feature in chunk])
+        batch["example"] = torch.tensor([i for i, _ in chunk])
+        return batch
+
+    return DataLoader(list(enumerate(features)), batch_sampler=batches, collate_fn=with_index,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
@@ -429,13 +448,16 @@ def save_run(run: Run) -> None:
 
 
 def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float) -> dict:
-    """Back to the best weights, score the extra evaluation sets, write ``metrics.json``."""
+    """Back to the best weights; score dev and the extra evaluation sets with them, keeping every
+    prediction (``predictions.npz``); write ``metrics.json``."""
     accelerator, setup, tc = run.accelerator, run.setup, run.recipe.train
     if stopping.weights is not None:
         accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
-    extra = {name: run.evaluate(accelerator.prepare(eval_loader(features, setup.tokenizer, run.recipe.model.task,
-                                                                tc.eval_batch_size)))
-             for name, features in setup.extra_features.items()}
+    scored = {}
+    for name, features in {DEV_SET: setup.dev_features, **setup.extra_features}.items():
+        loader = accelerator.prepare(eval_loader(features, setup.tokenizer, run.recipe.model.task, tc.eval_batch_size))
+        scored[name] = run.evaluate(loader, keep=True)
+    extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
     metrics = {
         "best": state.best, "history": state.history, "extra_eval": extra, **run.counts,
@@ -446,7 +468,8 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(run.out / METRICS_FILE, metrics)
+        save_predictions(run.out / PREDICTIONS_FILE, {name: kept for name, (_, kept) in scored.items()})
+        write_json(run.out / METRICS_FILE, metrics)  # last: a run with metrics.json is complete
     run.checkpoints.remove()
     return metrics
 

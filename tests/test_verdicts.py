@@ -1,0 +1,115 @@
+"""Sweep verdicts: paired bootstrap intervals against p = 0, saved predictions, reports from files alone."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from tokmask_peft.reporting import report
+from tokmask_peft.verdicts import (Predictions, load_predictions, paired_verdict, recommendation, save_predictions,
+                                   seed_level_verdict, weighted_metric)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_predictions(n=400, classes=3, accuracy=0.6, seed=0, example=None):
+    """Predictions on one fixed evaluation set (the gold labels), drawn anew for each seed."""
+    gold = np.random.default_rng(100).integers(classes, size=n)
+    rng = np.random.default_rng(seed)
+    pred = np.where(rng.random(n) < accuracy, gold, rng.integers(classes, size=n))
+    return Predictions(np.arange(n) if example is None else example, gold, pred)
+
+
+@pytest.mark.parametrize("metric,sk", [("weighted_f1", lambda g, p: f1_score(g, p, average="weighted")),
+                                       ("macro_f1", lambda g, p: f1_score(g, p, average="macro")),
+                                       ("accuracy", accuracy_score)])
+def test_weighted_metric_matches_scikit_learn_on_a_resample(metric, sk):
+    p = toy_predictions()
+    rng = np.random.default_rng(1)
+    draw = rng.integers(len(p.gold), size=len(p.gold))
+    weights = np.bincount(draw, minlength=len(p.gold))[None, :]
+    assert weighted_metric(weights, p.gold, p.pred, 3, metric)[0] == pytest.approx(sk(p.gold[draw], p.pred[draw]))
+
+
+def test_identical_runs_give_zero_and_no_evidence():
+    runs = {s: toy_predictions(seed=s) for s in range(3)}
+    v = paired_verdict(0.1, runs, runs, classes=3)
+    assert v.delta == 0 and v.low == 0 and v.high == 0 and v.word == "no evidence"
+    assert "no rate beats p = 0 beyond noise (3 seeds)" in recommendation([v])
+
+
+def test_a_clear_shift_is_better_and_reproducible_and_a_drop_is_worse():
+    base = {s: toy_predictions(accuracy=0.5, seed=s) for s in range(3)}
+    good = {s: toy_predictions(accuracy=0.8, seed=s) for s in range(3)}  # better predictions of the same gold
+    v = paired_verdict(0.3, good, base, classes=3)
+    assert v.word == "better" and v.low > 0.1 and v.level == "seeds and examples"
+    assert paired_verdict(0.3, good, base, classes=3) == v  # fixed bootstrap seed: the same interval
+    assert paired_verdict(0.3, base, good, classes=3).word == "worse"
+    assert recommendation([v]).startswith("Recommendation: use p = 0.3: Δ = +0.")
+
+
+def test_one_seed_interval_is_examples_only_and_without_predictions_there_is_none():
+    v = paired_verdict(0.1, {0: toy_predictions(accuracy=0.7)}, {0: toy_predictions()}, classes=3)
+    assert v.level == "examples only (1 seed)" and v.low is not None
+    none = seed_level_verdict(0.1, {0: 0.52}, {0: 0.50})
+    assert none.low is None and none.word == "no evidence" and "no interval" in none.describe()
+    t = seed_level_verdict(0.1, {0: 0.52, 1: 0.53, 2: 0.55}, {0: 0.50, 1: 0.50, 2: 0.51})
+    assert t.level == "seeds only (no saved predictions)" and t.low < t.delta < t.high
+
+
+def test_token_tasks_resample_whole_sentences():
+    example = np.repeat(np.arange(100), 5)  # 100 sentences of 5 labelled words
+    base = {0: toy_predictions(n=500, example=example), 1: toy_predictions(n=500, example=example, seed=1)}
+    v = paired_verdict(0.1, base, base, classes=3)
+    assert v.delta == 0
+    other = {0: toy_predictions(n=500, example=np.arange(500))}
+    with pytest.raises(ValueError, match="same evaluation set"):
+        paired_verdict(0.1, other, {0: base[0]}, classes=3)
+
+
+def test_predictions_round_trip(tmp_path):
+    p = toy_predictions()
+    p.probs = np.random.default_rng(0).random((len(p.gold), 3))
+    save_predictions(tmp_path / "predictions.npz", {"dev": p, "test": p})
+    back = load_predictions(tmp_path / "predictions.npz")
+    assert set(back) == {"dev", "test"} and np.array_equal(back["dev"].pred, p.pred)
+    assert np.allclose(back["test"].probs, p.probs, atol=1e-3)
+
+
+def test_a_sweep_written_before_predictions_existed_still_reports(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "benchmarks" / "results" / "real_data" / "minilm_sa_lora", old)
+    for name in ("results.csv", "results.md", "results.png"):
+        (old / name).unlink()
+    report(old)
+    text = (old / "results.md").read_text()
+    assert "seeds only (no saved predictions)" in text and "Recommendation:" in text
+    assert "| 0.10 |" in text
+
+
+def test_a_sweep_saves_predictions_that_score_as_its_best_checkpoint_and_reports_verdicts(make_recipe, toy_data,
+                                                                                          tmp_path):
+    from tokmask_peft.sweeps import sweep
+
+    recipe = make_recipe("llama", "token", "lora", train={"epochs": 2}, data={"extra_eval": {"test": str(toy_data["dev"])}},
+                         sweep={"rates": [0.0, 0.3], "seeds": [0, 1]})
+    out = tmp_path / "sweep"
+    sweep(recipe, out)
+    for run in sorted(out.glob("mask_*/seed_*")):
+        metrics = json.loads((run / "metrics.json").read_text())
+        kept = load_predictions(run / "predictions.npz")
+        assert set(kept) == {"dev", "test"}
+        dev = kept["dev"]
+        assert len(np.unique(dev.example)) == metrics["dev_examples"] == 32  # words grouped by sentence
+        assert dev.probs.shape == (len(dev.gold), 2)
+        score = weighted_metric(np.ones((1, len(dev.gold))), dev.gold, dev.pred, 2)[0]
+        assert score == pytest.approx(metrics["best"]["weighted_f1"], abs=1e-9)  # the best weights' predictions
+    text = (out / "results.md").read_text()
+    assert "| 0.30 |" in text and "seeds and examples, 2 seed(s)" in text
+    assert "Recommendation:" in text and "Held out (test): p = 0.3" in text
+    before = text
+    (out / "results.md").unlink()
+    report(out)  # from files alone, no training: the same verdicts
+    assert (out / "results.md").read_text() == before

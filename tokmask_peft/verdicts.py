@@ -1,0 +1,180 @@
+"""Does masking help? Paired comparisons of each rate with p = 0, with intervals that count both
+sources of noise, and a verdict a user can act on.
+
+Run (p, seed s) and run (0, s) share data order and initialisation, so they are compared in pairs.
+The interval is a two-level bootstrap: each replicate resamples the seeds (training noise), then
+the evaluation examples (the finite dev set), and the same example indices serve every run, so the
+rates are compared on the same resampled set. Seeds and examples are crossed factors, not nested:
+one example resample per replicate serves all seeds, because every seed was scored on the same
+examples. Token tasks resample sentences, with all of their words. The point estimate is the
+mean paired difference on the full set; the interval is the replicates' 2.5 and 97.5 percentiles.
+
+Runs saved before predictions existed have only their best dev metrics: their interval is the
+seed level alone (a t interval on the paired differences), and the report says so. One seed with
+predictions gives an interval of the dev-set noise alone; one seed without gives none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_METRICS = ("weighted_f1", "macro_f1", "accuracy")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclasses.dataclass
+class Predictions:
+    """One run's predictions on one evaluation set: a row per scored unit (a text, or a labelled word)."""
+
+    example: np.ndarray
+    """Index of the example (text or sentence) each row belongs to."""
+    gold: np.ndarray
+    pred: np.ndarray
+    probs: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class Verdict:
+    rate: float
+    delta: float
+    low: float | None
+    high: float | None
+    seeds: int
+    level: str
+    """What the interval covers: 'seeds and examples', 'examples only (1 seed)', 'seeds only (no saved
+    predictions)', or 'none (1 seed, no saved predictions)'."""
+
+    @property
+    def word(self) -> str:
+        if self.low is None:
+            return "no evidence"
+        return "better" if self.low > 0 else "worse" if self.high < 0 else "no evidence"
+
+    def describe(self) -> str:
+        interval = f"[{self.low:+.4f}, {self.high:+.4f}]" if self.low is not None else "no interval"
+        return f"Δ = {self.delta:+.4f}, 95 % CI {interval} ({self.level}; {self.seeds} seed(s))"
+
+
+# ---- metrics on weighted rows: one pass serves every bootstrap replicate ---------------------------
+
+
+def weighted_metric(weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, classes: int,
+                    metric: str = "weighted_f1") -> np.ndarray:
+    """``metric`` for each row of ``weights`` ((replicates, rows) counts of how often each row is drawn).
+
+    Weighted F1 weighs each class's F1 by its support, as scikit-learn's ``average='weighted'``.
+    """
+    weights = np.atleast_2d(weights).astype(np.float64)
+    onehot_gold = np.eye(classes)[gold]
+    onehot_pred = np.eye(classes)[pred]
+    support = weights @ onehot_gold
+    predicted = weights @ onehot_pred
+    hits = weights @ (onehot_gold * onehot_pred)
+    total = support.sum(1)
+    if metric == "accuracy":
+        return hits.sum(1) / total
+    denominator = support + predicted
+    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+    if metric == "macro_f1":  # classes present in gold or predictions, as scikit-learn counts them
+        present = denominator > 0
+        return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+    if metric == "weighted_f1":
+        return (f1 * support).sum(1) / total
+    raise ValueError(f"no bootstrap for metric {metric!r}: use weighted_f1, macro_f1 or accuracy")
+
+
+def example_weights(examples: int, replicates: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each example is drawn in each replicate (multinomial: a resample with replacement)."""
+    return rng.multinomial(examples, np.full(examples, 1.0 / examples), size=replicates)
+
+
+# ---- paired comparison ------------------------------------------------------------------------------
+
+
+def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int, Predictions], classes: int,
+                   metric: str = "weighted_f1", replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> Verdict:
+    """Δ = metric(rate) − metric(p = 0) over the seeds both have, with the two-level bootstrap interval."""
+    seeds = sorted(set(runs) & set(baseline))
+    if not seeds:
+        raise ValueError(f"rate {rate}: no seed shared with p = 0")
+    first = baseline[seeds[0]]
+    examples = int(first.example.max()) + 1
+    for s in seeds:
+        for p in (runs[s], baseline[s]):
+            if not np.array_equal(p.example, first.example) or not np.array_equal(p.gold, first.gold):
+                raise ValueError(f"rate {rate}, seed {s}: scored on other examples than p = 0; "
+                                 "paired comparison needs the same evaluation set")
+    full = np.ones((1, len(first.gold)))
+    delta = statistics.fmean(float(weighted_metric(full, runs[s].gold, runs[s].pred, classes, metric)[0]
+                                   - weighted_metric(full, baseline[s].gold, baseline[s].pred, classes, metric)[0])
+                             for s in seeds)
+    rng = np.random.default_rng(seed)
+    differences = np.empty((replicates, len(seeds)))
+    for start in range(0, replicates, 250):  # chunks keep (replicates x rows) small for token tasks
+        chunk = example_weights(examples, min(250, replicates - start), rng)[:, first.example]
+        for j, s in enumerate(seeds):
+            differences[start:start + len(chunk), j] = (
+                weighted_metric(chunk, runs[s].gold, runs[s].pred, classes, metric)
+                - weighted_metric(chunk, baseline[s].gold, baseline[s].pred, classes, metric))
+    picks = rng.integers(len(seeds), size=(replicates, len(seeds)))  # the seed level, resampled too
+    replicate_deltas = np.take_along_axis(differences, picks, axis=1).mean(1)
+    low, high = np.percentile(replicate_deltas, [2.5, 97.5])
+    level = "seeds and examples" if len(seeds) > 1 else "examples only (1 seed)"
+    return Verdict(rate, delta, float(low), float(high), len(seeds), level)
+
+
+def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int, float]) -> Verdict:
+    """From best dev metrics alone (no saved predictions): a t interval on the paired differences."""
+    seeds = sorted(set(values) & set(baseline))
+    if not seeds:
+        raise ValueError(f"rate {rate}: no seed shared with p = 0")
+    d = [values[s] - baseline[s] for s in seeds]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return Verdict(rate, mean, None, None, 1, "none (1 seed, no saved predictions)")
+    half = T_975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return Verdict(rate, mean, mean - half, mean + half, len(d), "seeds only (no saved predictions)")
+
+
+def recommendation(verdicts: list[Verdict]) -> str:
+    """The line a user acts on: the rate to use with its Δ and interval, or why p = 0 stays."""
+    better = [v for v in verdicts if v.word == "better"]
+    if better:
+        best = max(better, key=lambda v: v.delta)
+        return f"Recommendation: use p = {best.rate:g}: {best.describe()}."
+    seeds = max((v.seeds for v in verdicts), default=0)
+    return f"Recommendation: no rate beats p = 0 beyond noise ({seeds} seeds); use p = 0 or add seeds."
+
+
+def chosen_on_dev(verdicts: list[Verdict]) -> Verdict | None:
+    """The rate a user would pick from the dev table: the largest Δ (its held-out verdict keeps it honest)."""
+    return max(verdicts, key=lambda v: v.delta, default=None)
+
+
+def load_predictions(path: Path) -> dict[str, Predictions]:
+    """``predictions.npz`` of one run: every evaluation set it was scored on, by name."""
+    with np.load(path) as data:
+        names = sorted({key.split("/")[0] for key in data.files})
+        return {name: Predictions(data[f"{name}/example"], data[f"{name}/gold"], data[f"{name}/pred"],
+                                  data[f"{name}/probs"] if f"{name}/probs" in data.files else None)
+                for name in names}
+
+
+def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:
+    """Write every set's predictions into one compressed ``.npz`` (probabilities as float16)."""
+    arrays = {}
+    for name, p in sets.items():
+        if "/" in name:
+            raise ValueError(f"evaluation set name {name!r} may not contain '/'")
+        arrays.update({f"{name}/example": p.example.astype(np.int32), f"{name}/gold": p.gold.astype(np.int16),
+                       f"{name}/pred": p.pred.astype(np.int16)})
+        if p.probs is not None:
+            arrays[f"{name}/probs"] = p.probs.astype(np.float16)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
