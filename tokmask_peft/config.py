@@ -225,6 +225,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (0: run all epochs); for smoke tests."""
     log_every: int = 10
     """Write a JSON log line every N optimizer steps."""
+    robustness: list[float] = dataclasses.field(default_factory=list)
+    """Severities q at which the best weights are also scored on corrupted dev copies (word
+    deletion, words masked, typos), e.g. [0.1, 0.2, 0.3]; empty: none."""
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "lr"):
@@ -237,6 +240,10 @@ class TrainConfig:
         _choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
         _choice("train", "metric", self.metric, METRICS)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if not isinstance(self.robustness, list):
+            raise ValueError(f"train.robustness must be a list of severities, got {self.robustness!r}")
+        for q in self.robustness:
+            check_rate(q, "train.robustness entry")
 
     # Step arithmetic, counted on the unsharded loader: Accelerate steps the scheduler once per
     # process per update, so the schedule spans every process's updates.

@@ -9,9 +9,25 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from .runs import DEV_SET, METRICS_FILE, PREDICTIONS_FILE, REPORT_METRICS, collect, read_run_config
-from .verdicts import (BOOTSTRAP_METRICS, Verdict, chosen_on_dev, load_predictions, paired_verdict, recommendation,
-                       seed_level_verdict)
+from .robustness import CORRUPTIONS
+from .runs import (
+    DEV_SET,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    REPORT_METRICS,
+    collect,
+    read_run_config,
+    robustness_column,
+)
+from .verdicts import (
+    BOOTSTRAP_METRICS,
+    Verdict,
+    chosen_on_dev,
+    load_predictions,
+    paired_verdict,
+    recommendation,
+    seed_level_verdict,
+)
 
 
 def summarise(rows: Iterable[dict], metric: str = "weighted_f1") -> list[dict]:
@@ -53,6 +69,8 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
     (out / "results.md").write_text(strategy_line(rows) + markdown_table(summary, metric)
                                     + verdict_section(out, rows, metric))
     plot(summary, out / "results.png", metric)
+    if any(robustness_curves(rows)):
+        plot_robustness(rows, out / "results_robustness.png")
     return rows
 
 
@@ -68,10 +86,13 @@ def markdown_table(summary: list[dict], metric: str = "weighted_f1") -> str:
     header = "| mask rate p | seeds | " + " | ".join(metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 2)]
     for e in summary:
-        cells = [f"{e[m]:.4f} ± {e[m + '_std']:.4f}" if m in e else "" for m in metrics]
+        # One seed has no spread to show: a bare value, not "± 0.0000".
+        cells = [(f"{e[m]:.4f} ± {e[m + '_std']:.4f}" if e["seeds"] > 1 else f"{e[m]:.4f}") if m in e else ""
+                 for m in metrics]
         mark = " **(best)**" if e.get("best") else ""
         lines.append(f"| {e['rate']:.2f}{mark} | {e['seeds']} | " + " | ".join(cells) + " |")
-    return (f"Dev metrics per masking rate (mean ± sample std over seeds); best rate by {metric} marked.\n\n"
+    return (f"Dev metrics per masking rate (mean ± sample std over seeds); the highest mean by {metric} is "
+            "marked best, and whether it beats p = 0 beyond noise is the verdict below.\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -152,10 +173,53 @@ def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") ->
         lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {interval} | {v.word} | {v.level}, {v.seeds} seed(s) |")
     lines += ["", recommendation(dev)]
     chosen = chosen_on_dev(dev)
-    extra_sets = sorted({k[: -len(metric) - 1] for r in rows for k in r if k.endswith(f"_{metric}")} - {""})
+    extra_sets = sorted({name for r in rows for name in read_run_config(out / r["run"])["recipe"]["data"]["extra_eval"]})
     for name in extra_sets:
         held = [v for v in set_verdicts(out, rows, name, metric) if v.rate == chosen.rate]
         if held:
             lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
                          f"{held[0].describe()}: {held[0].word}.")
     return "\n".join(lines) + "\n"
+
+
+# ---- robustness ------------------------------------------------------------------------------------
+
+
+def robustness_curves(rows: list[dict]) -> dict[str, dict[float, list[tuple[float, float]]]]:
+    """corruption -> training rate -> [(q, mean weighted F1 over seeds)], q = 0 being the clean dev score."""
+    severities = sorted({float(k.split("_")[1]) for r in rows for k in r
+                         if k.split("_")[0] in CORRUPTIONS and k.endswith("_weighted_f1")})
+    curves: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    for kind in CORRUPTIONS:
+        for rate in sorted({r["rate"] for r in rows}):
+            group = [r for r in rows if r["rate"] == rate]
+            points = [(0.0, statistics.fmean(r["weighted_f1"] for r in group))]
+            for q in severities:
+                values = [r[robustness_column(kind, q)] for r in group if r.get(robustness_column(kind, q)) is not None]
+                if values and q > 0:
+                    points.append((q, statistics.fmean(values)))
+            if len(points) > 1:
+                curves.setdefault(kind, {})[rate] = points
+    return curves
+
+
+def plot_robustness(rows: list[dict], path: Path) -> None:
+    """Weighted F1 against corruption severity q, one line per training rate, one panel per corruption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = robustness_curves(rows)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), dpi=120, squeeze=False)
+    for ax, (kind, by_rate) in zip(axes[0], curves.items()):
+        for rate, points in by_rate.items():
+            ax.plot(*zip(*points), marker="o", label=f"trained at p = {rate:g}")
+        ax.set_title(f"words {'deleted' if kind == 'delete' else kind + 'ed' if kind == 'mask' else 'with typos'}")
+        ax.set_xlabel("corruption severity q")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev weighted F1")
+    axes[0][-1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

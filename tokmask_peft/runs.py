@@ -25,7 +25,7 @@ PARTIAL_SUFFIX = ".partial"
 REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # What a resume or a reuse need not match: where and how fast a run is written.
-UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile")
+UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -152,8 +152,15 @@ def run_row(path: Path, out: Path) -> dict:
         "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
         **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
            for m in ("weighted_f1", "macro_f1")},
+        **{robustness_column(kind, q): values["weighted_f1"]
+           for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()},
         "run": str(path.relative_to(out)),
     }
+
+
+def robustness_column(kind: str, q: float | str) -> str:
+    """``mask_0.20_weighted_f1``: weighted F1 on dev with a fraction 0.2 of words masked."""
+    return f"{kind}_{float(q):.2f}_weighted_f1"
 
 
 def collect(out: str | Path) -> list[dict]:

@@ -13,7 +13,14 @@ import torch
 from .config import Recipe, resolve_path
 from .data import Example, check_labels, encode, label_names, read_examples
 from .masking import MaskToken
-from .modeling import DTYPES, add_adapter, build_model, prepare_precision, prepare_tokenizer
+from .modeling import (
+    DTYPES,
+    add_adapter,
+    build_model,
+    prepare_precision,
+    prepare_tokenizer,
+)
+from .robustness import corrupted_features
 
 COMPUTE_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -59,6 +66,8 @@ class Setup:
     base: Any = None
     frozen_dtype: torch.dtype | None = None
     """Set once a run stores the kept base's frozen linears in bf16/fp16: later runs must match it."""
+    dev_examples: list = dataclasses.field(default_factory=list)
+    """The dev examples as read, for corrupted copies (``train.robustness``)."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Setup":
@@ -75,7 +84,13 @@ class Setup:
             return encode(examples, tokenizer, recipe.model.task, label2id, recipe.data.max_length)
 
         return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
-                   {name: enc(ex) for name, ex in extra.items()})
+                   {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev)
+
+    def robustness_features(self, kind: str, q: float) -> list[dict]:
+        """Dev under corruption ``kind`` at severity ``q``: the same copy for every run and rate."""
+        return corrupted_features(self.dev_examples, self.dev_features, kind, q, self.tokenizer,
+                                  self.recipe.model.task, {label: i for i, label in enumerate(self.labels)},
+                                  self.recipe.data.max_length, self.mask_token.id)
 
     def model_for(self, seed: int, device: torch.device | None = None, mixed_precision: str = "no",
                   cast_frozen: bool = True):

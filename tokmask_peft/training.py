@@ -33,6 +33,7 @@ from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
 from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG,
                    fingerprint_diff, run_config, run_fingerprint, write_json)
+from .robustness import CORRUPTIONS
 from .setup import Setup
 from .verdicts import Predictions, save_predictions
 
@@ -458,9 +459,12 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
         loader = accelerator.prepare(eval_loader(features, setup.tokenizer, run.recipe.model.task, tc.eval_batch_size))
         scored[name] = run.evaluate(loader, keep=True)
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
+    robustness = {kind: {str(q): run.evaluate(accelerator.prepare(eval_loader(
+        setup.robustness_features(kind, q), setup.tokenizer, run.recipe.model.task, tc.eval_batch_size)))[0]
+        for q in tc.robustness} for kind in CORRUPTIONS} if tc.robustness else {}
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
     metrics = {
-        "best": state.best, "history": state.history, "extra_eval": extra, **run.counts,
+        "best": state.best, "history": state.history, "extra_eval": extra, "robustness": robustness, **run.counts,
         "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
         "steps": state.step, "stopped_early": state.stopped_early,
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,

@@ -1,0 +1,100 @@
+"""Robustness: corrupted copies of an evaluation set at severity q, the same for every run and rate.
+
+Three corruptions, each drawn with a fixed seed from (corruption, q) alone, so every run of every
+sweep is scored on identical copies:
+
+- ``delete``: each word is dropped with probability q (a text keeps at least one word; token
+  tasks drop the word's label with it);
+- ``mask``: each word is replaced, all of its sub-word pieces, by the mask token (through
+  :func:`~tokmask_peft.masking.mask_tokens` with ``unit='word'``: special tokens and padding stay);
+- ``typo``: each word of two or more characters gets one typo with probability q: two adjacent
+  characters swapped, one deleted, or a letter inserted.
+
+q = 0 returns the clean set itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import string
+import zlib
+
+import torch
+
+from .data import Example, encode
+from .masking import mask_tokens
+
+CORRUPTIONS = ("delete", "mask", "typo")
+
+
+def corruption_seed(kind: str, q: float) -> int:
+    return zlib.crc32(f"{kind}:{q:.4f}".encode())
+
+
+def _words(example: Example) -> tuple[list[str], list | None]:
+    if isinstance(example.text, list):
+        return list(example.text), list(example.label) if isinstance(example.label, list) else None
+    return example.text.split(), None
+
+
+def _rebuild(example: Example, words: list[str], labels: list | None) -> Example:
+    if isinstance(example.text, list):
+        return dataclasses.replace(example, text=words, label=labels if labels is not None else example.label)
+    return dataclasses.replace(example, text=" ".join(words))
+
+
+def delete_words(examples: list[Example], q: float, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        words, labels = _words(ex)
+        keep = [i for i in range(len(words)) if rng.random() >= q] or [rng.randrange(len(words))]
+        out.append(_rebuild(ex, [words[i] for i in keep], [labels[i] for i in keep] if labels else None))
+    return out
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """One typo inside ``word``: swap two adjacent characters, delete one, or insert a letter."""
+    i = rng.randrange(len(word) - 1)
+    kind = rng.randrange(3)
+    if kind == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if kind == 1:
+        return word[:i] + word[i + 1:]
+    return word[:i + 1] + rng.choice(string.ascii_lowercase) + word[i + 1:]
+
+
+def typo_words(examples: list[Example], q: float, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        words, labels = _words(ex)
+        words = [typo(w, rng) if len(w) > 1 and rng.random() < q else w for w in words]
+        out.append(_rebuild(ex, words, labels))
+    return out
+
+
+def mask_words(features: list[dict], q: float, seed: int, mask_id: int) -> list[dict]:
+    """Encoded features with each word's pieces replaced by ``mask_id`` with probability q."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for f in features:
+        ids = torch.tensor([f["input_ids"]])
+        words = torch.tensor([[-1 if w is None else w for w in f["word_ids"]]])
+        masked = mask_tokens(ids, q, mask_id, generator=generator, word_ids=words, unit="word")
+        out.append({**f, "input_ids": masked[0].tolist()})
+    return out
+
+
+def corrupted_features(examples: list[Example], features: list[dict], kind: str, q: float, tokenizer, task: str,
+                       label2id: dict[str, int], max_length: int, mask_id: int) -> list[dict]:
+    """The evaluation set's features under corruption ``kind`` at severity ``q``."""
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {list(CORRUPTIONS)}, got {kind!r}")
+    if q == 0:
+        return features
+    seed = corruption_seed(kind, q)
+    if kind == "mask":
+        return mask_words(features, q, seed, mask_id)
+    changed = delete_words(examples, q, seed) if kind == "delete" else typo_words(examples, q, seed)
+    return encode(changed, tokenizer, task, label2id, max_length)
