@@ -113,3 +113,32 @@ def test_a_sweep_saves_predictions_that_score_as_its_best_checkpoint_and_reports
     (out / "results.md").unlink()
     report(out)  # from files alone, no training: the same verdicts
     assert (out / "results.md").read_text() == before
+
+
+def test_sweeps_compared_against_the_first_sweeps_p0_through_the_cli(make_recipe, tmp_path):
+    import subprocess
+    import sys
+
+
+    from tokmask_peft.sweeps import sweep
+
+    token = make_recipe("llama", train={"epochs": 2}, sweep={"rates": [0.0, 0.3], "seeds": [0, 1]})
+    word = make_recipe("llama", train={"epochs": 2}, masking={"unit": "word"}, sweep={"rates": [0.3], "seeds": [0, 1]})
+    sweep(token, tmp_path / "token")
+    sweep(word, tmp_path / "word")
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "report", str(tmp_path / "token"),
+                           str(tmp_path / "word")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "token" / "comparison.md").read_text()
+    assert table in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert len(rows) == 2 and "unit word" in rows[1] and "| 0.30 |" in rows[1] and "2 seed(s)" in rows[1]
+    other = tmp_path / "other.conll"
+    other.write_text("# sent_enum = 1\tpositive\nthe\tlang1\n\n"
+                     "# sent_enum = 2\tnegative\nel\tlang2\n")
+    elsewhere = make_recipe("llama", train={"epochs": 1}, data={"dev": str(other)}, sweep={"rates": [0.0], "seeds": [0]})
+    sweep(elsewhere, tmp_path / "elsewhere")
+    from tokmask_peft.reporting import compare_sweeps
+
+    with pytest.raises(ValueError, match=r"differs from .* in \['data'\]"):
+        compare_sweeps([tmp_path / "token", tmp_path / "elsewhere"])

@@ -42,10 +42,16 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .reporting import report
+    from .reporting import compare_sweeps, report
 
-    report(args.output, args.metric)
-    print((Path(args.output) / "results.md").read_text())
+    for out in args.output:
+        report(out, args.metric)
+        print((Path(out) / "results.md").read_text())
+    if len(args.output) > 1:
+        table = compare_sweeps(args.output, args.metric)
+        (Path(args.output[0]) / "comparison.md").write_text(table)
+        print(table)
+        print(f"comparison: {Path(args.output[0]) / 'comparison.md'}")
 
 
 def cmd_predict(args) -> None:
@@ -113,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="Ray retries per failed run")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="rebuild results.csv/.md/.png from a sweep's run directories")
-    p.add_argument("output")
+    p = sub.add_parser("report", help="rebuild results.csv/.md/.png from a sweep's run directories; with several "
+                       "sweeps, also one table judging each against the first sweep's p = 0")
+    p.add_argument("output", nargs="+")
     p.add_argument("--metric", default="weighted_f1")
     p.set_defaults(func=cmd_report)
 

@@ -123,28 +123,31 @@ def plot(summary: list[dict], path: Path, metric: str = "weighted_f1") -> None:
 # ---- does masking help? ------------------------------------------------------------------------------
 
 
-def set_verdicts(out: Path, rows: list[dict], name: str, metric: str) -> list[Verdict]:
+def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
+                 baseline: tuple[Path, list[dict]] | None = None) -> list[Verdict]:
     """Each rate against p = 0 on evaluation set ``name``: from saved predictions where every run of
-    the pair has them (seeds and examples), else from the runs' best metrics (seeds only)."""
+    the pair has them (seeds and examples), else from the runs' best metrics (seeds only).
+    ``baseline``: another sweep's directory and rows whose p = 0 runs to compare against."""
+    base_out, base_rows = baseline or (out, rows)
     by_rate: dict[float, dict[int, dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], {})[row["seed"]] = row
-    base = by_rate[0.0]
-    classes = len(read_run_config(out / next(iter(base.values()))["run"])["labels"])
-    loaded: dict[str, dict] = {}
+    base = {r["seed"]: r for r in base_rows if r["rate"] == 0.0}
+    classes = len(read_run_config(base_out / next(iter(base.values()))["run"])["labels"])
+    loaded: dict[Path, dict] = {}
 
-    def predictions(row: dict):
-        path = out / row["run"] / PREDICTIONS_FILE
-        if row["run"] not in loaded:
-            loaded[row["run"]] = load_predictions(path) if path.is_file() else {}
-        return loaded[row["run"]].get(name)
+    def predictions(root: Path, row: dict):
+        path = root / row["run"] / PREDICTIONS_FILE
+        if path not in loaded:
+            loaded[path] = load_predictions(path) if path.is_file() else {}
+        return loaded[path].get(name)
 
     verdicts = []
     for rate, runs in sorted(by_rate.items()):
         if rate == 0.0:
             continue
         seeds = sorted(set(runs) & set(base))
-        kept = {s: (predictions(runs[s]), predictions(base[s])) for s in seeds}
+        kept = {s: (predictions(out, runs[s]), predictions(base_out, base[s])) for s in seeds}
         if seeds and all(a is not None and b is not None for a, b in kept.values()):
             verdicts.append(paired_verdict(rate, {s: a for s, (a, _) in kept.items()},
                                            {s: b for s, (_, b) in kept.items()}, classes, metric))
@@ -223,3 +226,45 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- several sweeps on one footing --------------------------------------------------------------------
+
+SHARED_KEYS = (("model", "name"), ("model", "gguf_file"), ("model", "task"), ("data", None))
+
+
+def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
+    """One table across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a
+    consistency term): each sweep's recommended rate with its Δ and interval against the p = 0 runs
+    of the first sweep, so every strategy is judged against the same baseline."""
+    outs = [Path(o) for o in outs]
+    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    base_rows = collect(outs[0])
+    if not any(r["rate"] == 0.0 for r in base_rows):
+        raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
+    reference = read_run_config(outs[0] / base_rows[0]["run"])["recipe"]
+    lines = [f"Sweeps against the p = 0 runs of {outs[0]} on dev ({metric.replace('_', ' ')}); each sweep's "
+             "recommended rate (else its largest Δ).", "",
+             "| sweep | masking | rate | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
+             "|---|---|---|---|---|---|---|"]
+    for out in outs:
+        rows = collect(out)
+        if not rows:
+            raise FileNotFoundError(f"no finished runs under {out}")
+        recipe = read_run_config(out / rows[0]["run"])["recipe"]
+        differ = [f"{a}.{b}" if b else a for a, b in SHARED_KEYS
+                  if (recipe[a].get(b) if b else recipe[a]) != (reference[a].get(b) if b else reference[a])]
+        if differ:
+            raise ValueError(f"{out} differs from {outs[0]} in {differ}: sweeps compared on one footing must "
+                             "share base model and data")
+        verdicts = set_verdicts(out, rows, DEV_SET, metric, baseline=(outs[0], base_rows))
+        strategy = strategy_line(rows).strip().removeprefix("Masking: ").rstrip(".")
+        better = [v for v in verdicts if v.word == "better"]
+        pick = max(better, key=lambda v: v.delta) if better else chosen_on_dev(verdicts)
+        if pick is None:
+            lines.append(f"| {out} | {strategy} | – | – | – | only p = 0 | – |")
+            continue
+        interval = f"[{pick.low:+.4f}, {pick.high:+.4f}]" if pick.low is not None else "none"
+        lines.append(f"| {out} | {strategy} | {pick.rate:.2f} | {pick.delta:+.4f} | {interval} | {pick.word} | "
+                     f"{pick.level}, {pick.seeds} seed(s) |")
+    return "\n".join(lines) + "\n"
