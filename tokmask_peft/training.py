@@ -169,6 +169,11 @@ class Run:
         return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
                         tc.focal_gamma, keep)
 
+    def score(self, features: list[dict], keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
+        """Evaluate the model as it is on an evaluation set other than the prepared dev loader's."""
+        loader = eval_loader(features, self.setup.tokenizer, self.recipe.model.task, self.recipe.train.eval_batch_size)
+        return self.evaluate(self.accelerator.prepare(loader), keep)
+
 
 def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
     """Train one run of ``recipe``; write adapter (or full model), tokenizer and side files.
@@ -454,14 +459,12 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
     accelerator, setup, tc = run.accelerator, run.setup, run.recipe.train
     if stopping.weights is not None:
         accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
-    scored = {}
-    for name, features in {DEV_SET: setup.dev_features, **setup.extra_features}.items():
-        loader = accelerator.prepare(eval_loader(features, setup.tokenizer, run.recipe.model.task, tc.eval_batch_size))
-        scored[name] = run.evaluate(loader, keep=True)
+    scored = {name: run.score(features, keep=True)
+              for name, features in {DEV_SET: setup.dev_features, **setup.extra_features}.items()}
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
-    robustness = {kind: {str(q): run.evaluate(accelerator.prepare(eval_loader(
-        setup.robustness_features(kind, q), setup.tokenizer, run.recipe.model.task, tc.eval_batch_size)))[0]
-        for q in tc.robustness} for kind in CORRUPTIONS} if tc.robustness else {}
+    robustness = {}
+    for kind in CORRUPTIONS if tc.robustness else ():
+        robustness[kind] = {str(q): run.score(setup.robustness_features(kind, q))[0] for q in tc.robustness}
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
     metrics = {
         "best": state.best, "history": state.history, "extra_eval": extra, "robustness": robustness, **run.counts,
