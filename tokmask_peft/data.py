@@ -226,9 +226,9 @@ def whitespace_word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[i
         word_of.append(word)
     out = []
     for start, end in offsets:
-        inside = [w for w in word_of[start:end] if w is not None] if end > start else []
-        after = [w for w in word_of[end:] if w is not None] if end > start else []
-        out.append(inside[0] if inside else (after[0] if after else None))
+        # The first word inside the token, else (a whitespace token) the first word after it.
+        following = (w for w in word_of[start:] if w is not None) if end > start else iter(())
+        out.append(next(following, None))
     return out
 
 

@@ -331,7 +331,7 @@ class TokenMasker:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.paused = False
         self._worker_seed: int | None = None
-        self._special_on: dict[tuple, torch.Tensor] = {}  # one host->device copy per device
+        self._on_device: dict[tuple, torch.Tensor] = {}  # one host->device copy per device (see _on)
 
     @classmethod
     def for_tokenizer(cls, tokenizer, mask_token: MaskToken, rate: float = 0.1, seed: int = 0,
@@ -356,15 +356,18 @@ class TokenMasker:
         if self.rate == 0.0 or self.paused:
             return input_ids
         self._sync_worker_generator()
-        key = (input_ids.device, input_ids.dtype, tuple(self.special_ids))
-        special = self._special_on.get(key)
-        if special is None:
-            special = self._special_on[key] = torch.tensor(self.special_ids, dtype=input_ids.dtype,
-                                                           device=input_ids.device)
+        special = self._on(("special", *self.special_ids), lambda: torch.tensor(self.special_ids), input_ids)
+        random_ids = None if self.random_ids is None else self._on(("random",), lambda: self.random_ids, input_ids)
         protected = protected_positions(input_ids, attention_mask, special)
         return mask_tokens(input_ids, self.rate, self.mask_id, protected, self.generator, word_ids=word_ids,
-                           unit=self.unit, span_mean=self.span_mean, replace=self.replace,
-                           random_ids=self.random_ids)
+                           unit=self.unit, span_mean=self.span_mean, replace=self.replace, random_ids=random_ids)
+
+    def _on(self, name: tuple, make: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The tensor ``make`` builds, on ``like``'s device and dtype, copied there once (not once per batch)."""
+        key = (*name, like.device, like.dtype)
+        if key not in self._on_device:
+            self._on_device[key] = make().to(like.device, like.dtype)
+        return self._on_device[key]
 
     @contextlib.contextmanager
     def pause(self):
