@@ -140,5 +140,5 @@ def test_sweeps_compared_against_the_first_sweeps_p0_through_the_cli(make_recipe
     sweep(elsewhere, tmp_path / "elsewhere")
     from tokmask_peft.reporting import compare_sweeps
 
-    with pytest.raises(ValueError, match=r"differs from .* in \['data'\]"):
+    with pytest.raises(ValueError, match=r"differs from .* in \['data\.dev'\]"):
         compare_sweeps([tmp_path / "token", tmp_path / "elsewhere"])

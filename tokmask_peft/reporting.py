@@ -16,6 +16,7 @@ from .runs import (
     PREDICTIONS_FILE,
     REPORT_METRICS,
     collect,
+    fingerprint_diff,
     read_run_config,
     robustness_column,
 )
@@ -26,6 +27,7 @@ from .verdicts import (
     load_predictions,
     paired_verdict,
     recommendation,
+    recommended,
     seed_level_verdict,
 )
 
@@ -123,8 +125,19 @@ def plot(summary: list[dict], path: Path, metric: str = "weighted_f1") -> None:
 # ---- does masking help? ------------------------------------------------------------------------------
 
 
+class PredictionFiles(dict):
+    """Each run's ``predictions.npz``, read once per report whatever the number of evaluation sets."""
+
+    def get_set(self, run: Path, name: str):
+        if run not in self:
+            path = run / PREDICTIONS_FILE
+            self[run] = load_predictions(path) if path.is_file() else {}
+        return self[run].get(name)
+
+
 def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
-                 baseline: tuple[Path, list[dict]] | None = None) -> list[Verdict]:
+                 baseline: tuple[Path, list[dict]] | None = None,
+                 files: PredictionFiles | None = None) -> list[Verdict]:
     """Each rate against p = 0 on evaluation set ``name``: from saved predictions where every run of
     the pair has them (seeds and examples), else from the runs' best metrics (seeds only).
     ``baseline``: another sweep's directory and rows whose p = 0 runs to compare against."""
@@ -134,13 +147,10 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
         by_rate.setdefault(row["rate"], {})[row["seed"]] = row
     base = {r["seed"]: r for r in base_rows if r["rate"] == 0.0}
     classes = len(read_run_config(base_out / next(iter(base.values()))["run"])["labels"])
-    loaded: dict[Path, dict] = {}
+    files = PredictionFiles() if files is None else files
 
     def predictions(root: Path, row: dict):
-        path = root / row["run"] / PREDICTIONS_FILE
-        if path not in loaded:
-            loaded[path] = load_predictions(path) if path.is_file() else {}
-        return loaded[path].get(name)
+        return files.get_set(root / row["run"], name)
 
     verdicts = []
     for rate, runs in sorted(by_rate.items()):
@@ -165,20 +175,21 @@ def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") ->
     if not any(r["rate"] == 0.0 for r in rows):
         return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
     metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
-    dev = set_verdicts(out, rows, DEV_SET, metric)
+    files = PredictionFiles()
+    dev = set_verdicts(out, rows, DEV_SET, metric, files=files)
     if not dev:
         return "\nOnly p = 0 in this sweep: nothing to compare.\n"
     lines = ["", f"Does masking help? Each rate against p = 0 on dev, paired by seed ({metric.replace('_', ' ')}; "
              "two-level bootstrap over seeds and dev examples where predictions were saved).", "",
              "| mask rate p | Δ vs p = 0 | 95 % interval | verdict | the interval covers |", "|---|---|---|---|---|"]
     for v in dev:
-        interval = f"[{v.low:+.4f}, {v.high:+.4f}]" if v.low is not None else "none"
-        lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {interval} | {v.word} | {v.level}, {v.seeds} seed(s) |")
+        lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {v.interval or 'none'} | {v.word} | {v.level}, "
+                     f"{v.seeds} seed(s) |")
     lines += ["", recommendation(dev)]
     chosen = chosen_on_dev(dev)
-    extra_sets = sorted({name for r in rows for name in read_run_config(out / r["run"])["recipe"]["data"]["extra_eval"]})
-    for name in extra_sets:
-        held = [v for v in set_verdicts(out, rows, name, metric) if v.rate == chosen.rate]
+    # A sweep's runs share one recipe (sweeps refuse to mix them): one config names its held-out sets.
+    for name in sorted(read_run_config(out / rows[0]["run"])["recipe"]["data"]["extra_eval"]):
+        held = [v for v in set_verdicts(out, rows, name, metric, files=files) if v.rate == chosen.rate]
         if held:
             lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
                          f"{held[0].describe()}: {held[0].word}.")
@@ -230,7 +241,9 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
 
 # ---- several sweeps on one footing --------------------------------------------------------------------
 
-SHARED_KEYS = (("model", "name"), ("model", "gguf_file"), ("model", "task"), ("data", None))
+def shared_footing(recipe: dict) -> dict:
+    """What sweeps compared on one footing must share: base model, task and data."""
+    return {"model": {k: recipe["model"].get(k) for k in ("name", "gguf_file", "task")}, "data": recipe["data"]}
 
 
 def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
@@ -242,7 +255,8 @@ def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
-    reference = read_run_config(outs[0] / base_rows[0]["run"])["recipe"]
+    reference = shared_footing(read_run_config(outs[0] / base_rows[0]["run"])["recipe"])
+    files = PredictionFiles()
     lines = [f"Sweeps against the p = 0 runs of {outs[0]} on dev ({metric.replace('_', ' ')}); each sweep's "
              "recommended rate (else its largest Δ).", "",
              "| sweep | masking | rate | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
@@ -251,20 +265,16 @@ def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
         rows = collect(out)
         if not rows:
             raise FileNotFoundError(f"no finished runs under {out}")
-        recipe = read_run_config(out / rows[0]["run"])["recipe"]
-        differ = [f"{a}.{b}" if b else a for a, b in SHARED_KEYS
-                  if (recipe[a].get(b) if b else recipe[a]) != (reference[a].get(b) if b else reference[a])]
+        differ = fingerprint_diff(reference, shared_footing(read_run_config(out / rows[0]["run"])["recipe"]))
         if differ:
             raise ValueError(f"{out} differs from {outs[0]} in {differ}: sweeps compared on one footing must "
                              "share base model and data")
-        verdicts = set_verdicts(out, rows, DEV_SET, metric, baseline=(outs[0], base_rows))
+        verdicts = set_verdicts(out, rows, DEV_SET, metric, baseline=(outs[0], base_rows), files=files)
         strategy = strategy_line(rows).strip().removeprefix("Masking: ").rstrip(".")
-        better = [v for v in verdicts if v.word == "better"]
-        pick = max(better, key=lambda v: v.delta) if better else chosen_on_dev(verdicts)
+        pick = recommended(verdicts) or chosen_on_dev(verdicts)
         if pick is None:
             lines.append(f"| {out} | {strategy} | – | – | – | only p = 0 | – |")
             continue
-        interval = f"[{pick.low:+.4f}, {pick.high:+.4f}]" if pick.low is not None else "none"
-        lines.append(f"| {out} | {strategy} | {pick.rate:.2f} | {pick.delta:+.4f} | {interval} | {pick.word} | "
-                     f"{pick.level}, {pick.seeds} seed(s) |")
+        lines.append(f"| {out} | {strategy} | {pick.rate:.2f} | {pick.delta:+.4f} | {pick.interval or 'none'} | "
+                     f"{pick.word} | {pick.level}, {pick.seeds} seed(s) |")
     return "\n".join(lines) + "\n"

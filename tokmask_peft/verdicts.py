@@ -55,9 +55,13 @@ class Verdict:
             return "no evidence"
         return "better" if self.low > 0 else "worse" if self.high < 0 else "no evidence"
 
+    @property
+    def interval(self) -> str | None:
+        """``[low, high]`` as printed, or None where there is no interval."""
+        return None if self.low is None else f"[{self.low:+.4f}, {self.high:+.4f}]"
+
     def describe(self) -> str:
-        interval = f"[{self.low:+.4f}, {self.high:+.4f}]" if self.low is not None else "no interval"
-        return f"Δ = {self.delta:+.4f}, 95 % CI {interval} ({self.level}; {self.seeds} seed(s))"
+        return f"Δ = {self.delta:+.4f}, 95 % CI {self.interval or 'no interval'} ({self.level}; {self.seeds} seed(s))"
 
 
 # ---- metrics on weighted rows: one pass serves every bootstrap replicate ---------------------------
@@ -141,11 +145,15 @@ def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int
     return Verdict(rate, mean, mean - half, mean + half, len(d), "seeds only (no saved predictions)")
 
 
+def recommended(verdicts: list[Verdict]) -> Verdict | None:
+    """The rate to use: of those better than p = 0 beyond noise, the largest Δ; None if none is."""
+    return max((v for v in verdicts if v.word == "better"), key=lambda v: v.delta, default=None)
+
+
 def recommendation(verdicts: list[Verdict]) -> str:
     """The line a user acts on: the rate to use with its Δ and interval, or why p = 0 stays."""
-    better = [v for v in verdicts if v.word == "better"]
-    if better:
-        best = max(better, key=lambda v: v.delta)
+    best = recommended(verdicts)
+    if best:
         return f"Recommendation: use p = {best.rate:g}: {best.describe()}."
     seeds = max((v.seeds for v in verdicts), default=0)
     return f"Recommendation: no rate beats p = 0 beyond noise ({seeds} seeds); use p = 0 or add seeds."
