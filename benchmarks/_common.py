@@ -133,3 +133,22 @@ def lince_recipe(model_dir: Path, output_dir: Path, task: str = "sequence", **se
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+def lora_step_parts(model_dir: Path, folder: Path, batch: int, device, word_ids: bool = False):
+    """What a training-step benchmark needs: a LoRA model on a LinCE SA recipe in training mode, its
+    Setup, an AdamW over its trainable tensors, and one batch of the ``batch`` longest tweets on
+    ``device`` (with word ids for word and span masking). Returns (setup, model, optimizer, batch, labels)."""
+    import torch
+
+    from tokmask_peft.config import Recipe
+    from tokmask_peft.data import padding_collator
+    from tokmask_peft.setup import Setup
+
+    setup = Setup.from_recipe(Recipe.from_dict(lince_recipe(model_dir, folder / "run",
+                                                            data={"max_train_examples": 256})))
+    model = setup.model_for(0).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    features = sorted(setup.train_features, key=lambda f: len(f["input_ids"]))[-batch:]
+    inputs = {k: v.to(device) for k, v in padding_collator(setup.tokenizer, "sequence", word_ids)(features).items()}
+    return setup, model, optimizer, inputs, inputs.pop("labels")

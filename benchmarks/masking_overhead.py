@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import alternate, benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
+from _common import alternate, benchmark_parser, decoder, lora_step_parts, median, write_result  # noqa: E402
 
-from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
-from tokmask_peft.training import Setup  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -25,15 +23,7 @@ def main(argv=None) -> dict:
     shape, repeats = ("tiny", 2) if args.tiny else (args.shape, args.repeats)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with decoder(shape) as (tmp, model_dir):
-        recipe = Recipe.from_dict(lince_recipe(model_dir, tmp / "run", data={"max_train_examples": 256}))
-        setup = Setup.from_recipe(recipe)
-        model = setup.model_for(0).to(device).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        from tokmask_peft.data import padding_collator
-
-        features = sorted(setup.train_features, key=lambda f: len(f["input_ids"]))[-args.batch:]
-        batch = {k: v.to(device) for k, v in padding_collator(setup.tokenizer, "sequence")(features).items()}
-        labels = batch.pop("labels")
+        setup, model, optimizer, batch, labels = lora_step_parts(model_dir, tmp, args.batch, device)
         masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=0.1, seed=0)
 
         def step():

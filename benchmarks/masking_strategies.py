@@ -15,12 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import alternate, benchmark_parser, decoder, lince_recipe, median, write_result  # noqa: E402
+from _common import alternate, benchmark_parser, decoder, lora_step_parts, median, write_result  # noqa: E402
 
-from tokmask_peft.config import Recipe  # noqa: E402
-from tokmask_peft.data import padding_collator  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking, consistency_term  # noqa: E402
-from tokmask_peft.setup import Setup  # noqa: E402
 
 VARIANTS = {  # name: (strategy, consistency: None | "both" | "stop_grad")
     "token": ({}, None), "word": ({"unit": "word"}, None), "span": ({"unit": "span"}, None),
@@ -34,14 +31,7 @@ def main(argv=None) -> dict:
     shape, repeats = ("tiny", 2) if args.tiny else (args.shape, args.repeats)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with decoder(shape) as (tmp, model_dir):
-        recipe = Recipe.from_dict(lince_recipe(model_dir, tmp / "run", data={"max_train_examples": 256}))
-        setup = Setup.from_recipe(recipe)
-        model = setup.model_for(0).to(device).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        features = sorted(setup.train_features, key=lambda f: len(f["input_ids"]))[-args.batch:]
-        collate = padding_collator(setup.tokenizer, "sequence", word_ids=True)
-        batch = {k: v.to(device) for k, v in collate(features).items()}
-        labels = batch.pop("labels")
+        setup, model, optimizer, batch, labels = lora_step_parts(model_dir, tmp, args.batch, device, word_ids=True)
 
         def step_for(strategy: dict, consistency: str | None):
             masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=0.15, seed=0, **strategy)
