@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment  # noqa: E402
 
 from tokmask_peft.config import Recipe, resolve_path  # noqa: E402
-from tokmask_peft.sweeps import summarise, sweep  # noqa: E402
+from tokmask_peft.reporting import summarise  # noqa: E402
+from tokmask_peft.sweeps import sweep  # noqa: E402
 
 
-def light_copy(src: Path, dst: Path) -> None:
+def light_copy(src: Path, dst: Path, keep: tuple[str, ...] = ("metrics.json", "tokmask_config.json")) -> None:
+    """Results and each run's small files (``keep``), weights left out, for committing."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("results.csv", "results.md", "results.png", "recipe.yaml", "tta.json"):
         if (src / name).exists():
@@ -35,7 +37,7 @@ def light_copy(src: Path, dst: Path) -> None:
             continue
         target = dst / run.relative_to(src)  # same layout: `tokmask report DST` rebuilds the table
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.json", "tokmask_config.json"):
+        for name in keep:
             if (run / name).exists():
                 shutil.copy2(run / name, target / name)
 

@@ -40,3 +40,26 @@ def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example(
     assert got["examples_vs"] == {"trainer": pytest.approx(4000), "ours": pytest.approx(12000)}
     assert compile_break_even(30.0, 2000, {"ours_compiled": 200.0, "trainer": 250.0, "ours": 150.0}
                               )["examples_vs"]["trainer"] is None
+
+
+def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_and_the_test_carve(
+        tiny_model, toy_data, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import main
+
+    out = tmp_path / "results"
+    main(["--block", "1", "--strategies", "rdrop,neftune", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+          "--out", str(out), f"model.name={tiny_model('bert')}", f"data.train={toy_data['train']}",
+          f"data.dev={toy_data['dev']}", "data.test_from_train=32", "data.max_train_examples=48",
+          "data.max_length=16", "train.epochs=2", "train.robustness=[0.2]"])
+    block = out / "block_1"
+    table = (block / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(f"| {block}")]
+    # token (the shared p = 0, added first) and the two asked for; each picked on dev, judged on test
+    assert [r.split(" | ")[0].rsplit("/", 1)[1] for r in rows] == ["token", "token", "rdrop", "rdrop",
+                                                                   "neftune", "neftune"]
+    assert "NEFTune α = 5" in rows[4] and "consistency λ = 1" in rows[2]
+    robustness = (block / "robustness.md").read_text()
+    assert "| neftune | 0.00 | 2 |" in robustness and "–" not in robustness
+    for run in (block / "rdrop").glob("mask_*/seed_*"):
+        assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "predictions.npz", "tokmask_config.json"]

@@ -125,3 +125,26 @@ def test_cli_end_to_end_on_real_lince_slice(tiny_model, tmp_path):
     assert config["mask_token"] == {"policy": "auto:unk", "token": "<unk>", "id": 0, "added": False}
     metrics = json.loads((out / "mask_0.30" / "seed_0" / "metrics.json").read_text())
     assert metrics["train_examples"] == 300 and metrics["dev_examples"] == 100
+
+
+def test_test_from_train_is_carved_once_disjoint_from_every_training_subset(tmp_path):
+    from tokmask_peft.config import Recipe
+    from tokmask_peft.setup import read_splits
+
+    lince = shared_path("data", "lince", "sa_spaeng")
+
+    def splits(**data):
+        return read_splits(Recipe.from_dict({"model": {"name": "x"}, "data": {
+            "train": str(lince / "train.conll"), "dev": str(lince / "dev.conll"), "test_from_train": 2000, **data}}))
+
+    train_500, _, held_500 = splits(max_train_examples=500)
+    train_2k, _, held_2k = splits(max_train_examples=2000)
+    test = {e.text for e in held_500["test"]}
+    assert len(held_500["test"]) == 2000 and test == {e.text for e in held_2k["test"]}
+    assert len(train_500) == 500 and len(train_2k) == 2000
+    for subset in (train_500, train_2k):
+        assert not test & {e.text for e in subset}
+    with pytest.raises(ValueError, match="leaves no training data"):
+        splits(test_from_train=20000)
+    with pytest.raises(ValueError, match="rename one"):
+        splits(extra_eval={"test": str(lince / "dev.conll")})

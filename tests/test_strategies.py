@@ -241,3 +241,34 @@ def test_strategies_resume_exactly_and_are_recorded(make_recipe, tmp_path, monke
     assert [r["loss"] for r in resumed["history"]] == pytest.approx([r["loss"] for r in whole["history"]], rel=1e-5)
     saved = json.loads((tmp_path / "whole" / "tokmask_config.json").read_text())["masking"]
     assert {k: saved[k] for k in masking} == masking
+
+
+def test_neftune_noises_training_only_through_transformers_hook_and_leaves_the_kept_base_clean(make_recipe,
+                                                                                                tmp_path,
+                                                                                                monkeypatch):
+    import transformers.integrations.neftune as neftune
+
+    from tokmask_peft.setup import Setup
+    from tokmask_peft.training import train
+
+    modes = []
+    real = neftune.neftune_post_forward_hook
+
+    def seen(module, args, output):
+        modes.append(module.training)
+        return real(module, args, output)
+
+    monkeypatch.setattr(neftune, "neftune_post_forward_hook", seen)
+    plain = make_recipe("llama", masking={"rate": 0.0}, train={"epochs": 1})
+    noisy = make_recipe("llama", masking={"rate": 0.0}, train={"epochs": 1, "neftune_alpha": 5.0})
+    setup = Setup.from_recipe(noisy)
+    train(plain, setup, output_dir=tmp_path / "plain")
+    assert modes == []
+    train(noisy, setup, output_dir=tmp_path / "noisy")
+    assert True in modes and False in modes  # training steps and dev passes both reach the hook
+    assert logged_losses(tmp_path / "noisy")[0] != pytest.approx(logged_losses(tmp_path / "plain")[0], abs=1e-6)
+    embeddings = setup.base.get_input_embeddings()
+    assert not embeddings._forward_hooks and not hasattr(embeddings, "neftune_noise_alpha")
+    modes.clear()
+    train(plain, setup, output_dir=tmp_path / "plain_again")  # the next run on the kept base: no noise
+    assert modes == [] and logged_losses(tmp_path / "plain_again") == pytest.approx(logged_losses(tmp_path / "plain"))

@@ -119,24 +119,32 @@ def test_sweeps_compared_against_the_first_sweeps_p0_through_the_cli(make_recipe
     import subprocess
     import sys
 
-
     from tokmask_peft.sweeps import sweep
 
-    token = make_recipe("llama", train={"epochs": 2}, sweep={"rates": [0.0, 0.3], "seeds": [0, 1]})
-    word = make_recipe("llama", train={"epochs": 2}, masking={"unit": "word"}, sweep={"rates": [0.3], "seeds": [0, 1]})
-    sweep(token, tmp_path / "token")
-    sweep(word, tmp_path / "word")
+    carve = {"test_from_train": 32}
+    token = make_recipe("llama", train={"epochs": 2}, data=carve, sweep={"rates": [0.0, 0.3], "seeds": [0, 1]})
+    word = make_recipe("llama", train={"epochs": 2}, data=carve, masking={"unit": "word"},
+                       sweep={"rates": [0.3], "seeds": [0, 1]})
+    rdrop = make_recipe("llama", train={"epochs": 2}, data=carve, masking={"consistency": 1.0},
+                        sweep={"rates": [0.0], "seeds": [0, 1]})
+    for name, recipe in (("token", token), ("word", word), ("rdrop", rdrop)):
+        sweep(recipe, tmp_path / name)
     proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "report", str(tmp_path / "token"),
-                           str(tmp_path / "word")], capture_output=True, text=True)
+                           str(tmp_path / "word"), str(tmp_path / "rdrop")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "token" / "comparison.md").read_text()
-    assert table in proc.stdout
+    assert table in proc.stdout and "then judged on test" in table
     rows = [line for line in table.splitlines() if line.startswith(f"| {tmp_path}")]
-    assert len(rows) == 2 and "unit word" in rows[1] and "| 0.30 |" in rows[1] and "2 seed(s)" in rows[1]
+    # each sweep's pick on dev, then the same rate on the carved test set
+    assert [r.split(" | ")[3:4] for r in rows] == [["dev"], ["test"]] * 3
+    assert "unit word" in rows[2] and "| 0.30 |" in rows[2] and "2 seed(s)" in rows[2]
+    # R-Drop is p = 0 of another recipe: judged against the shared p = 0, not skipped
+    assert "consistency λ = 1" in rows[4] and "| 0.00 |" in rows[4] and "seeds and examples" in rows[4]
     other = tmp_path / "other.conll"
     other.write_text("# sent_enum = 1\tpositive\nthe\tlang1\n\n"
                      "# sent_enum = 2\tnegative\nel\tlang2\n")
-    elsewhere = make_recipe("llama", train={"epochs": 1}, data={"dev": str(other)}, sweep={"rates": [0.0], "seeds": [0]})
+    elsewhere = make_recipe("llama", train={"epochs": 1}, data={"dev": str(other), **carve},
+                            sweep={"rates": [0.0], "seeds": [0]})
     sweep(elsewhere, tmp_path / "elsewhere")
     from tokmask_peft.reporting import compare_sweeps
 

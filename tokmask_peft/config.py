@@ -19,6 +19,8 @@ METHODS = ("full", "lora", "qlora")
 FORMATS = ("lince", "csv", "tsv", "jsonl", "hf")
 CLASS_WEIGHTS = ("none", "paper", "inverse")
 METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
+TEST_SET = "test"
+"""The held-out set ``data.test_from_train`` carves."""
 
 
 def resolve_path(value: str | None) -> str | None:
@@ -125,6 +127,9 @@ class DataConfig:
     """Keep only the first N training examples after a seeded shuffle (few-shot recipes)."""
     max_eval_examples: int | None = None
     """Keep only the first N dev examples (quick runs)."""
+    test_from_train: int = 0
+    """Hold out N training examples (fixed shuffle, before ``max_train_examples``) as the ``test`` set,
+    scored at the end like ``extra_eval``: a verdict on a rate chosen on dev, disjoint from every subset."""
 
     def __post_init__(self):
         if not self.train:
@@ -138,6 +143,13 @@ class DataConfig:
         for name in ("max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _positive("data", name, getattr(self, name))
+        _positive("data", "test_from_train", self.test_from_train, allow_zero=True)
+        if self.test_from_train and TEST_SET in self.extra_eval:
+            raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: rename one")
+
+    def held_out_names(self) -> list[str]:
+        """The evaluation sets scored at the end besides dev."""
+        return sorted(self.extra_eval) + ([TEST_SET] if self.test_from_train else [])
 
 
 @dataclasses.dataclass
@@ -225,6 +237,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (0: run all epochs); for smoke tests."""
     log_every: int = 10
     """Write a JSON log line every N optimizer steps."""
+    neftune_alpha: float = 0.0
+    """NEFTune (arXiv 2310.05914): uniform noise of scale alpha / sqrt(length * width) on the input
+    embeddings while training, through transformers' own hook; 0 turns it off. Combines with masking."""
     robustness: list[float] = dataclasses.field(default_factory=list)
     """Severities q at which the best weights are also scored on corrupted dev copies (word
     deletion, words masked, typos), e.g. [0.1, 0.2, 0.3]; empty: none."""
@@ -233,7 +248,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "lr"):
             _positive("train", name, getattr(self, name))
         for name in ("weight_decay", "max_grad_norm", "focal_gamma", "eval_every", "patience", "num_workers",
-                     "checkpoint_every", "max_steps", "log_every"):
+                     "checkpoint_every", "max_steps", "log_every", "neftune_alpha"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")

@@ -17,6 +17,7 @@ from .runs import (
     REPORT_METRICS,
     collect,
     fingerprint_diff,
+    held_out_names,
     read_run_config,
     robustness_column,
 )
@@ -78,8 +79,9 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
 
 def strategy_line(rows: list[dict]) -> str:
     """How the sweep masked, from its runs (one strategy per sweep; several are listed if mixed)."""
-    kinds = sorted({(r["unit"], r["replace"], r["consistency"]) for r in rows})
-    text = "; ".join(f"unit {u}, replace {r}, consistency λ = {c:g}" for u, r, c in kinds)
+    kinds = sorted({(r["unit"], r["replace"], r["consistency"], r.get("neftune_alpha", 0.0)) for r in rows})
+    text = "; ".join(f"unit {u}, replace {r}, consistency λ = {c:g}" + (f", NEFTune α = {a:g}" if a else "")
+                     for u, r, c, a in kinds)
     return f"Masking: {text}.\n\n"
 
 
@@ -154,7 +156,7 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
 
     verdicts = []
     for rate, runs in sorted(by_rate.items()):
-        if rate == 0.0:
+        if rate == 0.0 and Path(base_out) == Path(out):  # p = 0 of another recipe (R-Drop, NEFTune) is judged
             continue
         seeds = sorted(set(runs) & set(base))
         kept = {s: (predictions(out, runs[s]), predictions(base_out, base[s])) for s in seeds}
@@ -188,7 +190,7 @@ def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") ->
     lines += ["", recommendation(dev)]
     chosen = chosen_on_dev(dev)
     # A sweep's runs share one recipe (sweeps refuse to mix them): one config names its held-out sets.
-    for name in sorted(read_run_config(out / rows[0]["run"])["recipe"]["data"]["extra_eval"]):
+    for name in held_out_names(read_run_config(out / rows[0]["run"])["recipe"]):
         held = [v for v in set_verdicts(out, rows, name, metric, files=files) if v.rate == chosen.rate]
         if held:
             lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
@@ -248,33 +250,49 @@ def shared_footing(recipe: dict) -> dict:
 
 def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
     """One table across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a
-    consistency term): each sweep's recommended rate with its Δ and interval against the p = 0 runs
-    of the first sweep, so every strategy is judged against the same baseline."""
+    consistency term): each sweep's rate picked on dev (recommended, else its largest Δ) with its Δ and
+    interval against the p = 0 runs of the first sweep, so every strategy is judged against the same
+    baseline; then the same pick judged on each held-out set, where the choice on dev cannot flatter it.
+    A later sweep's own p = 0 runs (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
     outs = [Path(o) for o in outs]
     metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
-    reference = shared_footing(read_run_config(outs[0] / base_rows[0]["run"])["recipe"])
+    base_recipe = read_run_config(outs[0] / base_rows[0]["run"])["recipe"]
+    held_out = held_out_names(base_recipe)
     files = PredictionFiles()
-    lines = [f"Sweeps against the p = 0 runs of {outs[0]} on dev ({metric.replace('_', ' ')}); each sweep's "
-             "recommended rate (else its largest Δ).", "",
-             "| sweep | masking | rate | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Sweeps against the p = 0 runs of {outs[0]} ({metric.replace('_', ' ')}); each sweep's rate picked "
+             "on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}" if held_out
+                                                           else "") + ".", "",
+             "| sweep | strategy | rate | set | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
+             "|---|---|---|---|---|---|---|---|"]
     for out in outs:
-        rows = collect(out)
-        if not rows:
-            raise FileNotFoundError(f"no finished runs under {out}")
-        differ = fingerprint_diff(reference, shared_footing(read_run_config(out / rows[0]["run"])["recipe"]))
-        if differ:
-            raise ValueError(f"{out} differs from {outs[0]} in {differ}: sweeps compared on one footing must "
-                             "share base model and data")
-        verdicts = set_verdicts(out, rows, DEV_SET, metric, baseline=(outs[0], base_rows), files=files)
+        rows = _same_footing_rows(out, outs[0], base_recipe)
+        baseline = (outs[0], base_rows)
+        dev = set_verdicts(out, rows, DEV_SET, metric, baseline=baseline, files=files)
         strategy = strategy_line(rows).strip().removeprefix("Masking: ").rstrip(".")
-        pick = recommended(verdicts) or chosen_on_dev(verdicts)
+        pick = recommended(dev) or chosen_on_dev(dev)
         if pick is None:
-            lines.append(f"| {out} | {strategy} | – | – | – | only p = 0 | – |")
+            lines.append(f"| {out} | {strategy} | – | – | – | – | only the shared p = 0 | – |")
             continue
-        lines.append(f"| {out} | {strategy} | {pick.rate:.2f} | {pick.delta:+.4f} | {pick.interval or 'none'} | "
-                     f"{pick.word} | {pick.level}, {pick.seeds} seed(s) |")
+        judged = [(DEV_SET, pick)] + [(name, v) for name in held_out
+                                      for v in set_verdicts(out, rows, name, metric, baseline=baseline, files=files)
+                                      if v.rate == pick.rate]
+        for name, v in judged:
+            lines.append(f"| {out} | {strategy} | {v.rate:.2f} | {name} | {v.delta:+.4f} | {v.interval or 'none'} | "
+                         f"{v.word} | {v.level}, {v.seeds} seed(s) |")
     return "\n".join(lines) + "\n"
+
+
+def _same_footing_rows(out: Path, first: Path, base_recipe: dict) -> list[dict]:
+    """A sweep's rows, refused unless it shares base model, task and data with the first sweep."""
+    rows = collect(out)
+    if not rows:
+        raise FileNotFoundError(f"no finished runs under {out}")
+    differ = fingerprint_diff(shared_footing(base_recipe),
+                              shared_footing(read_run_config(out / rows[0]["run"])["recipe"]))
+    if differ:
+        raise ValueError(f"{out} differs from {first} in {differ}: sweeps compared on one footing must "
+                         "share base model and data")
+    return rows

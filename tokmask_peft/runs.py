@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .config import TEST_SET
+
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -99,6 +101,12 @@ def read_run_config(run: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def held_out_names(recipe: dict) -> list[str]:
+    """The held-out sets a saved recipe scored at the end (``extra_eval`` and the carved ``test``)."""
+    data = recipe["data"]
+    return sorted(data.get("extra_eval", {})) + ([TEST_SET] if data.get("test_from_train") else [])
+
+
 def read_metrics(run: str | Path) -> dict:
     return json.loads((Path(run) / METRICS_FILE).read_text())
 
@@ -147,6 +155,7 @@ def run_row(path: Path, out: Path) -> dict:
         # Runs written before the strategies existed were uniform token masking.
         "unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
         "consistency": masking.get("consistency", 0.0),
+        "neftune_alpha": config["recipe"]["train"].get("neftune_alpha", 0.0),
         **{m: best.get(m) for m in REPORT_METRICS}, "best_epoch": best.get("epoch"), "best_step": best.get("step"),
         "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
         "peak_memory_mb": round(metrics["peak_memory_mb"], 1),

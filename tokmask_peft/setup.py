@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import Recipe, resolve_path
+from .config import TEST_SET, Recipe, resolve_path
 from .data import Example, check_labels, encode, label_names, read_examples
 from .masking import MaskToken
 from .modeling import (
@@ -22,6 +22,8 @@ from .modeling import (
 )
 from .robustness import corrupted_features
 
+TEST_SHUFFLE_SEED = 7
+"""The test carve's own shuffle, apart from the seed-0 shuffles of dev_fraction and max_train_examples."""
 COMPUTE_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -36,6 +38,16 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
         return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split)
 
     train = read(d.train, "train")
+    held_out = {}
+    if d.test_from_train:
+        if d.test_from_train >= len(train):
+            raise ValueError(f"data.test_from_train={d.test_from_train} leaves no training data: "
+                             f"{d.train} holds {len(train)} examples")
+        train = random.Random(TEST_SHUFFLE_SEED).sample(train, len(train))
+        held_out[TEST_SET], train = train[:d.test_from_train], train[d.test_from_train:]
+        # Repeated texts (retweets: 49 in LinCE SA train) would leak the test set into training.
+        seen = {_key(e) for e in held_out[TEST_SET]}
+        train = [e for e in train if _key(e) not in seen]
     if d.dev_fraction:
         train = random.Random(0).sample(train, len(train))
         n_dev = max(1, int(len(train) * d.dev_fraction))
@@ -46,7 +58,11 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
     if d.max_train_examples and d.max_train_examples < len(train):
         train = random.Random(0).sample(train, d.max_train_examples)
     extra = {name: read(path, "validation")[: d.max_eval_examples or None] for name, path in d.extra_eval.items()}
-    return train, dev, extra
+    return train, dev, {**extra, **held_out}
+
+
+def _key(example: Example):
+    return tuple(example.text) if isinstance(example.text, list) else example.text
 
 
 @dataclasses.dataclass

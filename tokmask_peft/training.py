@@ -24,6 +24,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
+from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from .config import Recipe
 from .data import LengthGroupedBatches, padding_collator
@@ -138,6 +139,8 @@ class Run:
     checkpoints: Checkpoints
     model: Any = None
     hook: Any = None
+    neftune: Any = None
+    """transformers' NEFTune hook on the input embeddings (``train.neftune_alpha`` > 0)."""
     masker: TokenMasker | None = None
     schedule: Any = None
     sampler: LengthGroupedBatches | None = None
@@ -241,6 +244,8 @@ def build(run: Run) -> None:
                                            seed=tc.seed * 1009 + accelerator.process_index,
                                            **recipe.masking.strategy())
     run.hook = attach_masking(run.model, run.masker)
+    if tc.neftune_alpha:  # after the masking hook: noise lands on the masked sequence's embeddings
+        run.neftune = activate_neftune(run.model, tc.neftune_alpha)
     run.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
                                        tc.seed, tc.group_by_length)
     # Loaders get their own generator: a new iterator would otherwise draw from the global RNG,
@@ -482,9 +487,11 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
 
 
 def close(run: Run) -> None:
-    """Detach the masking hook and give a sweep's kept base back, whether the run finished or failed."""
+    """Detach the masking (and NEFTune) hook and give a sweep's kept base back, whether the run finished or failed."""
     if run.hook is not None:
         run.hook.remove()
+    if run.neftune is not None:
+        deactivate_neftune(run.accelerator.unwrap_model(run.model), run.neftune)
     if run.model is not None:
         run.setup.release(run.accelerator.unwrap_model(run.model))
     if run.accelerator.device.type != "cpu":
