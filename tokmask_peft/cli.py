@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .storage import DirectoryInUse, atomic_write_text
+
 
 def _load_recipe(args):
     from .config import Recipe
@@ -49,12 +51,13 @@ def cmd_report(args) -> None:
         print((Path(out) / "results.md").read_text())
     if len(args.output) > 1:
         table = compare_sweeps(args.output, args.metric)
-        (Path(args.output[0]) / "comparison.md").write_text(table)
+        atomic_write_text(Path(args.output[0]) / "comparison.md", table)
         print(table)
         print(f"comparison: {Path(args.output[0]) / 'comparison.md'}")
 
 
 def cmd_predict(args) -> None:
+    from .data import decode_lines
     from .inference import Classifier
     from .runs import TOKMASK_CONFIG
 
@@ -67,14 +70,27 @@ def cmd_predict(args) -> None:
         clf = Classifier.from_sweep(path, seed=args.seed, device=args.device, rate=args.rate)
     if args.adapter:
         clf.use(args.adapter)
-    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    name = "stdin" if args.input == "-" else args.input
+    stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     with stream:
-        texts = [line.rstrip("\n") for line in stream if line.strip()]
-    if clf.task == "token":
-        texts = [t.split() for t in texts]
-    for text, result in zip(texts, clf.predict(texts, args.batch_size, tta=args.tta)):
-        key = "words" if clf.task == "token" else "text"
-        print(json.dumps({key: text, **result, "adapter": clf.active}, ensure_ascii=False))
+        lines = [line.rstrip("\r\n") for _, line in decode_lines(stream, name)]
+    # One output line per input line, in order: a blank line gets a line that says so.
+    texts = [line.split() if clf.task == "token" else line for line in lines if line.strip()]
+    results = iter(clf.predict(texts, args.batch_size, tta=args.tta))
+    key = "words" if clf.task == "token" else "text"
+    truncated = 0
+    for line in lines:
+        if not line.strip():
+            print(json.dumps({key: line, "label" if clf.task == "sequence" else "labels": None,
+                              "error": "empty line", "adapter": clf.active}))
+            continue
+        result = next(results)
+        truncated += result["truncated"]
+        print(json.dumps({key: line.split() if clf.task == "token" else line, **result, "adapter": clf.active},
+                         ensure_ascii=False, allow_nan=False))
+    if truncated:
+        print(f"tokmask predict: {truncated} of {len(texts)} input(s) were longer than the model's max_length "
+              f"({clf.config['max_length']} tokens) and were cut short (\"truncated\": true)", file=sys.stderr)
 
 
 def cmd_merge(args) -> None:
@@ -94,6 +110,19 @@ def cmd_compare(args) -> None:
         overrides.setdefault(method, []).append(assignment)
     rows = compare(_load_recipe(args), args.output, args.methods.split(","), overrides)
     print(compare_table(rows))
+
+
+def _count(least: int):
+    """An argparse type: a whole number >= ``least``, refused with argparse's own message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rate best on dev by weighted F1)")
     p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
-    p.add_argument("--tta", type=int, default=0, help="average over K masked copies (test-time masking)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", type=_count(0), default=0, help="average over K masked copies (test-time masking)")
+    p.add_argument("--batch-size", type=_count(1), default=32)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
 
@@ -155,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, KeyError) as e:  # OSError: files, and transformers' "cannot load this model"
+    except (ValueError, OSError, KeyError, DirectoryInUse) as e:  # OSError: files, transformers' "cannot load"
         raise SystemExit(f"tokmask {args.command}: error: {e}") from None
 
 

@@ -127,6 +127,9 @@ class DataConfig:
     """Keep only the first N training examples after a seeded shuffle (few-shot recipes)."""
     max_eval_examples: int | None = None
     """Keep only the first N dev examples (quick runs)."""
+    encoding_errors: str = "strict"
+    """strict: bytes that are not UTF-8 are an error naming file and line; replace: U+FFFD, counted in a
+    warning (for data known to hold some, e.g. scraped tweets)."""
     test_from_train: int = 0
     """Hold out N training examples (fixed shuffle, before ``max_train_examples``) as the ``test`` set,
     scored at the end like ``extra_eval``: a verdict on a rate chosen on dev, disjoint from every subset."""
@@ -139,6 +142,7 @@ class DataConfig:
         if not 0 <= self.dev_fraction < 1:
             raise ValueError(f"data.dev_fraction must lie in [0, 1), got {self.dev_fraction!r}")
         _choice("data", "format", self.format, FORMATS)
+        _choice("data", "encoding_errors", self.encoding_errors, ("strict", "replace"))
         _positive("data", "max_length", self.max_length)
         for name in ("max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
@@ -321,13 +325,20 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
+        raw = path.read_bytes()
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.safe_load(raw.decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"recipe {path}:{line}: bytes that are not UTF-8: is this a YAML recipe?") from None
         except yaml.YAMLError as e:
             raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
         if not isinstance(d, dict):
             raise ValueError(f"recipe {path} must be a mapping of sections, got {type(d).__name__}")
-        return cls.from_dict(apply_overrides(d, overrides))
+        try:
+            return cls.from_dict(apply_overrides(d, overrides))
+        except ValueError as e:
+            raise ValueError(f"recipe {path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -352,10 +363,20 @@ def _build(cls, section: str, values: Any):
                 values[name] = hints[name](float(value)) if hints[name] is float else int(value)
             except ValueError:
                 raise ValueError(f"{section}.{name} must be a number, got {value!r}") from None
+        if _whole_number(hints[name]) and isinstance(values[name], float):
+            if not values[name].is_integer():
+                raise ValueError(f"{section}.{name} must be a whole number, got {value!r}")
+            values[name] = int(values[name])
         # A string such as "no" or "maybe" would otherwise be truthy.
         if hints[name] is bool and not isinstance(value, bool):
             raise ValueError(f"{section}.{name} must be true or false, got {value!r}")
     return cls(**values)
+
+
+def _whole_number(hint) -> bool:
+    """``int`` or ``int | None``: a count, where 2.7 is a mistake, not 2."""
+    args = typing.get_args(hint)
+    return hint is int or (int in args and float not in args)
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

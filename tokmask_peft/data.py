@@ -7,8 +7,9 @@ import csv
 import dataclasses
 import json
 import random
+import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -33,8 +34,35 @@ def _where(path: Path, line: int) -> str:
 
 # ---- readers --------------------------------------------------------------------------------
 
+ENCODING_ERRORS = ("strict", "replace")
 
-def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Example]:
+
+def decoded_lines(path: str | Path, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file, line ends kept. Bytes that are not UTF-8 are an error
+    naming file and line (``errors='strict'``), or replaced with U+FFFD and counted in one warning."""
+    with Path(path).open("rb") as f:
+        yield from decode_lines(f, str(path), errors)
+
+
+def decode_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """:func:`decoded_lines` for any stream of byte lines (stdin's buffer, say) called ``name``."""
+    replaced = 0
+    for lineno, raw in enumerate(stream, 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if errors == "strict":
+                raise ValueError(f"{name}:{lineno}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at "
+                                 f"byte {e.start + 1} of the line); fix the file, or set "
+                                 "data.encoding_errors=replace to replace them (counted in a warning)") from None
+            replaced += 1
+            yield lineno, raw.decode("utf-8", errors="replace")
+    if replaced:
+        warnings.warn(f"{name}: {replaced} line(s) held bytes that are not UTF-8; replaced with U+FFFD "
+                      "(data.encoding_errors=replace)", stacklevel=2)
+
+
+def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str = "strict") -> list[Example]:
     """Read a LinCE CoNLL file: blank-line separated sentences of ``token<TAB>tag`` lines.
 
     ``task='sequence'`` takes the sentence label from the ``# sent_enum = N<TAB>label`` header
@@ -65,60 +93,63 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True) -> list[Exam
             raise ValueError(f"{_where(path, start)}: sentence header with no tokens")
         words, tags, header_label, header_line = [], [], None, None
 
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                flush()
-                continue
-            if line.startswith("# sent_enum"):
-                flush()
-                start = header_line = lineno
-                fields = line.split("\t")
-                header_label = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
-                if task == "token":
-                    header_label = None
-                continue
+    for lineno, raw in decoded_lines(path, errors):
+        line = raw.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            flush()
+            continue
+        if line.startswith("# sent_enum"):
+            flush()
+            start = header_line = lineno
             fields = line.split("\t")
-            if len(fields) < 2 or not fields[0] or not fields[1].strip():
-                raise ValueError(f"{_where(path, lineno)}: expected 'token<TAB>tag', got {line!r}")
-            if not words and header_line is None:
-                start = lineno
-            tag = fields[1].strip()
-            words.append(fields[0])
-            tags.append(PAPER_LID_FOLD.get(tag, "other") if fold_tags else tag)
-        flush()
+            header_label = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
+            if task == "token":
+                header_label = None
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0] or not fields[1].strip():
+            raise ValueError(f"{_where(path, lineno)}: expected 'token<TAB>tag', got {line!r}")
+        if not words and header_line is None:
+            start = lineno
+        tag = fields[1].strip()
+        words.append(fields[0])
+        tags.append(PAPER_LID_FOLD.get(tag, "other") if fold_tags else tag)
+    flush()
     if not examples:
         raise ValueError(f"{path}: no sentences found (empty file?)")
     return examples
 
 
-def read_table(path: str | Path, fmt: str, text_column: str = "text", label_column: str = "label") -> list[Example]:
+def read_table(path: str | Path, fmt: str, text_column: str = "text", label_column: str = "label",
+               errors: str = "strict") -> list[Example]:
     """Read CSV / TSV / JSONL rows; for token classification a row's text and label are lists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
-        if fmt == "jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{_where(path, lineno)}: not valid JSON ({e.msg})") from None
-        else:
-            reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
-            for row in reader:
-                rows.append((reader.line_num, row))
+    lines = decoded_lines(path, errors)
+    if fmt == "jsonl":
+        for lineno, line in lines:
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{_where(path, lineno)}: not valid JSON ({e.msg})") from None
+    else:
+        reader = csv.DictReader((line for _, line in lines), delimiter="\t" if fmt == "tsv" else ",")
+        rows = [(reader.line_num, row) for row in reader]
     if not rows:
         raise ValueError(f"{path}: no rows found (empty file?)")
     examples = []
     for lineno, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{_where(path, lineno)}: expected a JSON object per line, got {type(row).__name__}")
         for column in (text_column, label_column):
             if column not in row:
-                raise ValueError(f"{_where(path, lineno)}: no column {column!r} (columns: {sorted(row)})")
+                raise ValueError(f"{_where(path, lineno)}: no column {column!r} (columns: {sorted(map(str, row))})")
+            if row[column] is None:  # a CSV row with fewer fields than the header, or a JSON null
+                raise ValueError(f"{_where(path, lineno)}: no value for column {column!r} (a short row, or null)")
         label = row[label_column]
         examples.append(Example(row[text_column], label if isinstance(label, list) else str(label),
                                 _where(path, lineno)))
@@ -141,13 +172,13 @@ def read_hf(name: str, split: str, text_column: str, label_column: str) -> list[
 
 
 def read_examples(path: str, fmt: str, task: str, text_column="text", label_column="label", fold_tags=True,
-                  split: str = "train") -> list[Example]:
-    """Dispatch on ``fmt``: lince | csv | tsv | jsonl | hf."""
+                  split: str = "train", errors: str = "strict") -> list[Example]:
+    """Dispatch on ``fmt``: lince | csv | tsv | jsonl | hf; ``errors``: what non-UTF-8 bytes do."""
     if fmt == "lince":
-        return read_lince(path, task, fold_tags)
+        return read_lince(path, task, fold_tags, errors)
     if fmt == "hf":
         return read_hf(path, split, text_column, label_column)
-    return read_table(path, fmt, text_column, label_column)
+    return read_table(path, fmt, text_column, label_column, errors)
 
 
 # ---- labels ---------------------------------------------------------------------------------
@@ -191,6 +222,10 @@ def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str
             raise ValueError(f"{ex.source}: token classification needs a list of words, got {type(ex.text).__name__}")
         if task == "token" and label2id is not None and len(ex.label) != len(ex.text):
             raise ValueError(f"{ex.source}: {len(ex.text)} words but {len(ex.label)} labels")
+    room = max_length - tokenizer.num_special_tokens_to_add()
+    if room < 1:
+        raise ValueError(f"data.max_length={max_length} leaves no room for text: this tokenizer adds "
+                         f"{tokenizer.num_special_tokens_to_add()} special token(s) to each example")
     texts = [ex.text for ex in examples]
     enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=(task == "token"),
                     return_offsets_mapping=task == "sequence")
@@ -205,6 +240,13 @@ def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str
             feature["labels"] = label2id[ex.label]
         features.append(feature)
     return features
+
+
+def was_truncated(feature: dict, example: Example) -> bool:
+    """True when ``max_length`` cut words off the end of ``example`` (its last word has no token)."""
+    words = len(example.text) if isinstance(example.text, list) else len(example.text.split())
+    seen = [w for w in feature["word_ids"] if w is not None and w >= 0]
+    return max(seen, default=-1) < words - 1
 
 
 def whitespace_word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[int | None]:

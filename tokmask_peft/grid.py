@@ -8,7 +8,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from .config import Recipe
-from .runs import METRICS_FILE, is_complete, partial_dir, promote, refuse_other_recipe, run_dir
+from .runs import is_complete, partial_dir, promote, refuse_other_recipe, run_dir
 from .setup import Setup
 from .training import train
 
@@ -45,8 +45,8 @@ def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | 
     """
     final = run_dir(out, rate, seed)
     partial = partial_dir(final)
-    # A partial with metrics finished but crashed before the rename: only the rename is left.
-    if not (partial / METRICS_FILE).exists():
+    # A whole partial run crashed before the rename: only the rename is left.
+    if not is_complete(partial):
         train(run_recipe(recipe, rate, seed), setup=setup, output_dir=partial)
     state = PartialState()
     state.wait_for_everyone()

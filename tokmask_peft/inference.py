@@ -10,6 +10,7 @@ silently producing a random head.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -17,17 +18,21 @@ import torch
 
 from .adapters import AdapterSet
 from .config import ModelConfig
-from .data import Example, encode, padding_collator
+from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
-from .modeling import classifier_tokenizer, load_base
+from .modeling import base_identity, classifier_tokenizer, load_base
 from .reporting import summarise
-from .runs import TOKMASK_CONFIG, adapter_name, collect, read_run_config, run_dirs, write_json
+from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, collect, read_run_config, run_dirs, verify_weights,
+                   weight_record, write_json)
 
 COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
 
 
 def model_config_of(run_config: dict) -> ModelConfig:
-    return ModelConfig(**run_config["recipe"]["model"])
+    """The base to load: the recipe's model section, at the config's top-level ``base_model`` (the key
+    a user edits to move a run to where its base now lives)."""
+    return ModelConfig(**{**run_config["recipe"]["model"], "name": run_config["base_model"],
+                          "gguf_file": run_config.get("gguf_file")})
 
 
 def check_compatible(reference: dict, other: dict, where: str) -> None:
@@ -35,6 +40,29 @@ def check_compatible(reference: dict, other: dict, where: str) -> None:
         if reference.get(key) != other.get(key):
             raise ValueError(f"adapter {where} was trained with {key}={other.get(key)!r}, but this predictor's "
                              f"base has {key}={reference.get(key)!r}; load it on a matching base")
+    mine, theirs = reference.get("base_identity"), other.get("base_identity")
+    if mine and theirs and mine != theirs:
+        raise ValueError(f"adapter {where} was trained on other weights of {other['base_model']} (base identity "
+                         f"{theirs}) than this predictor's base (identity {mine}); load it on its own base")
+
+
+def check_base(run_dir: Path, config: dict, cfg: ModelConfig) -> None:
+    """Refuse a base whose weights are not those the run was trained on (cheap: ~1 MiB read)."""
+    recorded = config.get("base_identity")
+    if not recorded:
+        return  # trained before identities were recorded, or on a base with no local files
+    current = base_identity(cfg)
+    if current is not None and current != recorded:
+        raise ValueError(f"{run_dir} was trained on a base whose weights have identity {recorded}, but "
+                         f"{cfg.name} now holds other weights (identity {current}): an adapter on the wrong "
+                         "base predicts wrongly without a word. Point base_model in "
+                         f"{run_dir / TOKMASK_CONFIG} at the base it was trained on")
+
+
+def check_finished(run_dir: Path, config: dict) -> None:
+    if "merged_from" not in config and not (run_dir / METRICS_FILE).is_file():
+        warnings.warn(f"{run_dir} has no {METRICS_FILE}: its training did not finish, and these are the best "
+                      "weights it had saved when it stopped", stacklevel=3)
 
 
 def default_name(config: dict) -> str:
@@ -70,6 +98,8 @@ class Classifier:
         """Load the base named in ``run_dir``'s config and attach its adapter (or its full model)."""
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
+        verify_weights(run_dir, config)
+        check_finished(run_dir, config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = classifier_tokenizer(run_dir)  # holds an added <mask> token, if any
         name = name or default_name(config)
@@ -80,7 +110,9 @@ class Classifier:
             auto = AutoModelForTokenClassification if config["task"] == "token" else AutoModelForSequenceClassification
             model = auto.from_pretrained(run_dir)
         else:
-            base = load_base(model_config_of(config), config["labels"], tokenizer, config["seed"], device)
+            cfg = model_config_of(config)
+            check_base(run_dir, config, cfg)
+            base = load_base(cfg, config["labels"], tokenizer, config["seed"], device)
             adapter_set = AdapterSet.load(base, run_dir, name, config)
             model = adapter_set.model
         if config["method"] != "qlora":
@@ -133,6 +165,7 @@ class Classifier:
             raise ValueError("this classifier holds a fully fine-tuned model: it has no base to share")
         config = read_run_config(run_dir)
         check_compatible(self.config, config, str(run_dir))
+        verify_weights(Path(run_dir), config)
         name = name or default_name(config)
         self.adapter_set.add(run_dir, name, config)
         return name
@@ -154,23 +187,32 @@ class Classifier:
         ``tta=K`` returns log of the mean softmax over K masked copies at ``tta_rate`` (default:
         the adapter's training rate): a test-time masking ensemble.
         """
+        return [row for row, _ in self._scored(texts, batch_size, tta, tta_rate, seed)]
+
+    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
+                tta_rate: float | None = None) -> list[dict]:
+        """Labels and probabilities, and ``truncated``: whether ``max_length`` cut the text short (token
+        tasks give one label per input word; words past ``max_length`` get ``None``)."""
+        return [{**to_result(row, self.labels, self.task), "truncated": cut}
+                for row, cut in self._scored(texts, batch_size, tta, tta_rate)]
+
+    def _scored(self, texts, batch_size: int, tta: int, tta_rate: float | None, seed: int = 0):
+        """(logits, truncated) per text, in order."""
+        if batch_size < 1 or tta < 0:
+            raise ValueError(f"batch_size must be >= 1 and tta >= 0, got {batch_size} and {tta}")
         masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
         examples = as_examples(texts, self.task)
         features = encode(examples, self.tokenizer, self.task, None, self.config["max_length"])
-        out: list[torch.Tensor] = []
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
             logits = batch_logits(self.model, batch, masker, tta)
+            if not torch.isfinite(logits).all():
+                raise ValueError(f"{self.active} gave non-finite scores (NaN or inf) for inputs {start}.."
+                                 f"{start + len(chunk) - 1}: its weights are damaged or overflow in this dtype")
             for row, feature, example in zip(logits, chunk, examples[start:start + batch_size]):
-                out.append(row if self.task == "sequence" else word_logits(row, feature["word_ids"], len(example.text)))
-        return out
-
-    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
-                tta_rate: float | None = None) -> list[dict]:
-        """Labels and probabilities; token tasks give one label per input word (words past
-        ``max_length`` get ``None``)."""
-        return [to_result(logits, self.labels, self.task) for logits in self.logits(texts, batch_size, tta, tta_rate)]
+                row = row if self.task == "sequence" else word_logits(row, feature["word_ids"], len(example.text))
+                yield row, was_truncated(feature, example)
 
 
 def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str) -> str:
@@ -242,11 +284,17 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
     config = read_run_config(run_dir)
     if config["method"] == "full":
         raise ValueError(f"{run_dir} is a fully fine-tuned model already: nothing to merge")
+    if output_dir.resolve() == run_dir.resolve() or run_dir.resolve() in output_dir.resolve().parents:
+        raise ValueError(f"merge output {output_dir} is the run {run_dir} or inside it: the merged model would "
+                         "overwrite the adapter's files; choose a directory outside the run")
+    verify_weights(run_dir, config)
     tokenizer = classifier_tokenizer(run_dir)
     cfg = dataclasses.replace(model_config_of(config), method="lora")
+    check_base(run_dir, config, cfg)
     base = load_base(cfg, config["labels"], tokenizer, config["seed"])
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / TOKMASK_CONFIG, {**config, "method": "full", "merged_from": str(run_dir)})
+    write_json(output_dir / TOKMASK_CONFIG, {**config, "method": "full", "merged_from": str(run_dir),
+                                             "weights": weight_record(output_dir)})
     return output_dir

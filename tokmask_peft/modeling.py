@@ -30,7 +30,23 @@ def local_or_hub(value: str, field: str) -> str:
     local = value.startswith(("/", "./", "../", "~", "pkg:")) or Path(value).is_absolute()
     if local and not Path(resolved).expanduser().exists():
         raise FileNotFoundError(f"{field} {value!r}: no such directory")
+    if not local and not Path(resolved).exists() and not _hub_reachable(resolved):
+        raise FileNotFoundError(f"{field} {value!r}: no such local directory (relative to {Path.cwd()}), and the "
+                                "hub is unreachable (HF_HUB_OFFLINE is set) with no cached copy of that id")
     return str(Path(resolved).expanduser()) if local else resolved
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    """False only when hub access is off and the id is not in the local hub cache."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return True  # transformers will try, and name the id if it fails
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except Exception:
+        return False
 
 
 def weights_path(cfg: ModelConfig) -> str:
@@ -65,6 +81,38 @@ def weights_path(cfg: ModelConfig) -> str:
     return str(target)
 
 
+IDENTITY_CHUNKS, IDENTITY_CHUNK_BYTES = 16, 1 << 16
+
+
+def base_identity(cfg: ModelConfig) -> str | None:
+    """A cheap identity of the base's weights: file names, sizes and 16 chunks of 64 KiB spread over
+    each weight file (about 1 MiB read, whatever the model's size). Another checkpoint of the same
+    architecture differs in it; None where the files cannot be found locally (nothing to check)."""
+    if cfg.gguf_file:
+        files = [Path(resolve_path(cfg.name)) / cfg.gguf_file]
+    else:
+        folder = Path(resolve_path(cfg.name))
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(cfg.name, local_files_only=True))
+            except Exception:  # not in the local hub cache: nothing to read
+                return None
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    if not files or not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(IDENTITY_CHUNKS):
+                f.seek(i * max(0, size - IDENTITY_CHUNK_BYTES) // max(1, IDENTITY_CHUNKS - 1))
+                h.update(f.read(IDENTITY_CHUNK_BYTES))
+    return h.hexdigest()[:20]
+
+
 def classifier_tokenizer(source):
     """A tokenizer that pads on the right, whatever its files say (Llama's say left).
 
@@ -81,7 +129,13 @@ def classifier_tokenizer(source):
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer with a pad token set deliberately (decoders often ship without one)."""
     source = local_or_hub(cfg.tokenizer, "model.tokenizer") if cfg.tokenizer else weights_path(cfg)
-    tokenizer = classifier_tokenizer(source)
+    try:
+        tokenizer = classifier_tokenizer(source)
+    except OSError as e:
+        if Path(source).exists():
+            raise
+        raise OSError(f"model {source!r}: no such local directory (relative to {Path.cwd()}), and fetching it "
+                      f"from the hub failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             # Llama/TinyLlama: no pad token. EOS is a safe pad for classification because the

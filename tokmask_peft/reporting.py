@@ -5,6 +5,7 @@ recommendation) and ``results.png`` (metric against rate).
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from pathlib import Path
 from typing import Iterable
@@ -21,6 +22,7 @@ from .runs import (
     read_run_config,
     robustness_column,
 )
+from .storage import atomic_write_text
 from .verdicts import (
     BOOTSTRAP_METRICS,
     Verdict,
@@ -64,13 +66,14 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
     if not rows:
         raise FileNotFoundError(f"no finished runs under {out} (expected mask_*/seed_*/{METRICS_FILE})")
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
     summary = summarise(rows, metric)
-    (out / "results.md").write_text(strategy_line(rows) + markdown_table(summary, metric)
-                                    + verdict_section(out, rows, metric))
+    atomic_write_text(out / "results.md", strategy_line(rows) + markdown_table(summary, metric)
+                      + verdict_section(out, rows, metric))
     plot(summary, out / "results.png", metric)
     if any(robustness_curves(rows)):
         plot_robustness(rows, out / "results_robustness.png")

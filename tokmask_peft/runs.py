@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TEST_SET
+from .storage import file_digest, read_json, write_json
+
+WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 TOKMASK_CONFIG = "tokmask_config.json"
 METRICS_FILE = "metrics.json"
@@ -40,10 +43,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 # ---- names ----------------------------------------------------------------------------------
 
 
@@ -58,9 +57,10 @@ def run_dir(out: str | Path, rate: float, seed: int) -> Path:
 
 
 def run_dirs(out: str | Path, seed: int | None = None) -> list[Path]:
-    """The finished runs under a sweep directory, sorted by path; one seed's only if ``seed`` is given."""
+    """The runs with results under a sweep directory (weights or not: a light copy reports too),
+    sorted by path; one seed's only if ``seed`` is given."""
     pattern = f"mask_*/seed_{'*' if seed is None else seed}"
-    return [path for path in sorted(Path(out).glob(pattern)) if is_complete(path)]
+    return [path for path in sorted(Path(out).glob(pattern)) if has_results(path)]
 
 
 def partial_dir(final: Path) -> Path:
@@ -75,8 +75,59 @@ def promote(partial: Path, final: Path) -> None:
     partial.rename(final)
 
 
-def is_complete(path: Path) -> bool:
+def has_results(path: Path) -> bool:
+    """Both JSON files are there (reading them names the file if either is damaged)."""
     return (path / METRICS_FILE).is_file() and (path / TOKMASK_CONFIG).is_file()
+
+
+def is_complete(path: Path) -> bool:
+    """A finished run: both JSON files parse and every weight file it recorded is there, whole."""
+    try:
+        read_metrics(path)
+        config = read_run_config(path)
+    except (OSError, ValueError):
+        return False
+    return not weight_problems(path, config, digests=False)
+
+
+# ---- the weights a run holds -------------------------------------------------------------------
+
+
+def weight_record(path: Path) -> dict[str, dict]:
+    """Size and SHA-256 of each weight file in ``path``, for ``tokmask_config.json``."""
+    return {name: {"bytes": (path / name).stat().st_size, "sha256": file_digest(path / name)}
+            for name in sorted(p.name for p in path.iterdir()) if _is_weight_file(name)}
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+
+
+def weight_problems(run: Path, config: dict, digests: bool = True) -> list[str]:
+    """What is wrong with a run's weight files: missing, truncated, or (``digests``) not the bytes
+    written at training time. Runs saved before the record existed get the existence check only."""
+    record = config.get("weights")
+    if record is None:
+        present = [name for name in WEIGHT_FILES if (run / name).is_file()]
+        return [] if present else [f"{run / ' or '.join(WEIGHT_FILES)} is missing"]
+    problems = []
+    for name, expected in record.items():
+        path = run / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{path} holds {path.stat().st_size} bytes, {expected['bytes']} were written: "
+                            "truncated or replaced")
+        elif digests and file_digest(path) != expected["sha256"]:
+            problems.append(f"{path} is corrupted: its SHA-256 differs from the one recorded at training")
+    return problems
+
+
+def verify_weights(run: Path, config: dict) -> None:
+    """Refuse a run whose weights are missing, truncated or corrupted, naming each file."""
+    problems = weight_problems(Path(run), config)
+    if problems:
+        raise ValueError("; ".join(problems) + ". Retrain the run or restore the file from a copy")
 
 
 # ---- what a run records -----------------------------------------------------------------------
@@ -98,7 +149,7 @@ def read_run_config(run: str | Path) -> dict:
     path = Path(run) / TOKMASK_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run} is not a tokmask_peft run directory")
-    return json.loads(path.read_text())
+    return read_json(path, "run config")
 
 
 def held_out_names(recipe: dict) -> list[str]:
@@ -108,7 +159,7 @@ def held_out_names(recipe: dict) -> list[str]:
 
 
 def read_metrics(run: str | Path) -> dict:
-    return json.loads((Path(run) / METRICS_FILE).read_text())
+    return read_json(Path(run) / METRICS_FILE, "run's metrics file")
 
 
 # ---- which recipe trained a run -------------------------------------------------------------

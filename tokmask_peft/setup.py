@@ -16,6 +16,7 @@ from .masking import MaskToken
 from .modeling import (
     DTYPES,
     add_adapter,
+    base_identity,
     build_model,
     prepare_precision,
     prepare_tokenizer,
@@ -35,7 +36,8 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
     d, task = recipe.data, recipe.model.task
 
     def read(path, split):
-        return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split)
+        return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split,
+                             d.encoding_errors)
 
     train = read(d.train, "train")
     held_out = {}
@@ -84,6 +86,8 @@ class Setup:
     """Set once a run stores the kept base's frozen linears in bf16/fp16: later runs must match it."""
     dev_examples: list = dataclasses.field(default_factory=list)
     """The dev examples as read, for corrupted copies (``train.robustness``)."""
+    base_identity: str | None = None
+    """:func:`~tokmask_peft.modeling.base_identity` of the base, recorded with each run's weights."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Setup":
@@ -100,7 +104,8 @@ class Setup:
             return encode(examples, tokenizer, recipe.model.task, label2id, recipe.data.max_length)
 
         return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
-                   {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev)
+                   {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev,
+                   base_identity=base_identity(recipe.model))
 
     def robustness_features(self, kind: str, q: float) -> list[dict]:
         """Dev under corruption ``kind`` at severity ``q``: the same copy for every run and rate."""

@@ -16,6 +16,7 @@ from .ray_executor import run_on_ray
 from .reporting import report
 from .runs import run_dir
 from .setup import Setup
+from .storage import atomic_write_text, hold
 
 __all__ = ["sweep", "report", "grid", "pending", "run_dir", "run_recipe", "train_one"]
 
@@ -30,16 +31,16 @@ def sweep(recipe: Recipe, out: str | Path | None = None, executor: str = "local"
         The rows of ``results.csv``.
     """
     out = Path(out or recipe.train.output_dir)
-    check_finished_runs(recipe, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    todo = pending(recipe, out)
-    if executor == "local":
-        setup = Setup.from_recipe(recipe) if todo else None
-        for rate, seed in todo:
-            train_one(recipe, rate, seed, out, setup)
-    elif executor == "ray":
-        run_on_ray(recipe, out, todo, **executor_options)
-    else:
+    if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
-    return report(out)
+    with hold(out, "sweep"):  # a second sweep on this directory is refused at once, naming this one
+        check_finished_runs(recipe, out)
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        todo = pending(recipe, out)
+        if executor == "local":
+            setup = Setup.from_recipe(recipe) if todo else None
+            for rate, seed in todo:
+                train_one(recipe, rate, seed, out, setup)
+        else:
+            run_on_ray(recipe, out, todo, **executor_options)
+        return report(out)

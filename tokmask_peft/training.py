@@ -11,11 +11,14 @@ Evaluation with patience and best-weights keeping is one unit (:class:`EarlyStop
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,12 +36,15 @@ from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
 from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG,
-                   fingerprint_diff, run_config, run_fingerprint, write_json)
+                   fingerprint_diff, is_complete, run_config, run_fingerprint, weight_record, write_json)
+from .storage import atomic_write_text, hold, move_files_in
 from .robustness import CORRUPTIONS
 from .setup import Setup
 from .verdicts import Predictions, save_predictions
 
 __all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
+SCRATCH_DIR = ".saving"
+"""Where a run's weights are written whole before they are moved into the run directory."""
 
 
 @dataclasses.dataclass
@@ -102,7 +108,14 @@ class Checkpoints:
     def exists(self) -> bool:
         return (self.path / "recipe.json").exists()
 
+    def _sibling(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
     def refuse_other_run(self) -> None:
+        old = self._sibling(".old")
+        if not self.exists and (old / "recipe.json").exists() and self.accelerator.is_main_process:
+            old.rename(self.path)  # killed between the two renames of save(): the previous one is whole
+        self.accelerator.wait_for_everyone()
         if self.exists:
             diff = fingerprint_diff(json.loads((self.path / "recipe.json").read_text()), self.fingerprint)
             if diff:
@@ -110,12 +123,23 @@ class Checkpoints:
                                  "use another output_dir or delete the checkpoint")
 
     def save(self, best_weights: dict | None) -> None:
+        """Written whole beside the current one (``recipe.json`` last), then swapped in by renames."""
+        new, old = self._sibling(".new"), self._sibling(".old")
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(new, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(self.path))
-        if self.accelerator.is_main_process:
-            write_json(self.path / "recipe.json", self.fingerprint)
+        self.accelerator.save_state(str(new))
+        if main:
             if best_weights is not None:
-                torch.save(best_weights, self.path / "best_trainable.pt")
+                torch.save(best_weights, new / "best_trainable.pt")
+            write_json(new / "recipe.json", self.fingerprint)
+            shutil.rmtree(old, ignore_errors=True)
+            if self.path.exists():
+                self.path.rename(old)
+            new.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     def load(self) -> dict | None:
         """Restore every registered object; returns the best weights saved with them, if any."""
@@ -190,8 +214,21 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
         The contents of ``metrics.json``.
     """
     out = Path(output_dir or recipe.train.output_dir)
-    if (out / METRICS_FILE).exists():
+    # One writer per run directory: the main process holds it (a DDP job's other ranks follow it).
+    # RANK (torchrun, accelerate launch) and not PartialState: that would set Accelerate's shared state
+    # up before train's own Accelerator(cpu=...) does.
+    with hold(out, "run") if _is_main_rank() else contextlib.nullcontext():
+        return _train(recipe, setup, out)
+
+
+def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
+    if is_complete(out):
         raise FileExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another output_dir")
+    if (out / METRICS_FILE).exists() and _is_main_rank():
+        # A results file without a whole run behind it (cut short, damaged, weights gone): train again.
+        warnings.warn(f"{out / METRICS_FILE} is there but the run is not whole (a file is damaged, cut short or "
+                      "missing); training it again", stacklevel=3)
+        (out / METRICS_FILE).unlink()
     setup = setup or Setup.from_recipe(recipe)
     if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
         raise ValueError("setup was built for a different model or data section than this recipe")
@@ -286,9 +323,27 @@ def resume_or_begin(run: Run, state: TrainState, stopping: EarlyStopping) -> Non
         stopping.weights = run.checkpoints.load()
         run.accelerator.print(f"resumed {run.out} at step {state.step} (epoch {state.epoch}, "
                               f"batch {state.batches_done})")
+        if run.accelerator.is_main_process:
+            _drop_log_after(run.out / LOG_FILE, state.step)
     elif run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / LOG_FILE).unlink(missing_ok=True)
+
+
+def _drop_log_after(path: Path, step: int) -> None:
+    """Forget log lines written after the checkpoint (the resumed run writes those steps again) and a
+    last line a kill cut short."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", record.get("eval", {}).get("step", 0)) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 # ---- fit ----------------------------------------------------------------------------------------
@@ -446,16 +501,26 @@ def eval_loader(features, tokenizer, task, batch_size, pin_memory=False) -> Data
 
 
 def save_run(run: Run) -> None:
-    """Adapter (or full model) + tokenizer + tokmask_config.json, written by the main process only."""
+    """Adapter (or full model) + tokenizer + tokmask_config.json, written by the main process only:
+    saved whole into a scratch directory, moved in file by file, then the config that records the
+    weights' sizes and digests (loading checks them)."""
     accelerator, setup, recipe = run.accelerator, run.setup, run.recipe
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(run.model)
     kwargs = {"save_embedding_layers": False} if recipe.model.method != "full" else {}
-    unwrapped.save_pretrained(run.out, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+    scratch = run.out / SCRATCH_DIR
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    unwrapped.save_pretrained(scratch, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
                               **kwargs)
     if accelerator.is_main_process:
-        setup.tokenizer.save_pretrained(run.out)
-        write_json(run.out / TOKMASK_CONFIG, run_config(recipe, setup.labels, setup.mask_token))
+        setup.tokenizer.save_pretrained(scratch)
+        weights = weight_record(scratch)
+        move_files_in(scratch, run.out)
+        write_json(run.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
+                                              "base_identity": setup.base_identity, "weights": weights})
+    accelerator.wait_for_everyone()
 
 
 def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float) -> dict:
@@ -498,6 +563,10 @@ def close(run: Run) -> None:
         # gc + emptied device cache so a sweep's next run starts clean; on a CPU there is no
         # cache to empty and the forced gc.collect() only cost ~0.3 s per run.
         run.accelerator.free_memory()
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _plain_or_ddp(accelerator: Accelerator) -> bool:

@@ -16,11 +16,14 @@ predictions gives an interval of the dev-set noise alone; one seed without gives
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import statistics
 from pathlib import Path
 
 import numpy as np
+
+from .storage import atomic_write_bytes
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_METRICS = ("weighted_f1", "macro_f1", "accuracy")
@@ -183,6 +186,6 @@ def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:
                        f"{name}/pred": p.pred.astype(np.int16)})
         if p.probs is not None:
             arrays[f"{name}/probs"] = p.probs.astype(np.float16)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
