@@ -130,6 +130,7 @@ class Checkpoints:
             shutil.rmtree(new, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(new))
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the swap
         if main:
             if best_weights is not None:
                 torch.save(best_weights, new / "best_trainable.pt")
@@ -149,7 +150,8 @@ class Checkpoints:
 
     def remove(self) -> None:
         if self.accelerator.is_main_process:
-            shutil.rmtree(self.path, ignore_errors=True)
+            for path in (self.path, self._sibling(".new"), self._sibling(".old")):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclasses.dataclass
