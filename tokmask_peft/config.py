@@ -17,6 +17,7 @@ from .masking import MASK_POLICIES, RateSchedule, check_rate, check_strategy
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
 FORMATS = ("lince", "csv", "tsv", "jsonl", "hf")
+ENCODING_ERRORS = ("strict", "replace")
 CLASS_WEIGHTS = ("none", "paper", "inverse")
 METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 TEST_SET = "test"
@@ -142,18 +143,15 @@ class DataConfig:
         if not 0 <= self.dev_fraction < 1:
             raise ValueError(f"data.dev_fraction must lie in [0, 1), got {self.dev_fraction!r}")
         _choice("data", "format", self.format, FORMATS)
-        _choice("data", "encoding_errors", self.encoding_errors, ("strict", "replace"))
+        _choice("data", "encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         _positive("data", "max_length", self.max_length)
         for name in ("max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _positive("data", name, getattr(self, name))
         _positive("data", "test_from_train", self.test_from_train, allow_zero=True)
         if self.test_from_train and TEST_SET in self.extra_eval:
-            raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: rename one")
-
-    def held_out_names(self) -> list[str]:
-        """The evaluation sets scored at the end besides dev."""
-        return sorted(self.extra_eval) + ([TEST_SET] if self.test_from_train else [])
+            raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
+                             "rename one")
 
 
 @dataclasses.dataclass

@@ -34,8 +34,6 @@ def _where(path: Path, line: int) -> str:
 
 # ---- readers --------------------------------------------------------------------------------
 
-ENCODING_ERRORS = ("strict", "replace")
-
 
 def decoded_lines(path: str | Path, errors: str = "strict") -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a UTF-8 file, line ends kept. Bytes that are not UTF-8 are an error

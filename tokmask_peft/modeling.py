@@ -38,15 +38,20 @@ def local_or_hub(value: str, field: str) -> str:
 
 def _hub_reachable(repo_id: str) -> bool:
     """False only when hub access is off and the id is not in the local hub cache."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
-        return True  # transformers will try, and name the id if it fails
+    # With the hub on, transformers will try, and name the id if it fails.
+    return not constants.HF_HUB_OFFLINE or _cached_snapshot(repo_id) is not None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local hub cache's copy of ``repo_id``, or None (nothing is downloaded)."""
+    from huggingface_hub import snapshot_download
+
     try:
-        snapshot_download(repo_id, local_files_only=True)
-        return True
-    except Exception:
-        return False
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or not a valid hub id
+        return None
 
 
 def weights_path(cfg: ModelConfig) -> str:
@@ -93,11 +98,8 @@ def base_identity(cfg: ModelConfig) -> str | None:
     else:
         folder = Path(resolve_path(cfg.name))
         if not folder.is_dir():
-            try:
-                from huggingface_hub import snapshot_download
-
-                folder = Path(snapshot_download(cfg.name, local_files_only=True))
-            except Exception:  # not in the local hub cache: nothing to read
+            folder = _cached_snapshot(cfg.name)
+            if folder is None:  # not in the local hub cache: nothing to read
                 return None
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files or not all(f.is_file() for f in files):

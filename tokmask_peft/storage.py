@@ -5,9 +5,10 @@ a full disk or a kill leaves the old file or none, never a half-written one that
 
 A sweep or a run holds ``DIR/.tokmask.lock`` (``filelock``: an ``flock`` the kernel releases when the
 process dies, so a lock left by ``kill -9`` never blocks) and names its holder (host, pid, command) in
-``DIR/.tokmask.lock.owner`` for the refusal a second writer gets; both files go when it lets go. ``flock`` holds between processes
-of one machine and, on Linux, over NFS v4 (emulated with byte-range locks); on file systems without
-it (some CIFS or Lustre mounts) the lock cannot guard: give each machine its own output directory.
+``DIR/.tokmask.lock.owner`` for the refusal a second writer gets; both files go when it lets go.
+``flock`` holds between processes of one machine and, on Linux, over NFS v4 (emulated with byte-range
+locks); on file systems without it (some CIFS or Lustre mounts) the lock cannot guard: give each
+machine its own output directory.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def hold(directory: str | Path, what: str = "directory") -> Iterator[None]:
 
 def _holder(directory: Path) -> str:
     try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
+        owner = read_json(directory / OWNER_FILE)
         return f"host {owner['host']}, pid {owner['pid']}, since {owner['since']}: {owner['command']}"
     except (OSError, ValueError, KeyError):
         return "holder not recorded yet"

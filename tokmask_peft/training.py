@@ -37,9 +37,9 @@ from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
 from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG,
                    fingerprint_diff, is_complete, run_config, run_fingerprint, weight_record, write_json)
-from .storage import atomic_write_text, hold, move_files_in
 from .robustness import CORRUPTIONS
 from .setup import Setup
+from .storage import atomic_write_text, hold, move_files_in
 from .verdicts import Predictions, save_predictions
 
 __all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
@@ -554,7 +554,8 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
 
 
 def close(run: Run) -> None:
-    """Detach the masking (and NEFTune) hook and give a sweep's kept base back, whether the run finished or failed."""
+    """Detach the masking (and NEFTune) hook and give a sweep's kept base back, whether the run
+    finished or failed."""
     if run.hook is not None:
         run.hook.remove()
     if run.neftune is not None:
