@@ -1,4 +1,4 @@
-"""``tokmask``: thin command line over train / sweep / report / predict / merge / compare."""
+"""``tokmask``: thin command line over train / sweep / report / predict / serve / merge / compare."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,38 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {merge_run(args.run, args.output)}")
 
 
+def cmd_serve(args) -> None:
+    import ipaddress
+    import os
+    import socket
+
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise SystemExit(f"tokmask serve needs {e.name}, which is not installed: pip install 'tokmask-peft[serve]'")
+    from .serving import API_KEY_ENV, AdapterPool
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    pool = AdapterPool(args.paths, seed=args.seed, device=args.device)
+    app = create_app(pool, args.max_batch, args.max_wait_ms, args.max_inputs, args.max_body_bytes, api_key)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
+    # response waits ~40 ms for a delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))  # bound here, so --port 0 can say which port it got
+    host = sock.getsockname()[0]
+    if not api_key and not ipaddress.ip_address(host).is_loopback:
+        print(f"tokmask serve: warning: {host} is reachable from other machines and no --api-key (or "
+              f"{API_KEY_ENV}) is set: anyone who can reach it can use it", file=sys.stderr)
+    print(f"tokmask serve: {len(pool.served)} adapter(s) on {len(pool.classifiers)} base(s), default "
+          f"{pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 def cmd_compare(args) -> None:
     from .comparison import compare, compare_table
 
@@ -170,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
+    p.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
+                   help="a run, a sweep (each rate's adapter; the best on dev is the default), or several")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=_count(0), default=8080, help="0 picks a free port (printed)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                   "(default: $TOKMASK_API_KEY)")
+    p.add_argument("--max-batch", type=_count(1), default=32, help="texts per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the oldest request may wait for "
+                   "others; 0 batches what queued while the previous batch ran (measured best on CPU)")
+    p.add_argument("--max-inputs", type=_count(1), default=64, help="inputs per request")
+    p.add_argument("--max-body-bytes", type=_count(1), default=1 << 20)
+    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = with_recipe(sub.add_parser("compare", help="full vs LoRA vs QLoRA on the same recipe"))
     p.add_argument("--methods", default="full,lora,qlora")

@@ -1,0 +1,247 @@
+"""``tokmask serve``: a real uvicorn process on a loopback port, talked to with httpx; the batcher alone."""
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from tokmask_peft.inference import Classifier
+from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config, weight_record, write_json
+from tokmask_peft.serving import AdapterPool, Batcher
+from tokmask_peft.sweeps import sweep
+
+TEXTS = ["the good movie really", "el perro malo", "nice day", "casa agua amigo dia sol muy"]
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, tiny_model, toy_data):
+    """A sentiment sweep (rates 0, 0.3), a token-task sweep (rate 0) on the same base, and a run whose
+    adapter weights are NaN (recorded as such, so it loads and fails only when it predicts)."""
+    from tokmask_peft.config import Recipe
+
+    out = tmp_path_factory.mktemp("served")
+    for task, rates in (("sequence", [0.0, 0.3]), ("token", [0.0])):
+        sweep(Recipe.from_dict({
+            "model": {"name": tiny_model("qwen"), "task": task, "lora_r": 8, "lora_dropout": 0.0},
+            "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "output_dir": str(out / task)},
+            "sweep": {"rates": rates, "seeds": [0]}}))
+    broken = out / "broken"
+    shutil.copytree(out / "sequence" / "mask_0.30" / "seed_0", broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, broken / "adapter_model.safetensors")
+    config = read_run_config(broken)
+    write_json(broken / TOKMASK_CONFIG, {**config, "weights": weight_record(broken)})
+    return {"sa": out / "sequence", "lid": out / "token", "broken": broken}
+
+
+def start_server(specs: list[str], *options: str, env: dict | None = None):
+    """``tokmask serve`` in its own process on a free loopback port; returns (process, base url)."""
+    command = [sys.executable, "-m", "tokmask_peft.cli", "serve", *specs, "--port", "0", *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    line = process.stdout.readline()  # printed once the adapters are loaded and the port is bound
+    match = re.search(r"listening on (http://\S+)", line)
+    if not match:
+        process.kill()
+        raise AssertionError(f"server did not start: {line}{process.stderr.read()}")
+    url = match.group(1)
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("server never became healthy")
+
+
+@pytest.fixture(scope="module")
+def server(sweeps):
+    specs = [f"sa={sweeps['sa']}", f"lid={sweeps['lid']}", f"broken={sweeps['broken']}"]
+    process, url = start_server(specs, "--max-batch", "8", "--max-wait-ms", "50", "--max-inputs", "4",
+                                "--max-body-bytes", "4096", env={"TOKMASK_API_KEY": KEY})
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        yield client
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def batch_count(client) -> float:
+    text = client.get("/metrics").text
+    return float(re.search(r"^tokmask_batch_texts_count (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_answers_equal_classifier_predict(server, sweeps):
+    clf = Classifier.from_run(sweeps["sa"] / "mask_0.30" / "seed_0", device="cpu")
+    response = server.post("/predict", json={"inputs": TEXTS, "adapter": "sa/mask_0.30"})
+    assert response.status_code == 200 and response.headers["x-tokmask-adapter"] == "sa/mask_0.30"
+    for got, want in zip(response.json(), clf.predict(TEXTS)):
+        assert got[0]["label"] == want["label"]
+        assert [g["score"] for g in got] == sorted((g["score"] for g in got), reverse=True)
+        for item in got:
+            assert item["score"] == pytest.approx(want["probs"][item["label"]], abs=1e-5)
+    raw = server.post("/predict", json={"inputs": TEXTS[0], "adapter": "sa/mask_0.30", "raw_scores": True}).json()
+    logits = clf.logits(TEXTS[:1])[0]
+    assert {d["label"]: d["score"] for d in raw} == pytest.approx(dict(zip(clf.labels, logits.tolist())), abs=1e-4)
+
+    lid = Classifier.from_run(sweeps["lid"] / "mask_0.00" / "seed_0", device="cpu")
+    words = server.post("/predict", json={"inputs": TEXTS, "adapter": "lid"}).json()
+    for got, want, text in zip(words, lid.predict(TEXTS), TEXTS):
+        assert [w["word"] for w in got] == text.split() and [w["label"] for w in got] == want["labels"]
+
+
+@pytest.mark.slow
+def test_adapters_default_and_names(server, sweeps):
+    listing = server.get("/adapters").json()
+    by_name = {a["name"]: a for a in listing["adapters"]}
+    assert set(by_name) == {"sa/mask_0.00", "sa/mask_0.30", "lid/mask_0.00", "broken"}  # a run is its NAME
+    assert by_name["lid/mask_0.00"]["task"] == "token" and by_name["sa/mask_0.30"]["labels"] == ["negative", "positive"]
+    # compatible adapters share one base; the token task has its own
+    assert by_name["sa/mask_0.00"]["base"] == by_name["sa/mask_0.30"]["base"] == by_name["broken"]["base"]
+    assert by_name["lid/mask_0.00"]["base"] != by_name["sa/mask_0.00"]["base"]
+    best = [a["name"] for a in listing["adapters"] if a["best_of_sweep"] and a["name"].startswith("sa/")]
+    assert listing["default"] == best[0] and "weighted_f1" in by_name[best[0]]["dev"]
+    single = server.post("/predict", json={"inputs": "nice day"})  # one string in, one list out
+    assert single.headers["x-tokmask-adapter"] == listing["default"] and isinstance(single.json()[0], dict)
+    assert server.post("/predict", json={"inputs": "nice day", "adapter": "sa"}).headers["x-tokmask-adapter"] == best[0]
+    assert server.post("/predict", json={"inputs": ["x"], "adapter": 0.3}).status_code == 422  # two have 0.3
+    assert server.post("/predict", json={"inputs": ["x"], "adapter": 0.7}).status_code == 404
+
+
+@pytest.mark.slow
+def test_concurrent_requests_get_their_own_adapters_answers(server):
+    names = ["sa/mask_0.00", "sa/mask_0.30", "lid/mask_0.00"]
+    expected = {(n, t): server.post("/predict", json={"inputs": t, "adapter": n}).json() for n in names for t in TEXTS}
+    before = batch_count(server)
+
+    async def hammer():
+        async with httpx.AsyncClient(base_url=str(server.base_url), headers=AUTH, timeout=60) as client:
+            jobs = [(n, t) for _ in range(4) for n in names for t in TEXTS]
+            replies = await asyncio.gather(*(client.post("/predict", json={"inputs": t, "adapter": n})
+                                             for n, t in jobs))
+            return jobs, replies
+
+    jobs, replies = asyncio.run(hammer())
+    for (name, text), reply in zip(jobs, replies):
+        assert reply.headers["x-tokmask-adapter"] == name
+        got, want = reply.json(), expected[(name, text)]
+        assert [g.get("label") for g in got] == [w.get("label") for w in want]
+        assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-5)
+    forward_passes = batch_count(server) - before
+    assert forward_passes < len(jobs) / 2  # 48 single-text requests were grouped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 422, '"inputs"'),
+    (b'{"input": "typo"}', 422, '"inputs"'),
+    (b'{"inputs": []}', 422, "non-empty list"),
+    (b'{"inputs": ["fine", "  "]}', 422, "inputs[1] is empty"),
+    (b'{"inputs": [["a", "b"]]}', 422, "pairs are not supported"),
+    (b'{"inputs": [3]}', 422, "inputs[0]"),
+    (b'{"inputs": "x", "adapter": "nope"}', 404, "no adapter 'nope'"),
+    (b'{"inputs": "x", "adapter": [1]}', 422, "name or a masking rate"),
+    (b'{"inputs": "x", "raw_scores": "yes"}', 422, "raw_scores"),
+    (b'{"inputs": ["a", "b", "c", "d", "e"]}', 413, "limit is 4"),
+    (json.dumps({"inputs": " ".join(["palabra"] * 40)}).encode(), 413, "max_length (16 tokens)"),
+    (json.dumps({"inputs": "x" * 5000}).encode(), 413, "over the limit of 4096"),
+])
+def test_bad_requests_get_a_clear_4xx_and_the_server_goes_on(server, body, status, message):
+    before = batch_count(server)
+    response = server.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"] and response.json()["error_type"]
+    assert batch_count(server) == before  # refused before the model
+    assert server.post("/predict", json={"inputs": "nice day"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_truncation_on_request_is_reported(server):
+    long = " ".join(["palabra"] * 40)
+    response = server.post("/predict", json={"inputs": ["nice day", long], "truncate": True})
+    assert response.status_code == 200 and response.headers["x-tokmask-truncated"] == "1"
+    words = server.post("/predict", json={"inputs": long, "adapter": "lid", "truncate": True}).json()
+    assert len(words) == 40 and words[0]["label"] is not None and words[-1]["label"] is None
+
+
+@pytest.mark.slow
+def test_model_error_is_500_and_the_next_request_works(server):
+    response = server.post("/predict", json={"inputs": TEXTS, "adapter": "broken"})
+    assert response.status_code == 500 and "non-finite" in response.json()["error"]
+    assert server.post("/predict", json={"inputs": TEXTS, "adapter": "sa/mask_0.30"}).status_code == 200
+    assert server.get("/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_api_key_guards_every_route_but_health(server):
+    url = str(server.base_url)
+    before = batch_count(server)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        assert httpx.post(f"{url}/predict", json={"inputs": "x"}, headers=headers).status_code == 401
+        assert httpx.get(f"{url}/adapters", headers=headers).status_code == 401
+        assert httpx.get(f"{url}/metrics", headers=headers).status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert batch_count(server) == before  # the model was never reached
+    metrics = server.get("/metrics").text
+    assert 'tokmask_requests_total{route="/predict",status="401"} 3.0' in metrics
+
+
+@pytest.mark.slow
+def test_open_server_on_loopback_and_bad_command_lines(sweeps):
+    process, url = start_server([str(sweeps["sa"] / "mask_0.00" / "seed_0")])
+    try:
+        reply = httpx.post(f"{url}/predict", json={"inputs": ["nice day"]})  # no key configured: open
+        assert reply.status_code == 200 and reply.headers["x-tokmask-adapter"] == "mask_0.00"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    missing = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "serve", str(sweeps["sa"] / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no such run or sweep" in missing.stderr
+
+
+def test_pool_refuses_two_adapters_of_one_name(sweeps):
+    with pytest.raises(ValueError, match="name them apart with NAME=PATH"):
+        AdapterPool([f"a={sweeps['sa']}/mask_0.00/seed_0", f"a={sweeps['sa']}/mask_0.30/seed_0"], device="cpu")
+
+
+def test_batcher_groups_by_adapter_and_isolates_failures():
+    calls = []
+
+    def forward(key, texts):
+        calls.append((key, list(texts)))
+        if key == "bad":
+            raise RuntimeError("boom")
+        return [f"{key}:{t}" for t in texts]
+
+    async def scenario():
+        batcher = Batcher(forward, max_batch=4, max_wait_s=0.05)
+        batcher.start()
+        jobs = [("a", [f"t{i}"]) for i in range(6)] + [("b", ["u0", "u1"]), ("bad", ["v"]), ("b", ["u2"])]
+        results = await asyncio.gather(*(batcher.submit(k, t) for k, t in jobs), return_exceptions=True)
+        await batcher.stop()
+        return jobs, results
+
+    jobs, results = asyncio.run(scenario())
+    for (key, texts), result in zip(jobs, results):
+        if key == "bad":
+            assert isinstance(result, RuntimeError)
+        else:
+            assert result == [f"{key}:{t}" for t in texts]  # each request gets its own answers
+    assert all(len(texts) <= 4 for _, texts in calls)
+    assert [len(t) for k, t in calls if k == "a"] == [4, 2]  # six waiting singles: one full batch, then the rest
+    assert [t for k, t in calls if k == "b"] == [["u0", "u1", "u2"]]

@@ -1,0 +1,174 @@
+"""The HTTP face of ``tokmask serve``: a Starlette app over an :class:`~tokmask_peft.serving.AdapterPool`.
+
+Routes follow text-embeddings-inference's classifier conventions so its clients fit: ``POST /predict``
+takes ``{"inputs": "…" | ["…", …], "raw_scores": false, "truncate": false}`` (plus ``"adapter"``:
+a name or a masking rate) and answers ``[{"label", "score"}, …]`` per input, best first; errors are
+``{"error", "error_type"}``; a key, when set, is required as ``Authorization: Bearer …`` on every
+route but ``/health``. ``GET /adapters`` lists what is served, ``GET /metrics`` is Prometheus text.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .serving import OPEN_ROUTES, AdapterPool, Batcher, RequestError, scored, too_long
+
+ROUTES = ("/predict", "/adapters", "/health", "/metrics")
+
+
+def error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": kind}, status_code=status)
+
+
+class Telemetry:
+    """Prometheus series of one app (its own registry, so two apps in one process never collide)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tokmask_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tokmask_predict_seconds", "time to answer POST /predict", registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch = Histogram("tokmask_batch_texts", "texts per forward pass", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.texts = Counter("tokmask_predicted_texts", "texts predicted, by adapter", ["adapter"],
+                             registry=self.registry)
+
+
+class Guard:
+    """ASGI middleware: the bearer key (when set) on every route but /health, and request counts."""
+
+    def __init__(self, app, api_key: str | None, telemetry: Telemetry):
+        self.app, self.api_key, self.telemetry = app, api_key, telemetry
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = {}
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if self.api_key and scope["path"] not in OPEN_ROUTES and not self._authorised(scope):
+            await error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                        "Unauthorized")(scope, receive, counted)
+        else:
+            await self.app(scope, receive, counted)
+        self.telemetry.requests.labels(route, str(status.get("code", 500))).inc()
+
+    def _authorised(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} (--max-body-bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes (--max-body-bytes)")
+    return bytes(body)
+
+
+def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
+    """(payload, texts, whether ``inputs`` was a single string), or a RequestError saying what is wrong."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}", "Malformed") from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise RequestError(422, 'the body must be a JSON object with "inputs": a string or a list of strings')
+    inputs = payload["inputs"]
+    single = isinstance(inputs, str)
+    texts = [inputs] if single else inputs
+    if not isinstance(texts, list) or not texts:
+        raise RequestError(422, '"inputs" must be a string or a non-empty list of strings')
+    texts = [t[0] if isinstance(t, list) and len(t) == 1 else t for t in texts]  # TEI's [["…"], …] batch form
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise RequestError(422, f"inputs[{i}] is {json.dumps(text)[:80]}: each input must be one string "
+                               "(text pairs are not supported)")
+        if not text.strip():
+            raise RequestError(422, f"inputs[{i}] is empty", "Empty")
+    if len(texts) > max_inputs:
+        raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs} (--max-inputs)")
+    for flag in ("raw_scores", "truncate"):
+        if not isinstance(payload.get(flag, False), bool):
+            raise RequestError(422, f'"{flag}" must be true or false')
+    return payload, texts, single
+
+
+def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
+               max_body_bytes: int = 1 << 20, api_key: str | None = None):
+    """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
+    for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not max_wait_ms >= 0:
+        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    telemetry = Telemetry()
+    batcher = Batcher(lambda name, texts: pool.predict(pool.served[name], texts), max_batch, max_wait_ms / 1000,
+                      on_batch=telemetry.batch.observe)
+
+    async def predict(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            payload, texts, single = parse_predict(await read_body(request, max_body_bytes), max_inputs)
+            served = pool.resolve(payload.get("adapter"))
+            cut = too_long(served, texts)
+            if cut and not payload.get("truncate", False):
+                limit = served.config["max_length"]
+                raise RequestError(413, f"inputs {cut} are longer than the model's max_length ({limit} tokens); "
+                                   'send "truncate": true to have them cut')
+            rows = await batcher.submit(served.name, texts)
+        except RequestError as e:
+            return error(e.status, str(e), e.kind)
+        except Exception as e:  # the model failed: say so, keep serving
+            return error(500, f"{type(e).__name__}: {e}", "Backend")
+        raw = payload.get("raw_scores", False)
+        results = [scored(row, text, served, raw) for row, text in zip(rows, texts)]
+        telemetry.texts.labels(served.name).inc(len(texts))
+        telemetry.latency.observe(time.perf_counter() - started)
+        headers = {"x-tokmask-adapter": served.name}
+        if cut:
+            headers["x-tokmask-truncated"] = ",".join(map(str, cut))
+        return JSONResponse(results[0] if single else results, headers=headers)
+
+    async def adapters(request: Request) -> Response:
+        listing = [{**s.describe(), "base": pool.classifiers.index(s.classifier), "default": name == pool.default}
+                   for name, s in pool.served.items()]
+        return JSONResponse({"default": pool.default, "adapters": listing})
+
+    async def health(request: Request) -> Response:
+        if not batcher.alive:
+            return error(503, "the prediction worker has stopped", "Unhealthy")
+        return JSONResponse({"status": "ok", "adapters": len(pool.served)})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/adapters", adapters),
+                            Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan)
+    return Guard(app, api_key, telemetry)

@@ -1,0 +1,284 @@
+"""``tokmask serve``: runs and sweeps behind HTTP, one base per compatible group of adapters.
+
+Three parts. :class:`AdapterPool` loads what the command line names (a run, a sweep, several runs)
+and gives every adapter a public name; adapters that can share a base (same base weights, task and
+labels) are attached to one :class:`~tokmask_peft.inference.Classifier`, the others get their own.
+:class:`Batcher` groups concurrent requests for one adapter into one forward pass, in one worker
+thread, so an adapter is never switched while a batch is in flight. :func:`create_app` is the
+Starlette app: text-embeddings-inference's classifier ``/predict`` (plus ``"adapter"``),
+``/adapters``, ``/health`` and Prometheus ``/metrics``, behind an optional bearer key.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .data import encode, was_truncated
+from .inference import Classifier, as_examples, best_rate_name, check_compatible, default_name
+from .runs import METRICS_FILE, TOKMASK_CONFIG, read_run_config, run_dirs
+from .storage import read_json
+
+API_KEY_ENV = "TOKMASK_API_KEY"
+OPEN_ROUTES = ("/health",)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status``, and the message the client gets."""
+
+    def __init__(self, status: int, message: str, kind: str = "Validation"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+# ---- the adapters being served --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Served:
+    """One servable adapter: the Classifier holding it and its name there."""
+    name: str
+    classifier: Classifier
+    internal: str
+    run_dir: Path
+    config: dict
+    best_of_sweep: bool = False
+
+    def describe(self) -> dict:
+        metrics = self.run_dir / METRICS_FILE
+        best = read_json(metrics, "metrics file")["best"] if metrics.is_file() else {}
+        masking = self.config["masking"]
+        return {"name": self.name, "task": self.config["task"], "labels": self.config["labels"],
+                "method": self.config["method"], "base_model": self.config["base_model"],
+                "rate": masking["rate"], "unit": masking.get("unit", "token"), "run": str(self.run_dir),
+                "dev": {k: v for k, v in best.items() if k not in ("step", "epoch")},
+                "best_of_sweep": self.best_of_sweep}
+
+
+def parse_spec(spec: str) -> tuple[str | None, Path]:
+    """``NAME=PATH`` or ``PATH``."""
+    name, sep, path = spec.partition("=")
+    if sep and name and re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        return name, Path(path)
+    return None, Path(spec)
+
+
+def runs_of(path: Path, seed: int) -> tuple[dict[str, Path], str]:
+    """A run → ``{its name: it}``; a sweep → every rate's seed-``seed`` run, by adapter name. Also
+    the name to serve by default: the run, or the rate best on dev by weighted F1."""
+    if (path / TOKMASK_CONFIG).is_file():
+        name = default_name(read_run_config(path))
+        return {name: path}, name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run or sweep directory")
+    runs = {default_name(read_run_config(p)): p for p in run_dirs(path, seed)}
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no finished runs (mask_*/seed_{seed}): not a run or a sweep")
+    return runs, best_rate_name(path, runs, "weighted_f1")
+
+
+class AdapterPool:
+    """Every adapter named on the command line, by public name, on as few bases as compatibility allows.
+
+    One PATH: names are the sweep's (``mask_0.10``). Several: each is prefixed by ``NAME`` from
+    ``NAME=PATH`` or the directory's name (``sa/mask_0.10``; a run is just ``sa``), and the prefix
+    alone names the sweep's best rate.
+    """
+
+    def __init__(self, specs: list[str], seed: int = 0, device: str | None = None):
+        if not specs:
+            raise ValueError("name at least one run or sweep to serve")
+        self.served: dict[str, Served] = {}
+        self.aliases: dict[str, str] = {}
+        self.classifiers: list[Classifier] = []
+        self.default = ""
+        for spec in specs:
+            prefix, path = parse_spec(spec)
+            if prefix is None and len(specs) > 1:
+                prefix = path.resolve().name
+            self._load(prefix, path, seed, device)
+
+    def _load(self, prefix: str | None, path: Path, seed: int, device: str | None) -> None:
+        runs, best = runs_of(path, seed)
+        single_run = (path / TOKMASK_CONFIG).is_file()
+        for local, run in runs.items():
+            name = prefix if (prefix and single_run) else f"{prefix}/{local}" if prefix else local
+            if name in self.served or name in self.aliases:
+                raise ValueError(f"two adapters would both be served as {name!r} ({run} and "
+                                 f"{self.served[name].run_dir if name in self.served else 'a sweep'}): "
+                                 "name them apart with NAME=PATH")
+            self.served[name] = self._attach(name, run, device, best_of_sweep=not single_run and local == best)
+        top = prefix if (prefix and single_run) else f"{prefix}/{best}" if prefix else best
+        if prefix and not single_run:
+            self.aliases[prefix] = top
+        self.default = self.default or top
+
+    def _attach(self, name: str, run: Path, device: str | None, best_of_sweep: bool) -> Served:
+        config = read_run_config(run)
+        internal = re.sub(r"[^A-Za-z0-9_]", "_", name) + f"_{len(self.served)}"
+        for clf in self.classifiers:
+            if clf.adapter_set is None or config["method"] == "full":
+                continue
+            try:
+                check_compatible(clf.config, config, str(run))
+            except ValueError:
+                continue
+            clf.add_adapter(run, internal)
+            return Served(name, clf, internal, run, config, best_of_sweep)
+        clf = Classifier.from_run(run, name=internal, device=device)
+        self.classifiers.append(clf)
+        return Served(name, clf, internal, run, config, best_of_sweep)
+
+    def resolve(self, wanted: Any) -> Served:
+        """The adapter a request asks for: None (the default), a name, a sweep's prefix, or a rate."""
+        if wanted is None:
+            return self.served[self.default]
+        if isinstance(wanted, bool) or not isinstance(wanted, (str, int, float)):
+            raise RequestError(422, f"\"adapter\" must be a name or a masking rate, got {json.dumps(wanted)}")
+        if isinstance(wanted, str):
+            name = self.aliases.get(wanted, wanted)
+            if name not in self.served:
+                raise RequestError(404, f"no adapter {wanted!r}; served: {sorted(self.served)}", "NotFound")
+            return self.served[name]
+        matches = [s for s in self.served.values() if math.isclose(s.config["masking"]["rate"], wanted)]
+        if len(matches) != 1:
+            found = "none has" if not matches else f"{[s.name for s in matches]} all have"
+            raise RequestError(404 if not matches else 422, f"adapter rate {wanted}: {found} that masking rate; "
+                               f"name one of {sorted(self.served)}", "NotFound" if not matches else "Validation")
+        return matches[0]
+
+    def predict(self, served: Served, texts: list[str]) -> list[torch.Tensor]:
+        """Logits per text with ``served`` active (called from the batcher's one worker thread)."""
+        clf = served.classifier
+        if clf.adapter_set is not None:
+            clf.use(served.internal)
+        return clf.logits(texts, batch_size=max(1, len(texts)))
+
+
+def too_long(served: Served, texts: list[str]) -> list[int]:
+    """Indices of the texts ``max_length`` would cut short (tokenised here, before the model is touched)."""
+    clf = served.classifier
+    examples = as_examples(texts, clf.task)
+    features = encode(examples, clf.tokenizer, clf.task, None, clf.config["max_length"])
+    return [i for i, (f, e) in enumerate(zip(features, examples)) if was_truncated(f, e)]
+
+
+def scored(logits: torch.Tensor, text: str, served: Served, raw_scores: bool) -> list[dict]:
+    """text-embeddings-inference's shape: ``[{"label", "score"}]`` best first; per word for token tasks."""
+    labels = served.config["labels"]
+    if served.config["task"] == "sequence":
+        scores = logits if raw_scores else logits.softmax(-1)
+        ranked = sorted(zip(labels, scores.tolist()), key=lambda pair: -pair[1])
+        return [{"label": label, "score": score} for label, score in ranked]
+    out = []
+    for word, row in zip(text.split(), logits):
+        if torch.isnan(row).any():  # past max_length, sent with "truncate": true
+            out.append({"word": word, "label": None, "score": None})
+            continue
+        scores = row if raw_scores else row.softmax(-1)
+        best = int(scores.argmax())
+        out.append({"word": word, "label": labels[best], "score": float(scores[best])})
+    return out
+
+
+# ---- dynamic batching ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future
+    arrived: float
+
+
+class Batcher:
+    """Groups concurrent requests for the same adapter into one forward pass.
+
+    A batch starts with the oldest waiting request and takes later requests for that adapter until
+    ``max_batch`` texts or until the oldest has waited ``max_wait_s``. Forward passes run one at a
+    time in one worker thread (the event loop keeps accepting requests meanwhile), so the adapter
+    active during a batch is the batch's own. Other adapters' requests wait their turn, oldest first.
+    """
+
+    def __init__(self, forward: Callable[[Any, list[str]], list], max_batch: int, max_wait_s: float,
+                 on_batch: Callable[[int], None] = lambda n: None):
+        self.forward, self.max_batch, self.max_wait_s, self.on_batch = forward, max_batch, max_wait_s, on_batch
+        self.queues: dict[Any, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tokmask-forward")
+        self.arrival = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def submit(self, key, texts: list[str]) -> list:
+        future = asyncio.get_running_loop().create_future()
+        self.queues[key].append(_Pending(texts, future, time.monotonic()))
+        self.arrival.set()
+        return await future
+
+    def _waiting(self, key) -> int:
+        return sum(len(p.texts) for p in self.queues[key])
+
+    async def _run(self) -> None:
+        while True:
+            waiting = {k: q for k, q in self.queues.items() if q}
+            if not waiting:
+                self.arrival.clear()
+                await self.arrival.wait()
+                continue
+            key = min(waiting, key=lambda k: waiting[k][0].arrived)
+            deadline = waiting[key][0].arrived + self.max_wait_s
+            while self._waiting(key) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                self.arrival.clear()
+                try:
+                    await asyncio.wait_for(self.arrival.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            await self._forward(key, self._take(key))
+
+    def _take(self, key) -> list[_Pending]:
+        """Requests from the head of ``key``'s queue up to ``max_batch`` texts (at least one request)."""
+        queue, batch, size = self.queues[key], [], 0
+        while queue and (not batch or size + len(queue[0].texts) <= self.max_batch):
+            pending = queue.popleft()
+            if not pending.future.done():  # a client that went away is not computed for
+                batch.append(pending)
+                size += len(pending.texts)
+        return batch
+
+    async def _forward(self, key, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        texts = [t for p in batch for t in p.texts]
+        self.on_batch(len(texts))
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.forward, key, texts)
+        except Exception as e:  # the model's error goes to every request of the batch; the loop goes on
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(e)
+            return
+        start = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(rows[start:start + len(p.texts)])
+            start += len(p.texts)
