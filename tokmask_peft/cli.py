@@ -159,17 +159,23 @@ def _count(least: int):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokmask", description="Token masking for LoRA/QLoRA text classifiers.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="also show third-party notices (load reports, "
+                        "progress bars, library warnings); otherwise they go to each run's third_party.log")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **options) -> argparse.ArgumentParser:  # every command takes --verbose
+        return sub.add_parser(name, parents=[common], **options)
 
     def with_recipe(p):
         p.add_argument("recipe", help="YAML recipe")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         return p
 
-    p = with_recipe(sub.add_parser("train", help="train one run"))
+    p = with_recipe(command("train", help="train one run"))
     p.set_defaults(func=cmd_train)
 
-    p = with_recipe(sub.add_parser("sweep", help="train one adapter per (masking rate, seed) and report"))
+    p = with_recipe(command("sweep", help="train one adapter per (masking rate, seed) and report"))
     p.add_argument("--rates", help="comma-separated rates, e.g. 0,0.1,0.3 (default: the recipe's)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the recipe's)")
     p.add_argument("--output", help="sweep directory (default: train.output_dir)")
@@ -180,13 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="Ray retries per failed run")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="rebuild results.csv/.md/.png from a sweep's run directories; with several "
+    p = command("report", help="rebuild results.csv/.md/.png from a sweep's run directories; with several "
                        "sweeps, also one table judging each against the first sweep's p = 0")
     p.add_argument("output", nargs="+")
     p.add_argument("--metric", default="weighted_f1")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("predict", help="predict labels for texts (JSON lines out)")
+    p = command("predict", help="predict labels for texts (JSON lines out)")
     p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
     p.add_argument("--input", default="-", help="text file, one input per line, or - for stdin")
     p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
@@ -198,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("merge", help="export an adapter merged into its base as a standalone model")
+    p = command("merge", help="export an adapter merged into its base as a standalone model")
     p.add_argument("run")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
+    p = command("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
     p.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
                    help="a run, a sweep (each rate's adapter; the best on dev is the default), or several")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_serve)
 
-    p = with_recipe(sub.add_parser("compare", help="full vs LoRA vs QLoRA on the same recipe"))
+    p = with_recipe(command("compare", help="full vs LoRA vs QLoRA on the same recipe"))
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--output", required=True)
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
@@ -230,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from .console import quiet
+
+    quiet(args.verbose)  # before anything imports peft (which imports bitsandbytes, which warns)
     try:
         args.func(args)
     except (ValueError, OSError, KeyError, DirectoryInUse) as e:  # OSError: files, transformers' "cannot load"

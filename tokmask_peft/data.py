@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .console import TokmaskWarning
+
 IGNORE_INDEX = -100
 # The paper folds LinCE LID tags to three classes: English, Spanish, everything else.
 PAPER_LID_FOLD = {"lang1": "lang1", "lang2": "lang2"}
@@ -57,7 +59,7 @@ def decode_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> 
             yield lineno, raw.decode("utf-8", errors="replace")
     if replaced:
         warnings.warn(f"{name}: {replaced} line(s) held bytes that are not UTF-8; replaced with U+FFFD "
-                      "(data.encoding_errors=replace)", stacklevel=2)
+                      "(data.encoding_errors=replace)", TokmaskWarning, stacklevel=2)
 
 
 def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str = "strict") -> list[Example]:

@@ -18,6 +18,7 @@ import torch
 
 from .adapters import AdapterSet
 from .config import ModelConfig
+from .console import TokmaskWarning
 from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
 from .modeling import base_identity, classifier_tokenizer, load_base
@@ -62,7 +63,7 @@ def check_base(run_dir: Path, config: dict, cfg: ModelConfig) -> None:
 def check_finished(run_dir: Path, config: dict) -> None:
     if "merged_from" not in config and not (run_dir / METRICS_FILE).is_file():
         warnings.warn(f"{run_dir} has no {METRICS_FILE}: its training did not finish, and these are the best "
-                      "weights it had saved when it stopped", stacklevel=3)
+                      "weights it had saved when it stopped", TokmaskWarning, stacklevel=3)
 
 
 def default_name(config: dict) -> str:

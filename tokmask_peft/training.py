@@ -11,7 +11,6 @@ Evaluation with patience and best-weights keeping is one unit (:class:`EarlyStop
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -30,14 +29,15 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from .config import Recipe
+from .console import TokmaskWarning, kept_in
 from .data import LengthGroupedBatches, padding_collator
 from .losses import class_weights, classification_loss, label_counts
 from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
 from .modeling import compile_blocks, parameter_counts
-from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG,
-                   fingerprint_diff, is_complete, run_config, run_fingerprint, weight_record, write_json)
 from .robustness import CORRUPTIONS
+from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, fingerprint_diff,
+                   is_complete, run_config, run_fingerprint, weight_record, write_json)
 from .setup import Setup
 from .storage import atomic_write_text, hold, move_files_in
 from .verdicts import Predictions, save_predictions
@@ -219,7 +219,9 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     # One writer per run directory: the main process holds it (a DDP job's other ranks follow it).
     # RANK (torchrun, accelerate launch) and not PartialState: that would set Accelerate's shared state
     # up before train's own Accelerator(cpu=...) does.
-    with hold(out, "run") if _is_main_rank() else contextlib.nullcontext():
+    if not _is_main_rank():
+        return _train(recipe, setup, out)
+    with hold(out, "run"), kept_in(out):  # third-party notices of the run go to its third_party.log
         return _train(recipe, setup, out)
 
 
@@ -229,7 +231,7 @@ def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
     if (out / METRICS_FILE).exists() and _is_main_rank():
         # A results file without a whole run behind it (cut short, damaged, weights gone): train again.
         warnings.warn(f"{out / METRICS_FILE} is there but the run is not whole (a file is damaged, cut short or "
-                      "missing); training it again", stacklevel=3)
+                      "missing); training it again", TokmaskWarning, stacklevel=3)
         (out / METRICS_FILE).unlink()
     setup = setup or Setup.from_recipe(recipe)
     if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
