@@ -150,3 +150,11 @@ def test_sweeps_compared_against_the_first_sweeps_p0_through_the_cli(make_recipe
 
     with pytest.raises(ValueError, match=r"differs from .* in \['data\.dev'\]"):
         compare_sweeps([tmp_path / "token", tmp_path / "elsewhere"])
+    # a sweep saved before a data field existed (here encoding_errors) is on the same footing
+    from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config, write_json
+
+    for run in (tmp_path / "word").glob("mask_*/seed_*"):
+        config = read_run_config(run)
+        del config["recipe"]["data"]["encoding_errors"]
+        write_json(run / TOKMASK_CONFIG, config)
+    assert "unit word" in compare_sweeps([tmp_path / "token", tmp_path / "word"])
