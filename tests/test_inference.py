@@ -184,3 +184,54 @@ def test_qlora_run_reloads_with_its_dev_score(make_recipe, toy_data, quant_bits)
     accuracy = sum(p == ex.label for p, ex in zip(predicted, dev)) / len(dev)
     assert best["accuracy"] > 0.75
     assert abs(accuracy - best["accuracy"]) <= 1 / len(dev), (accuracy, best)
+
+
+@pytest.mark.slow
+def test_cli_predict_file_to_file_carries_columns_through(swept, tmp_path):
+    run = swept["sequence"] / "mask_0.30" / "seed_0"
+    want = Classifier.from_run(run, device="cpu").predict(TEXTS)
+    src = tmp_path / "in.csv"
+    src.write_text("id,tweet,lang\n" + "".join(f'{i},"{t}",xx\n' for i, t in enumerate(TEXTS)) + "9,,xx\n")
+    out = tmp_path / "out.csv"
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(run), "--input", str(src),
+                           "--text-column", "tweet", "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3", "9"] and {r["lang"] for r in rows} == {"xx"}
+    assert [r["label"] for r in rows[:4]] == [w["label"] for w in want]
+    assert float(rows[0]["prob_positive"]) == pytest.approx(want[0]["probs"]["positive"], abs=1e-6)
+    assert rows[4]["error"] == "empty text" and rows[4]["label"] == ""
+
+    # token task, pre-split words in JSONL, out as JSONL: one label per word, the id kept
+    lid = swept["token"] / "mask_0.30" / "seed_0"
+    words = [t.split() for t in TEXTS]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"s{i}", "tokens": w}) + "\n" for i, w in enumerate(words)))
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(lid), "--input", str(src),
+                           "--text-column", "tokens"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected = Classifier.from_run(lid, device="cpu").predict(words)
+    assert [g["id"] for g in got] == ["s0", "s1", "s2", "s3"] and [g["tokens"] for g in got] == words
+    assert [g["labels"] for g in got] == [e["labels"] for e in expected]
+
+    # bad input is named: file and line, the columns there are
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(run), "--input",
+                           str(tmp_path / "in.csv"), "--output", str(tmp_path / "never.csv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "in.csv:1: no column 'text' (columns: ['id', 'tweet', 'lang'])" in proc.stderr
+    assert not (tmp_path / "never.csv").exists()
+    src.write_text('{"id": 1, "text": "fine"}\n{"id": 2, "text": \n')
+    proc = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "predict", str(run), "--input", str(src)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "in.jsonl:2: not valid JSON" in proc.stderr
+
+
+def test_predict_takes_a_readers_examples(swept, toy_data):
+    from tokmask_peft.data import read_examples
+
+    clf = Classifier.from_run(swept["sequence"] / "mask_0.00" / "seed_0", device="cpu")
+    examples = read_examples(str(toy_data["dev"]), "lince", "sequence")[:5]
+    assert clf.predict(examples) == clf.predict([e.text for e in examples])

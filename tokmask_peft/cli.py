@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .data import decode_lines
+    from . import predict_files as files
     from .inference import Classifier
     from .runs import TOKMASK_CONFIG
 
@@ -70,27 +71,26 @@ def cmd_predict(args) -> None:
         clf = Classifier.from_sweep(path, seed=args.seed, device=args.device, rate=args.rate)
     if args.adapter:
         clf.use(args.adapter)
+    fmt = files.input_format(args.input, args.format)
     name = "stdin" if args.input == "-" else args.input
-    stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
-    with stream:
-        lines = [line.rstrip("\r\n") for _, line in decode_lines(stream, name)]
-    # One output line per input line, in order: a blank line gets a line that says so.
-    texts = [line.split() if clf.task == "token" else line for line in lines if line.strip()]
-    results = iter(clf.predict(texts, args.batch_size, tta=args.tta))
-    key = "words" if clf.task == "token" else "text"
-    truncated = 0
-    for line in lines:
-        if not line.strip():
-            print(json.dumps({key: line, "label" if clf.task == "sequence" else "labels": None,
-                              "error": "empty line", "adapter": clf.active}))
-            continue
-        result = next(results)
-        truncated += result["truncated"]
-        print(json.dumps({key: line.split() if clf.task == "token" else line, **result, "adapter": clf.active},
-                         ensure_ascii=False, allow_nan=False))
+    with (sys.stdin.buffer if args.input == "-" else open(args.input, "rb")) as stream:
+        rows = files.read_rows(stream, name, fmt, args.text_column, clf.task)
+    results = files.predictions(clf, rows, args.batch_size, args.tta)
+    records = files.output_rows(rows, results, clf.active, clf.task, "empty line" if fmt == "text" else "empty text")
+    out = io.StringIO()
+    if files.output_format(args.output, args.output_format) == "csv":
+        files.write_csv(out, list(records), clf.labels)
+    else:
+        files.write_jsonl(out, records)
+    if args.output == "-":
+        sys.stdout.write(out.getvalue())
+    else:
+        atomic_write_text(args.output, out.getvalue())  # whole, or not at all
+    truncated = sum(bool(r and r["truncated"]) for r in results)
     if truncated:
-        print(f"tokmask predict: {truncated} of {len(texts)} input(s) were longer than the model's max_length "
-              f"({clf.config['max_length']} tokens) and were cut short (\"truncated\": true)", file=sys.stderr)
+        print(f"tokmask predict: {truncated} of {sum(r is not None for r in results)} input(s) were longer than the "
+              f"model's max_length ({clf.config['max_length']} tokens) and were cut short (\"truncated\": true)",
+              file=sys.stderr)
 
 
 def cmd_merge(args) -> None:
@@ -194,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", help="predict labels for texts (JSON lines out)")
     p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
-    p.add_argument("--input", default="-", help="text file, one input per line, or - for stdin")
+    p.add_argument("--input", default="-", help="CSV, TSV, JSONL or text file (one input per line), or - for stdin")
+    p.add_argument("--format", choices=("text", "csv", "tsv", "jsonl"),
+                   help="input format (default: from the suffix; stdin and other suffixes: text)")
+    p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
+                   "token tasks take a list of words there, or a string split on whitespace")
+    p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
+    p.add_argument("--output-format", choices=("jsonl", "csv"), help="default: csv for a .csv --output, else jsonl")
     p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
                    "rate best on dev by weighted F1)")
     p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")

@@ -190,10 +190,11 @@ class Classifier:
         """
         return [row for row, _ in self._scored(texts, batch_size, tta, tta_rate, seed)]
 
-    def predict(self, texts: Sequence[str | list[str]], batch_size: int = 32, tta: int = 0,
+    def predict(self, texts: Sequence[str | list[str] | Example], batch_size: int = 32, tta: int = 0,
                 tta_rate: float | None = None) -> list[dict]:
         """Labels and probabilities, and ``truncated``: whether ``max_length`` cut the text short (token
-        tasks give one label per input word; words past ``max_length`` get ``None``)."""
+        tasks give one label per input word; words past ``max_length`` get ``None``). Texts may be the
+        ``Example``s of any reader (``data.read_examples``, ``predict_files.read_rows``)."""
         return [{**to_result(row, self.labels, self.task), "truncated": cut}
                 for row, cut in self._scored(texts, batch_size, tta, tta_rate)]
 
@@ -228,8 +229,10 @@ def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str) ->
 # ---- prediction, as functions of a batch --------------------------------------------------------
 
 
-def as_examples(texts: Sequence[str | list[str]], task: str) -> list[Example]:
-    """Token tasks take lists of words, or strings split on whitespace."""
+def as_examples(texts: Sequence[str | list[str] | Example], task: str) -> list[Example]:
+    """Token tasks take lists of words, or strings split on whitespace; Examples (any reader's) give
+    their text."""
+    texts = [t.text if isinstance(t, Example) else t for t in texts]
     return [Example(t if task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
             for i, t in enumerate(texts)]
 
