@@ -235,3 +235,25 @@ def test_predict_takes_a_readers_examples(swept, toy_data):
     clf = Classifier.from_run(swept["sequence"] / "mask_0.00" / "seed_0", device="cpu")
     examples = read_examples(str(toy_data["dev"]), "lince", "sequence")[:5]
     assert clf.predict(examples) == clf.predict([e.text for e in examples])
+
+
+def test_model_card_says_what_was_trained_and_its_snippet_loads_the_run(swept):
+    import yaml
+
+    run = swept["sequence"] / "mask_0.30" / "seed_0"
+    config = json.loads((run / "tokmask_config.json").read_text())
+    text = (run / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["library_name"] == "peft" and header["pipeline_tag"] == "text-classification"
+    assert header["base_model"] == config["base_model"] and "token-masking" in header["tags"]
+    assert "LoRA r 8" in text and "with probability 0.3" in text and f"`{config['mask_token']['token']}`" in text
+    assert "Labels (2): negative, positive" in text and "| dev (step" in text
+    assert "Sweep verdict" in text and "p = 0.3 vs p = 0" in text  # written back by the sweep's report
+    snippet = text.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(snippet.replace('run = "."', f"run = {str(run)!r}"), namespace)  # plain PEFT + transformers
+    tokenizer, model = namespace["tokenizer"], namespace["model"]
+    with torch.no_grad():
+        plain = torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0] for t in TEXTS])
+    ours = torch.stack(Classifier.from_run(run, device="cpu").logits(TEXTS))
+    torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
+from .model_card import CARD, write_card
 from .robustness import CORRUPTIONS
 from .runs import (
     DEV_SET,
@@ -77,7 +78,22 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
     plot(summary, out / "results.png", metric)
     if any(robustness_curves(rows)):
         plot_robustness(rows, out / "results_robustness.png")
+    update_cards(out, rows, metric)
     return rows
+
+
+def update_cards(out: Path, rows: list[dict], metric: str) -> None:
+    """Each run's model card (where the run wrote one) gains its rate's verdict against p = 0."""
+    if not any(r["rate"] == 0.0 for r in rows) or not any((out / r["run"] / CARD).is_file() for r in rows):
+        return
+    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    dev = {v.rate: v for v in set_verdicts(out, rows, DEV_SET, metric)}
+    for row in rows:
+        run, verdict = out / row["run"], dev.get(row["rate"])
+        if (run / CARD).is_file() and verdict is not None:
+            text = (f"dev {metric.replace('_', ' ')}, p = {verdict.rate:g} vs p = 0: {verdict.describe()}: "
+                    f"{verdict.word}. {recommendation(list(dev.values()))}")
+            write_card(run, verdict=text)
 
 
 def strategy_line(rows: list[dict]) -> str:

@@ -34,12 +34,13 @@ from .data import LengthGroupedBatches, padding_collator
 from .losses import class_weights, classification_loss, label_counts
 from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
+from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .robustness import CORRUPTIONS
 from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, fingerprint_diff,
                    is_complete, run_config, run_fingerprint, weight_record, write_json)
 from .setup import Setup
-from .storage import atomic_write_text, hold, move_files_in
+from .storage import atomic_write_text, hold, move_files_in, read_json
 from .verdicts import Predictions, save_predictions
 
 __all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
@@ -523,7 +524,8 @@ def save_run(run: Run) -> None:
         weights = weight_record(scratch)
         move_files_in(scratch, run.out)
         write_json(run.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
-                                              "base_identity": setup.base_identity, "weights": weights})
+                                              "base_identity": setup.base_identity, "weights": weights,
+                                              "command": training_command()})
     accelerator.wait_for_everyone()
 
 
@@ -550,6 +552,8 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_predictions(run.out / PREDICTIONS_FILE, {name: kept for name, (_, kept) in scored.items()})
+        config = read_json(run.out / TOKMASK_CONFIG, "run config")  # PEFT's generic README.md → ours
+        atomic_write_text(run.out / CARD, card(config, metrics, config.get("command", training_command())))
         write_json(run.out / METRICS_FILE, metrics)  # last: a run with metrics.json is complete
     run.checkpoints.remove()
     return metrics
