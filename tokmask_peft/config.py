@@ -245,6 +245,12 @@ class TrainConfig:
     robustness: list[float] = dataclasses.field(default_factory=list)
     """Severities q at which the best weights are also scored on corrupted dev copies (word
     deletion, words masked, typos), e.g. [0.1, 0.2, 0.3]; empty: none."""
+    report_to: list[str] = dataclasses.field(default_factory=list)
+    """Experiment trackers, through Accelerate: tensorboard, wandb, mlflow, aim, comet_ml, ...; empty: none
+    (``log.jsonl`` is always written)."""
+    run_name: str | None = None
+    """The trackers' experiment name (default: the output directory's name); each run is named
+    after its place in the sweep, ``mask_0.10/seed_0``."""
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "lr"):
@@ -261,6 +267,9 @@ class TrainConfig:
             raise ValueError(f"train.robustness must be a list of severities, got {self.robustness!r}")
         for q in self.robustness:
             check_rate(q, "train.robustness entry")
+        from .tracking import check_trackers
+
+        check_trackers(self.report_to)
 
     # Step arithmetic, counted on the unsharded loader: Accelerate steps the scheduler once per
     # process per update, so the schedule spans every process's updates.

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
+from . import tracking
 from .config import Recipe
 from .console import TokmaskWarning, kept_in
 from .data import LengthGroupedBatches, padding_collator
@@ -186,9 +187,12 @@ class Run:
         return self.accelerator.distributed_type == DistributedType.FSDP
 
     def log(self, record: dict) -> None:
+        """A line of ``log.jsonl``, and the same figures to the trackers (``train.report_to``)."""
         if self.accelerator.is_main_process:
             with (self.out / LOG_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.recipe.train.report_to and (values := tracking.scalars(record)):
+            self.accelerator.log(values[0], step=values[1])
 
     def trainable_state(self) -> dict:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -260,7 +264,8 @@ def start(recipe: Recipe, setup: Setup, out: Path) -> Run:
     # cpu=True when there is no accelerator: Accelerate then recognises torchrun's env as MULTI_CPU.
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
                               cpu=not torch.accelerator.is_available(),
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                              **tracking.accelerator_options(recipe, out))
     checkpoints = Checkpoints(accelerator, out, run_fingerprint(recipe))
     checkpoints.refuse_other_run()
     if tc.compile and not _plain_or_ddp(accelerator):
@@ -268,6 +273,7 @@ def start(recipe: Recipe, setup: Setup, out: Path) -> Run:
                          f"{accelerator.distributed_type}: set train.compile=false")
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
+    tracking.start(accelerator, recipe, out)
     return Run(recipe, setup, out, accelerator, checkpoints)
 
 
@@ -562,6 +568,8 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
 def close(run: Run) -> None:
     """Detach the masking (and NEFTune) hook and give a sweep's kept base back, whether the run
     finished or failed."""
+    if run.recipe.train.report_to:
+        run.accelerator.end_training()  # each tracker closes its run (flushes event files)
     if run.hook is not None:
         run.hook.remove()
     if run.neftune is not None:
