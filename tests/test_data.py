@@ -117,7 +117,7 @@ def test_cli_end_to_end_on_real_lince_slice(tiny_model, tmp_path):
     out = tmp_path / "out"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     run_files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
-                 "predictions.npz", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"]
+                 "predictions.npz", "third_party.log", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"]
     assert files == sorted(["recipe.yaml", "results.csv", "results.md", "results.png"] +
                            [f"mask_{r}/seed_0/{f}" for r in ("0.00", "0.30") for f in run_files])
     config = json.loads((out / "mask_0.30" / "seed_0" / "tokmask_config.json").read_text())

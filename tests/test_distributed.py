@@ -48,7 +48,7 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path
         out = Path(recipe.train.output_dir)
         files = sorted(p.name for p in out.iterdir())
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
-                         "predictions.npz", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"], files
+                         "predictions.npz", "third_party.log", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"], files
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
         assert metrics["dev_examples"] == 32

@@ -9,7 +9,7 @@ import tokmask_peft.sweeps as sweep_module
 from tokmask_peft.sweeps import report, sweep
 
 RUN_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
-             "predictions.npz", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"]
+             "predictions.npz", "third_party.log", "tokenizer.json", "tokenizer_config.json", "tokmask_config.json"]
 
 
 @pytest.fixture

@@ -66,7 +66,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @contextlib.contextmanager
 def kept_in(folder: str | Path) -> Iterator[None]:
     """Third-party warnings (and above) of the block also go to ``folder/third_party.log``."""
-    handler = logging.FileHandler(Path(folder) / THIRD_PARTY_LOG, encoding="utf-8", delay=True)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    # Created even when nothing is logged, so every run holds the same set of files.
+    handler = logging.FileHandler(Path(folder) / THIRD_PARTY_LOG, encoding="utf-8")
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(levelname)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in THIRD_PARTY]
