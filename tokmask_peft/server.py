@@ -114,17 +114,8 @@ def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
     return payload, texts, single
 
 
-def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
-               max_body_bytes: int = 1 << 20, api_key: str | None = None):
-    """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
-    for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if not max_wait_ms >= 0:
-        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-    telemetry = Telemetry()
-    batcher = Batcher(lambda name, texts: pool.predict(pool.served[name], texts), max_batch, max_wait_ms / 1000,
-                      on_batch=telemetry.batch.observe)
+def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max_inputs: int, max_body_bytes: int):
+    """The POST /predict handler: validate, refuse before the model, batch, answer in TEI's shape."""
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
@@ -149,6 +140,23 @@ def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0,
         if cut:
             headers["x-tokmask-truncated"] = ",".join(map(str, cut))
         return JSONResponse(results[0] if single else results, headers=headers)
+
+    return predict
+
+
+def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
+               max_body_bytes: int = 1 << 20, api_key: str | None = None):
+    """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
+    for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not max_wait_ms >= 0:
+        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    telemetry = Telemetry()
+    batcher = Batcher(lambda name, texts: pool.predict(pool.served[name], texts), max_batch, max_wait_ms / 1000,
+                      on_batch=telemetry.batch.observe)
+
+    predict = predict_route(pool, batcher, telemetry, max_inputs, max_body_bytes)
 
     async def adapters(request: Request) -> Response:
         listing = [{**s.describe(), "base": pool.classifiers.index(s.classifier), "default": name == pool.default}
