@@ -157,6 +157,44 @@ def _count(least: int):
     return parse
 
 
+def add_predict(sub) -> None:
+    p = sub("predict", help="predict labels for texts (JSON lines out)")
+    p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
+    p.add_argument("--input", default="-", help="CSV, TSV, JSONL or text file (one input per line), or - for stdin")
+    p.add_argument("--format", choices=("text", "csv", "tsv", "jsonl"),
+                   help="input format (default: from the suffix; stdin and other suffixes: text)")
+    p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
+                   "token tasks take a list of words there, or a string split on whitespace")
+    p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
+    p.add_argument("--output-format", choices=("jsonl", "csv"), help="default: csv for a .csv --output, else jsonl")
+    p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
+                   "rate best on dev by weighted F1)")
+    p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
+    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
+    p.add_argument("--tta", type=_count(0), default=0, help="average over K masked copies (test-time masking)")
+    p.add_argument("--batch-size", type=_count(1), default=32)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
+
+
+def add_serve(sub) -> None:
+    p = sub("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
+    p.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
+                   help="a run, a sweep (each rate's adapter; the best on dev is the default), or several")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=_count(0), default=8080, help="0 picks a free port (printed)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                   "(default: $TOKMASK_API_KEY)")
+    p.add_argument("--max-batch", type=_count(1), default=32, help="texts per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the oldest request may wait for "
+                   "others; 0 batches what queued while the previous batch ran (measured best on CPU)")
+    p.add_argument("--max-inputs", type=_count(1), default=64, help="inputs per request")
+    p.add_argument("--max-body-bytes", type=_count(1), default=1 << 20)
+    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokmask", description="Token masking for LoRA/QLoRA text classifiers.")
     common = argparse.ArgumentParser(add_help=False)
@@ -192,44 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="weighted_f1")
     p.set_defaults(func=cmd_report)
 
-    p = command("predict", help="predict labels for texts (JSON lines out)")
-    p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
-    p.add_argument("--input", default="-", help="CSV, TSV, JSONL or text file (one input per line), or - for stdin")
-    p.add_argument("--format", choices=("text", "csv", "tsv", "jsonl"),
-                   help="input format (default: from the suffix; stdin and other suffixes: text)")
-    p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
-                   "token tasks take a list of words there, or a string split on whitespace")
-    p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
-    p.add_argument("--output-format", choices=("jsonl", "csv"), help="default: csv for a .csv --output, else jsonl")
-    p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
-                   "rate best on dev by weighted F1)")
-    p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
-    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
-    p.add_argument("--tta", type=_count(0), default=0, help="average over K masked copies (test-time masking)")
-    p.add_argument("--batch-size", type=_count(1), default=32)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_predict)
+    add_predict(command)
 
     p = command("merge", help="export an adapter merged into its base as a standalone model")
     p.add_argument("run")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_merge)
 
-    p = command("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
-    p.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
-                   help="a run, a sweep (each rate's adapter; the best on dev is the default), or several")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=_count(0), default=8080, help="0 picks a free port (printed)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
-                   "(default: $TOKMASK_API_KEY)")
-    p.add_argument("--max-batch", type=_count(1), default=32, help="texts per forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the oldest request may wait for "
-                   "others; 0 batches what queued while the previous batch ran (measured best on CPU)")
-    p.add_argument("--max-inputs", type=_count(1), default=64, help="inputs per request")
-    p.add_argument("--max-body-bytes", type=_count(1), default=1 << 20)
-    p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_serve)
+    add_serve(command)
 
     p = with_recipe(command("compare", help="full vs LoRA vs QLoRA on the same recipe"))
     p.add_argument("--methods", default="full,lora,qlora")
