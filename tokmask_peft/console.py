@@ -66,9 +66,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @contextlib.contextmanager
 def kept_in(folder: str | Path) -> Iterator[None]:
     """Third-party warnings (and above) of the block also go to ``folder/third_party.log``."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    # Created even when nothing is logged, so every run holds the same set of files.
-    handler = logging.FileHandler(Path(folder) / THIRD_PARTY_LOG, encoding="utf-8")
+    log = Path(folder) / THIRD_PARTY_LOG
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # Opened on the first notice: a run refused before it starts leaves no file behind (and so no folder).
+    handler = logging.FileHandler(log, encoding="utf-8", delay=True)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(levelname)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in THIRD_PARTY]
@@ -76,6 +77,7 @@ def kept_in(folder: str | Path) -> Iterator[None]:
         logger.addHandler(handler)
     try:
         yield
+        log.touch()  # a finished block always holds one, so every run has the same set of files
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
