@@ -7,8 +7,9 @@ Each block is one regime (model, method, data size); each strategy is one sweep 
 recipe in ``RUNS/block_N/<strategy>``. The first strategy, ``token``, holds the shared p = 0 runs:
 every strategy (R-Drop and NEFTune at p = 0 included) is judged against them, on dev where its rate
 is picked and on the held-out ``test`` carve (``data.test_from_train``) where that pick is judged.
-Sweeps resume where they stopped, so a block cut short continues on the next call; run a few seeds
-of every strategy first (``--seeds 0,1,2``), then the rest. Not part of the test suite.
+Seeds run one at a time across strategies; a seed whose results are already in the committed light
+copy (OUT) is not trained again, even on a new machine, and a block cut short continues on the next
+call. Not part of the test suite.
 
 Writes ``OUT/block_N/``: a light copy of every sweep (results, each run's metrics.json,
 tokmask_config.json and predictions.npz in the mask_*/seed_* layout, so ``tokmask report`` rebuilds
@@ -27,9 +28,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment  # noqa: E402
 from real_data import light_copy  # noqa: E402
 
+import yaml  # noqa: E402
+
 from tokmask_peft.config import Recipe  # noqa: E402
-from tokmask_peft.reporting import compare_sweeps  # noqa: E402
-from tokmask_peft.runs import collect  # noqa: E402
+from tokmask_peft.grid import run_recipe  # noqa: E402
+from tokmask_peft.reporting import compare_sweeps, report  # noqa: E402
+from tokmask_peft.runs import (collect, fingerprint_diff, has_results, read_run_config, run_dir,  # noqa: E402
+                               run_fingerprint)
+from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 MASKED = "sweep.rates=[0.1,0.3]"
@@ -49,14 +55,35 @@ BLOCKS = {
 ROBUSTNESS_Q = 0.2
 
 
-def strategy_sweep(block: int, name: str, seeds: list[int], runs: Path, extra: list[str]) -> Path:
+def strategy_recipe(block: int, name: str, seeds: list[int], extra: list[str]) -> Recipe:
     recipe_path, block_overrides, _ = BLOCKS[block]
-    out = runs / f"block_{block}" / name
-    recipe = Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra])
+    return Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra])
+
+
+def missing_rates(copy: Path, recipe: Recipe, seed: int) -> list[float]:
+    """The rates of ``seed`` without results in the committed light copy: ``runs/`` (the weights) is not
+    committed, so a new machine would otherwise train every finished run again."""
+    missing = []
+    for rate in recipe.sweep.rates:
+        run = run_dir(copy, rate, seed)
+        if not has_results(run):
+            missing.append(rate)
+        elif fingerprint_diff(read_run_config(run).get("recipe", {}),
+                              run_fingerprint(run_recipe(recipe, rate, seed)), shared_keys_only=True):
+            raise ValueError(f"{run} holds results of another recipe than block {copy.parent.name}'s "
+                             f"{copy.name}: move it away before extending the block")
+    return missing
+
+
+def strategy_seed(block: int, name: str, seed: int, runs: Path, copy: Path, extra: list[str]) -> None:
+    """Train one seed of one strategy at the rates not committed yet, then fold it into the light copy."""
+    missing = missing_rates(copy, strategy_recipe(block, name, [seed], extra), seed)
+    if not missing:
+        return
     started = time.perf_counter()
-    sweep(recipe, out)
-    print(f"block {block} {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    return out
+    sweep(strategy_recipe(block, name, [seed], [*extra, f"sweep.rates={missing}"]), runs / f"block_{block}" / name)
+    light_copy(runs / f"block_{block}" / name, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"))
+    print(f"block {block} {name} seed {seed} rates {missing}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def robustness_table(sweeps: dict[str, Path]) -> str:
@@ -95,17 +122,27 @@ def main(argv=None) -> None:
         names = ["token", *[n for n in names if n != "token"]]  # the shared p = 0 comes first
     runs, out = Path(args.runs), Path(args.out) / f"block_{args.block}"
     started = time.perf_counter()
-    sweeps = {name: strategy_sweep(args.block, name, seeds, runs, args.overrides) for name in names}
-    for name, path in sweeps.items():
-        light_copy(path, out / name, keep=("metrics.json", "tokmask_config.json", "predictions.npz"))
-    copies = [out / name for name in sweeps]
-    (out / "comparison.md").write_text(compare_sweeps(copies))
-    (out / "robustness.md").write_text(robustness_table({name: out / name for name in sweeps}))
-    print((out / "comparison.md").read_text(), (out / "robustness.md").read_text(), sep="\n")
-    (out / "block.json").write_text(json.dumps(
-        {**environment(), "block": args.block, "recipe": BLOCKS[args.block][0], "seeds": seeds,
-         "strategies": {n: STRATEGIES[n] for n in names}, "overrides": args.overrides,
-         "wall_time_s": round(time.perf_counter() - started, 1)}, indent=2))
+    for seed in seeds:  # seed by seed across strategies: a block cut short stays balanced
+        for name in names:
+            strategy_seed(args.block, name, seed, runs, out / name, args.overrides)
+        write_block_report(args.block, names, out, args.overrides, time.perf_counter() - started)
+
+
+def write_block_report(block: int, names: list[str], out: Path, overrides: list[str], wall_s: float) -> None:
+    """Each strategy's table over every committed seed, then the verdicts and robustness of the block."""
+    copies = [out / name for name in names]
+    seeds = sorted({int(p.name.split("_")[1]) for copy in copies for p in copy.glob("mask_*/seed_*")})
+    for name, copy in zip(names, copies):
+        recipe = strategy_recipe(block, name, seeds, overrides)
+        atomic_write_text(copy / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        report(copy)
+    atomic_write_text(out / "comparison.md", compare_sweeps(copies))
+    atomic_write_text(out / "robustness.md", robustness_table(dict(zip(names, copies))))
+    print((out / "comparison.md").read_text(), (out / "robustness.md").read_text(), sep="\n", flush=True)
+    atomic_write_text(out / "block.json", json.dumps(
+        {**environment(), "block": block, "recipe": BLOCKS[block][0], "seeds": seeds,
+         "strategies": {n: STRATEGIES[n] for n in names}, "overrides": overrides,
+         "wall_time_s_of_last_call": round(wall_s, 1)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import shared_path
 
 pytestmark = pytest.mark.slow
@@ -48,10 +49,11 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     from low_resource import main
 
     out = tmp_path / "results"
-    main(["--block", "1", "--strategies", "rdrop,neftune", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
-          "--out", str(out), f"model.name={tiny_model('bert')}", f"data.train={toy_data['train']}",
-          f"data.dev={toy_data['dev']}", "data.test_from_train=32", "data.max_train_examples=48",
-          "data.max_length=16", "train.epochs=2", "train.robustness=[0.2]"])
+    args = ["--block", "1", "--strategies", "rdrop,neftune", "--seeds", "0,1", "--runs", str(tmp_path / "runs"),
+            "--out", str(out), f"model.name={tiny_model('bert')}", f"data.train={toy_data['train']}",
+            f"data.dev={toy_data['dev']}", "data.test_from_train=32", "data.max_train_examples=48",
+            "data.max_length=16", "train.epochs=2", "train.robustness=[0.2]"]
+    main(args)
     block = out / "block_1"
     table = (block / "comparison.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(f"| {block}")]
@@ -63,3 +65,12 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert "| neftune | 0.00 | 2 |" in robustness and "–" not in robustness
     for run in (block / "rdrop").glob("mask_*/seed_*"):
         assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "predictions.npz", "tokmask_config.json"]
+    # A new machine (no runs/, only the committed copy) asked for one seed more trains that seed only.
+    main(["--block", "1", "--strategies", "rdrop,neftune", "--seeds", "0,1,2", "--runs", str(tmp_path / "new"),
+          "--out", str(out), *args[10:]])
+    assert sorted(str(p.relative_to(tmp_path / "new")) for p in (tmp_path / "new").glob("*/*/mask_*/seed_*")) == [
+        "block_1/neftune/mask_0.00/seed_2", "block_1/rdrop/mask_0.00/seed_2", "block_1/token/mask_0.00/seed_2",
+        "block_1/token/mask_0.10/seed_2", "block_1/token/mask_0.30/seed_2"]
+    assert "| neftune | 0.00 | 3 |" in (block / "robustness.md").read_text()
+    assert json.loads((block / "block.json").read_text())["seeds"] == [0, 1, 2]
+    assert yaml.safe_load((block / "rdrop" / "recipe.yaml").read_text())["sweep"]["seeds"] == [0, 1, 2]
