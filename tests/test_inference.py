@@ -9,6 +9,7 @@ import torch
 from tokmask_peft.adapters import peft_name
 from tokmask_peft.inference import Classifier, merge_run
 from tokmask_peft.sweeps import sweep
+from tokmask_peft.training import train
 
 TEXTS = ["the good movie really", "el perro malo", "nice day", "casa agua amigo dia sol muy"]
 
@@ -134,14 +135,75 @@ def test_token_task_predicts_one_label_per_word(swept):
     assert len(labels) == 40 and labels[-1] is None and labels[0] is not None
 
 
-def test_incompatible_adapter_is_refused(swept):
+def test_adapter_of_another_base_is_refused_naming_both(swept, make_recipe, tmp_path):
     clf = Classifier.from_run(swept["sequence"] / "mask_0.00" / "seed_0", device="cpu")
-    with pytest.raises(ValueError, match="task='token'"):
-        clf.add_adapter(swept["token"] / "mask_0.30" / "seed_0")
+    other = make_recipe("llama", train={"epochs": 1, "output_dir": str(tmp_path / "llama")})
+    train(other)
+    with pytest.raises(ValueError, match=r"base_model=.*tiny-llama.*but this predictor's base has base_model=.*tiny-qwen"):
+        clf.add_adapter(tmp_path / "llama")
     with pytest.raises(ValueError, match="already loaded"):
         clf.add_adapter(swept["sequence"] / "mask_0.00" / "seed_0")
     with pytest.raises(FileNotFoundError, match="not a tokmask_peft run"):
         clf.add_adapter(swept["sequence"])
+    assert clf.adapters == ["mask_0.00"]
+
+
+def three_tag_data(toy_data, folder):
+    """The toy LID files with a third tag: water and sun words are ``other``."""
+    paths = {}
+    for split in ("train", "dev"):
+        lines = toy_data[split].read_text().splitlines()
+        paths[split] = folder / f"{split}3.conll"
+        paths[split].write_text("\n".join(f"{line.split()[0]}\tother" if line.split()[:1] in (
+            ["water"], ["agua"], ["sun"], ["sol"]) else line for line in lines))
+    return paths
+
+
+def test_task_adapters_of_other_label_sets_share_one_base(swept, make_recipe, toy_data, tmp_path):
+    """A sentiment sweep (2 labels) plus taggers of 3 and 2 tags on one copy of the base: each
+    predicts exactly what it predicts loaded alone, whatever was used before it."""
+    data = three_tag_data(toy_data, tmp_path)
+    lid = make_recipe("qwen", "token", data={"train": str(data["train"]), "dev": str(data["dev"])},
+                      train={"epochs": 2, "lr": 1e-2, "output_dir": str(tmp_path / "lid")})
+    train(lid)
+    clf = Classifier.from_sweep(swept["sequence"], seed=0, device="cpu")
+    clf.add_adapter(tmp_path / "lid", name="lid")
+    clf.add_adapter(swept["token"] / "mask_0.30" / "seed_0", name="lid2")
+    runs = {"mask_0.00": swept["sequence"] / "mask_0.00" / "seed_0", "lid": tmp_path / "lid",
+            "mask_0.30": swept["sequence"] / "mask_0.30" / "seed_0", "lid2": swept["token"] / "mask_0.30" / "seed_0"}
+    alone = {name: Classifier.from_run(run, device="cpu") for name, run in runs.items()}
+    words = [t.split() for t in TEXTS]
+    for name in ["lid", "mask_0.00", "lid2", "lid", "mask_0.30", "lid2", "mask_0.00"]:
+        clf.use(name)
+        inputs = TEXTS if alone[name].task == "sequence" else words
+        assert (clf.task, clf.labels) == (alone[name].task, alone[name].labels)
+        for mine, theirs in zip(clf.logits(inputs), alone[name].logits(inputs)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
+        assert clf.predict(inputs) == alone[name].predict(inputs)
+    assert [len(alone[n].labels) for n in ("mask_0.00", "lid", "lid2")] == [2, 3, 2]  # three heads, two shapes
+    bodies = {id(model.get_base_model().model) for model in clf.adapter_set.models.values()}
+    assert len(bodies) == 1 and len(set(map(id, clf.adapter_set.models.values()))) == 3  # one body, a model per label set
+    assert unique_bytes(*clf.adapter_set.models.values()) < 1.1 * unique_bytes(alone["lid"].model)
+
+
+def unique_bytes(*models) -> int:
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]}
+    return sum(tensors.values())
+
+
+def test_encoder_tagger_then_sentiment_adapter_takes_the_pooler_from_the_checkpoint(make_recipe, tmp_path):
+    """BERT's token classifier has no pooler, its sequence classifier needs the pretrained one: loaded
+    after a tagger, a sentiment adapter must still predict exactly as alone."""
+    for task in ("token", "sequence"):
+        train(make_recipe("bert", task, train={"epochs": 1, "output_dir": str(tmp_path / task)}))
+    clf = Classifier.from_run(tmp_path / "token", name="lid", device="cpu")
+    assert clf.model.get_base_model().bert.pooler is None
+    clf.add_adapter(tmp_path / "sequence", name="sa")
+    alone = Classifier.from_run(tmp_path / "sequence", device="cpu")
+    torch.testing.assert_close(torch.stack(clf.logits(TEXTS)), torch.stack(alone.logits(TEXTS)), rtol=0, atol=0)
+    clf.use("lid")
+    words = [t.split() for t in TEXTS]
+    assert clf.predict(words) == Classifier.from_run(tmp_path / "token", device="cpu").predict(words)
 
 
 def test_test_time_masking_ensemble(swept):

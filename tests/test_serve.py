@@ -109,9 +109,8 @@ def test_adapters_default_and_names(server, sweeps):
     by_name = {a["name"]: a for a in listing["adapters"]}
     assert set(by_name) == {"sa/mask_0.00", "sa/mask_0.30", "lid/mask_0.00", "broken"}  # a run is its NAME
     assert by_name["lid/mask_0.00"]["task"] == "token" and by_name["sa/mask_0.30"]["labels"] == ["negative", "positive"]
-    # compatible adapters share one base; the token task has its own
-    assert by_name["sa/mask_0.00"]["base"] == by_name["sa/mask_0.30"]["base"] == by_name["broken"]["base"]
-    assert by_name["lid/mask_0.00"]["base"] != by_name["sa/mask_0.00"]["base"]
+    # adapters of one base share it, the token tagger (its own head and labels) included
+    assert len({a["base"] for a in by_name.values()}) == 1
     best = [a["name"] for a in listing["adapters"] if a["best_of_sweep"] and a["name"].startswith("sa/")]
     assert listing["default"] == best[0] and "weighted_f1" in by_name[best[0]]["dev"]
     single = server.post("/predict", json={"inputs": "nice day"})  # one string in, one list out

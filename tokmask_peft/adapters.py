@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import types
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -31,8 +32,18 @@ def peft_name(name: str) -> str:
     return name.replace(".", "_")
 
 
+def same_head(a: dict, b: dict) -> bool:
+    """Two runs' adapters can live in one PEFT model: same task and labels, so the same head shape."""
+    return a["task"] == b["task"] and a["labels"] == b["labels"]
+
+
 class AdapterSet:
-    """The adapters loaded on one PEFT model, by public name (``mask_0.10``), each with its run config.
+    """The adapters loaded on one base, by public name (``mask_0.10``), each with its run config.
+
+    Adapters of one task and label set share a PEFT model. An adapter of another task or label set
+    gets its own PEFT model over a classifier whose body is the same body (``new_head`` builds it:
+    :func:`~tokmask_peft.modeling.classifier_on_body`), so the body's LoRA layers hold every adapter
+    and one base serves them all; :attr:`model` is the PEFT model of the active adapter.
 
     Switching replays recorded state: PEFT's ``set_adapter`` walks the module tree and resets
     requires_grad on every adapter of every layer (~21 ms on a 30-layer model with 6 adapters). In
@@ -42,8 +53,9 @@ class AdapterSet:
 
     def __init__(self, model, name: str, config: dict):
         """``model``: a ``PeftModel`` holding one adapter, loaded under ``peft_name(name)``."""
-        self.model = model
         self.configs: dict[str, dict] = {name: config}
+        self.models: dict[str, torch.nn.Module] = {name: model}  # the PEFT model that runs each adapter
+        self._active = name
         self._switches: dict[str, list[tuple]] = {}
         fuse_lora_inference(model)  # unmerged adapters predict at (near) merged speed
         self._record_switches()
@@ -59,39 +71,50 @@ class AdapterSet:
         return list(self.configs)
 
     @property
-    def active(self) -> str | None:
-        current = getattr(self.model, "active_adapter", None)
-        return next((name for name in self.configs if peft_name(name) == current), None)
+    def active(self) -> str:
+        return self._active
 
-    def add(self, run_dir: str | Path, name: str, config: dict) -> None:
-        if name in self.configs:
-            raise ValueError(f"an adapter named {name!r} is already loaded; pass another name")
-        self.model.load_adapter(str(run_dir), adapter_name=peft_name(name))
-        fuse_lora_inference(self.model)  # the new adapter may wrap modules the first did not
-        self.configs[name] = config
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.models[self._active]
+
+    def add(self, run_dir: str | Path, name: str, config: dict, new_head: Callable[[], torch.nn.Module]) -> None:
+        """Attach ``run_dir``'s adapter as ``name``; ``new_head()`` builds the classifier for a new task or label set."""
+        from peft import PeftModel
+
+        clash = [n for n in self.configs if peft_name(n) == peft_name(name)]
+        if clash:
+            raise ValueError(f"an adapter named {clash[0]!r} is already loaded; pass another name")
+        sibling = next((n for n, c in self.configs.items() if same_head(c, config)), None)
+        if sibling is not None:
+            model = self.models[sibling]
+            model.load_adapter(str(run_dir), adapter_name=peft_name(name))
+        else:
+            model = PeftModel.from_pretrained(new_head(), run_dir, adapter_name=peft_name(name))
+        fuse_lora_inference(model)  # the new adapter may wrap modules the first did not
+        self.configs[name], self.models[name] = config, model
         self._record_switches()  # it may also have added modules: record every adapter afresh
-        self.model.eval()
+        model.eval()
 
     def use(self, name: str) -> None:
         if name not in self.configs:
             raise KeyError(f"no adapter {name!r}; loaded: {self.names}")
-        self._replay(peft_name(name))
+        self._replay(name)
 
-    def _replay(self, internal: str) -> None:
-        for module, attr, value in self._switches[internal]:
+    def _replay(self, name: str) -> None:
+        for module, attr, value in self._switches[name]:
             setattr(module, attr, copy.copy(value))
+        self._active = name
 
     def _record_switches(self) -> None:
-        """Record, per adapter, the state ``set_adapter`` leaves; :meth:`use` replays it."""
-        active = getattr(self.model, "active_adapter", None)
+        """Record, per adapter, the state its PEFT model's ``set_adapter`` leaves; :meth:`use` replays it."""
         self._switches.clear()
-        for internal in map(peft_name, self.configs):
-            self.model.set_adapter(internal, inference_mode=True)
-            self._switches[internal] = [(module, attr, copy.copy(vars(module)[attr]))
-                                        for module in self.model.modules()
-                                        for attr in SWITCHED_ATTRIBUTES if attr in vars(module)]
-        if active in self._switches:
-            self._replay(active)
+        for name, model in self.models.items():
+            model.set_adapter(peft_name(name), inference_mode=True)
+            self._switches[name] = [(module, attr, copy.copy(vars(module)[attr]))
+                                    for module in model.modules()
+                                    for attr in SWITCHED_ATTRIBUTES if attr in vars(module)]
+        self._replay(self._active)
 
 
 _PEFT_FORWARD = "_tokmask_peft_forward"

@@ -89,7 +89,7 @@ def cmd_predict(args) -> None:
     truncated = sum(bool(r and r["truncated"]) for r in results)
     if truncated:
         print(f"tokmask predict: {truncated} of {sum(r is not None for r in results)} input(s) were longer than the "
-              f"model's max_length ({clf.config['max_length']} tokens) and were cut short (\"truncated\": true)",
+              f"model's max_length ({clf.active_config['max_length']} tokens) and were cut short (\"truncated\": true)",
               file=sys.stderr)
 
 

@@ -21,12 +21,13 @@ from .config import ModelConfig
 from .console import TokmaskWarning
 from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
-from .modeling import base_identity, classifier_tokenizer, load_base
+from .modeling import base_identity, classifier_on_body, classifier_tokenizer, load_base
 from .reporting import summarise
 from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, collect, read_run_config, run_dirs, verify_weights,
                    weight_record, write_json)
 
-COMPATIBILITY_KEYS = ("base_model", "gguf_file", "task", "labels", "method", "quant_bits")
+# What adapters on one base must share; task and labels may differ (each task adapter brings its head).
+BASE_KEYS = ("base_model", "gguf_file", "method", "quant_bits", "mask_token")
 
 
 def model_config_of(run_config: dict) -> ModelConfig:
@@ -37,7 +38,8 @@ def model_config_of(run_config: dict) -> ModelConfig:
 
 
 def check_compatible(reference: dict, other: dict, where: str) -> None:
-    for key in COMPATIBILITY_KEYS:
+    """Refuse an adapter trained on another base (or tokenizer, or quantisation), naming both."""
+    for key in BASE_KEYS:
         if reference.get(key) != other.get(key):
             raise ValueError(f"adapter {where} was trained with {key}={other.get(key)!r}, but this predictor's "
                              f"base has {key}={reference.get(key)!r}; load it on a matching base")
@@ -71,7 +73,8 @@ def default_name(config: dict) -> str:
 
 
 class Classifier:
-    """One base model, any number of rate adapters; predict with the active one.
+    """One base model, any number of adapters (rates of a sweep, or tasks with their own heads and
+    labels); predict with the active one.
 
     A fully fine-tuned model is a Classifier without an adapter set (``adapter_set is None``).
 
@@ -80,17 +83,29 @@ class Classifier:
         clf = Classifier.from_sweep("runs/sa", seed=0)   # every mask_*/seed_0 adapter; the best on dev active
         clf.use(0.1)                                      # or clf.use("mask_0.10")
         clf.predict(["que buena pelicula", "so boring"])
+        clf.add_adapter("runs/lid/mask_0.10/seed_0", name="lid")   # another task, same base copy
+        clf.use("lid"); clf.predict([["que", "buena", "movie"]])
     """
 
     def __init__(self, model, tokenizer, run_config: dict, device: torch.device, name: str,
                  adapter_set: AdapterSet | None = None):
-        self.model, self.tokenizer, self.config, self.device = model, tokenizer, run_config, device
-        self.labels: list[str] = run_config["labels"]
-        self.task: str = run_config["task"]
+        self._model, self.tokenizer, self.config, self.device = model, tokenizer, run_config, device
         self.name = name  # the first (or only) model's name: mask_0.10
         self.adapter_set = adapter_set
         self.best: str | None = None  # from_sweep: the adapter of the rate best on dev
-        self.collate = padding_collator(tokenizer, self.task)
+
+    @property
+    def model(self):
+        """The model that runs the active adapter (task adapters each have their own head model)."""
+        return self.adapter_set.model if self.adapter_set else self._model
+
+    @property
+    def task(self) -> str:
+        return self.active_config["task"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.active_config["labels"]
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -161,14 +176,19 @@ class Classifier:
         return self.adapter_set.configs[self.active] if self.adapter_set else self.config
 
     def add_adapter(self, run_dir: str | Path, name: str | None = None) -> str:
-        """Attach another run's adapter to the same base; returns its name (default ``mask_0.10``)."""
+        """Attach another run's adapter to the same base copy; returns its name (default ``mask_0.10``).
+
+        The run may be of another task or label set (a token tagger beside a sentiment adapter): it
+        brings its own head, and the base is shared, not copied. It must have been trained on this
+        base, tokenizer and quantisation."""
         if self.adapter_set is None:
             raise ValueError("this classifier holds a fully fine-tuned model: it has no base to share")
         config = read_run_config(run_dir)
         check_compatible(self.config, config, str(run_dir))
         verify_weights(Path(run_dir), config)
         name = name or default_name(config)
-        self.adapter_set.add(run_dir, name, config)
+        self.adapter_set.add(run_dir, name, config, lambda: classifier_on_body(
+            self.adapter_set.model, model_config_of(config), config["labels"], self.tokenizer, config["seed"]))
         return name
 
     def use(self, name_or_rate: str | float) -> None:
@@ -204,10 +224,11 @@ class Classifier:
             raise ValueError(f"batch_size must be >= 1 and tta >= 0, got {batch_size} and {tta}")
         masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
         examples = as_examples(texts, self.task)
-        features = encode(examples, self.tokenizer, self.task, None, self.config["max_length"])
+        features = encode(examples, self.tokenizer, self.task, None, self.active_config["max_length"])
+        collate = padding_collator(self.tokenizer, self.task)
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
-            batch = {k: v.to(self.device) for k, v in self.collate(chunk).items()}
+            batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
             logits = batch_logits(self.model, batch, masker, tta)
             if not torch.isfinite(logits).all():
                 raise ValueError(f"{self.active} gave non-finite scores (NaN or inf) for inputs {start}.."

@@ -3,6 +3,7 @@ classification, encoders and decoders, with pad and mask ids settled before trai
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -233,6 +234,39 @@ def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device:
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return model
+
+
+def classifier_on_body(model, cfg: ModelConfig, labels: list[str], tokenizer, seed: int = 0):
+    """A classifier for ``cfg.task`` and ``labels`` whose body *is* ``model``'s body, not a copy.
+
+    PEFT keeps one copy of the base head per adapter, so it cannot hold heads of other label counts
+    or tasks (peft#2136); a PEFT model over this classifier can, and its LoRA layers are the body's
+    own, holding every task's adapters. Only the head is new (its weights come from the adapter);
+    a body module the other task needs and this body lacks (BERT's pooler, which token classifiers
+    drop) comes from the checkpoint.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    config = copy.deepcopy(base.config)
+    config.num_labels = len(labels)
+    config.id2label, config.label2id = dict(enumerate(labels)), {label: i for i, label in enumerate(labels)}
+    auto = AutoModelForTokenClassification if cfg.task == "token" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        shell = auto.from_config(config)
+    prefix = shell.base_model_prefix
+    body = getattr(base, prefix)
+    needed = {name for name, _ in getattr(shell, prefix).named_modules()}
+    lacking = needed - {name for name, _ in body.named_modules()}
+    tops = sorted(n for n in lacking if n.rpartition(".")[0] not in lacking)
+    head = next(getattr(base, head_name(base)).parameters())
+    donor = getattr(load_base(cfg, labels, tokenizer, seed, head.device), prefix) if tops else None
+    for name in tops:
+        parent, _, leaf = name.rpartition(".")
+        setattr(body.get_submodule(parent), leaf, donor.get_submodule(name).to(head.device))
+    setattr(shell, prefix, body)
+    for name, child in shell.named_children():
+        if name != prefix:
+            child.to_empty(device=head.device).to(head.dtype)
+    return shell
 
 
 def lora_config(cfg: ModelConfig, model, mask_token: MaskToken):

@@ -1,8 +1,9 @@
 """``tokmask serve``: runs and sweeps behind HTTP, one base per compatible group of adapters.
 
 Three parts. :class:`AdapterPool` loads what the command line names (a run, a sweep, several runs)
-and gives every adapter a public name; adapters that can share a base (same base weights, task and
-labels) are attached to one :class:`~tokmask_peft.inference.Classifier`, the others get their own.
+and gives every adapter a public name; adapters trained on the same base (weights, tokenizer,
+quantisation) are attached to one :class:`~tokmask_peft.inference.Classifier`, whatever their task and
+labels (each task adapter brings its own head), the others get their own.
 :class:`Batcher` groups concurrent requests for one adapter into one forward pass, in one worker
 thread, so an adapter is never switched while a batch is in flight. :func:`create_app` is the
 Starlette app: text-embeddings-inference's classifier ``/predict`` (plus ``"adapter"``),
@@ -166,9 +167,9 @@ class AdapterPool:
 
 def too_long(served: Served, texts: list[str]) -> list[int]:
     """Indices of the texts ``max_length`` would cut short (tokenised here, before the model is touched)."""
-    clf = served.classifier
-    examples = as_examples(texts, clf.task)
-    features = encode(examples, clf.tokenizer, clf.task, None, clf.config["max_length"])
+    task = served.config["task"]
+    examples = as_examples(texts, task)
+    features = encode(examples, served.classifier.tokenizer, task, None, served.config["max_length"])
     return [i for i, (f, e) in enumerate(zip(features, examples)) if was_truncated(f, e)]
 
 
