@@ -251,3 +251,20 @@ def test_decoders_pad_on_the_right_in_training_and_after_reload(make_recipe, tmp
     short, long = "el perro", "the good movie really casa agua amigo dia sol muy"
     alone = clf.logits([short])[0]
     torch.testing.assert_close(clf.logits([short, long])[0], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_each_run_reports_its_own_cpu_peak_memory():
+    """A sweep trains many runs in one process: a run's peak must not be an earlier run's."""
+    from tokmask_peft.training import _peak_memory_mb, _reset_peak_memory
+
+    cpu = torch.device("cpu")
+    _reset_peak_memory(cpu)
+    before, kind = _peak_memory_mb(cpu)
+    if kind != "cpu_peak_rss_of_run":
+        pytest.skip("no per-run peak on this OS (no /proc/self/status VmHWM)")
+    big = torch.ones(400 * 2**20 // 4)  # 400 MiB, written so every page is resident
+    after_big, _ = _peak_memory_mb(cpu)
+    del big
+    _reset_peak_memory(cpu)
+    after_reset, _ = _peak_memory_mb(cpu)
+    assert after_big > before + 350 and after_reset < after_big - 350, (before, after_big, after_reset)

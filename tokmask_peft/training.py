@@ -271,8 +271,7 @@ def start(recipe: Recipe, setup: Setup, out: Path) -> Run:
     if tc.compile and not _plain_or_ddp(accelerator):
         raise ValueError(f"train.compile is supported on one device or with DDP, not "
                          f"{accelerator.distributed_type}: set train.compile=false")
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    _reset_peak_memory(accelerator.device)
     tracking.start(accelerator, recipe, out)
     return Run(recipe, setup, out, accelerator, checkpoints)
 
@@ -590,10 +589,29 @@ def _plain_or_ddp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
+PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak resident set
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Each run's peak is its own: without a reset, runs after the first in a sweep's process would
+    report the largest peak so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PEAK_RSS_RESET.write_text("5")
+    except OSError:
+        pass  # not Linux: the process-wide maximum is what _peak_memory_mb reads
+
+
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024, "cpu_peak_rss_of_run"
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss_of_process"
 
 
 def _allow_precision(mixed_precision: str) -> None:
