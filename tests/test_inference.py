@@ -199,6 +199,8 @@ def test_encoder_tagger_then_sentiment_adapter_takes_the_pooler_from_the_checkpo
     clf = Classifier.from_run(tmp_path / "token", name="lid", device="cpu")
     assert clf.model.get_base_model().bert.pooler is None
     clf.add_adapter(tmp_path / "sequence", name="sa")
+    assert clf.active == "lid"  # adding does not switch
+    clf.use("sa")
     alone = Classifier.from_run(tmp_path / "sequence", device="cpu")
     torch.testing.assert_close(torch.stack(clf.logits(TEXTS)), torch.stack(alone.logits(TEXTS)), rtol=0, atol=0)
     clf.use("lid")
