@@ -10,7 +10,8 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 from tokmask_peft.ray_executor import run_on_ray, train_trial  # noqa: E402
 from tokmask_peft.sweeps import pending, run_dir, sweep  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# Local Ray clusters, one at a time: under pytest-xdist these tests share one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 COMPARED = ("rate", "seed", "weighted_f1", "macro_f1", "accuracy", "loss", "best_step", "trainable_params")
 

@@ -186,6 +186,7 @@ def test_a_lock_left_by_kill_9_does_not_block(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # a local Ray cluster: on test_ray.py's worker
 def test_killing_a_ray_sweep_driver_with_kill_9_then_rerunning_gives_the_uninterrupted_table(make_recipe,
                                                                                               tmp_path):
     pytest.importorskip("ray")
