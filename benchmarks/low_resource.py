@@ -76,14 +76,13 @@ def missing_rates(copy: Path, recipe: Recipe, seed: int) -> list[float]:
 
 
 def strategy_seed(block: int, name: str, seed: int, runs: Path, copy: Path, extra: list[str]) -> None:
-    """Train one seed of one strategy at the rates not committed yet, then fold it into the light copy."""
-    missing = missing_rates(copy, strategy_recipe(block, name, [seed], extra), seed)
-    if not missing:
-        return
-    started = time.perf_counter()
-    sweep(strategy_recipe(block, name, [seed], [*extra, f"sweep.rates={missing}"]), runs / f"block_{block}" / name)
-    light_copy(runs / f"block_{block}" / name, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"))
-    print(f"block {block} {name} seed {seed} rates {missing}: {time.perf_counter() - started:.0f} s", flush=True)
+    """Train one seed of one strategy at the rates not committed yet, folding each run into the light
+    copy as soon as it finishes (a run is minutes to an hour on a CPU)."""
+    for rate in missing_rates(copy, strategy_recipe(block, name, [seed], extra), seed):
+        started = time.perf_counter()
+        sweep(strategy_recipe(block, name, [seed], [*extra, f"sweep.rates=[{rate}]"]), runs / f"block_{block}" / name)
+        light_copy(runs / f"block_{block}" / name, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"))
+        print(f"block {block} {name} seed {seed} rate {rate}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def robustness_table(sweeps: dict[str, Path]) -> str:
