@@ -80,10 +80,16 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across fork and
-    exec, so a child started by the training parent would report the parent's peak."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    """This process's peak resident set, read as training reads a run's (VmHWM, not ``ru_maxrss``, which
+    Linux carries across fork and exec: a child of the training parent would report the parent's peak)."""
+    import torch
+
+    from tokmask_peft.training import _peak_memory_mb
+
+    peak_mb, kind = _peak_memory_mb(torch.device("cpu"))
+    if kind != "cpu_peak_rss_of_run":
+        raise SystemExit("this benchmark reads /proc/self (Linux) for the peak resident set")
+    return round(peak_mb * 1024 * 1024)
 
 
 def in_fresh_process(mode: str, runs: dict[str, Path]) -> dict:
