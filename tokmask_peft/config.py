@@ -296,10 +296,16 @@ class SweepConfig:
     """Masking rates of the grid; each gets ``OUT/mask_{rate:.2f}/``."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Seeds per rate; each gets ``.../seed_{seed}/``."""
+    pack: int = 0
+    """Train up to this many rates of one seed side by side, in one pass over the shared base (LoRA/QLoRA,
+    local executor, one process); 0 or 1: one run after another. Pays on a GPU, where a small LoRA step
+    is launch-bound; on a CPU it is slower (each run is still its own directory, as without packing)."""
 
     def __post_init__(self):
         if not self.rates or not self.seeds:
             raise ValueError("sweep.rates and sweep.seeds must be non-empty lists")
+        if self.pack < 0:
+            raise ValueError(f"sweep.pack must be 0 (off) or a number of runs to pack, got {self.pack}")
         for r in self.rates:
             check_rate(r, "sweep.rates entry")
         if len({round(r, 2) for r in self.rates}) != len(self.rates):

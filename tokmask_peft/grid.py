@@ -8,6 +8,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from .config import Recipe
+from .packed_training import train_pack
 from .runs import is_complete, partial_dir, promote, refuse_other_recipe, run_dir
 from .setup import Setup
 from .training import train
@@ -35,6 +36,30 @@ def check_finished_runs(recipe: Recipe, out: Path) -> None:
         if is_complete(path):
             refuse_other_recipe(path, run_recipe(recipe, rate, seed),
                                 "sweep into another output directory, or delete the runs to retrain them")
+
+
+def packs(todo: list[tuple[float, int]], size: int) -> list[tuple[list[float], int]]:
+    """The pending points as packs: up to ``size`` rates of one seed each (every point alone for 0 or 1)."""
+    if size <= 1:
+        return [([rate], seed) for rate, seed in todo]
+    by_seed: dict[int, list[float]] = {}
+    for rate, seed in todo:
+        by_seed.setdefault(seed, []).append(rate)
+    return [(rates[i:i + size], seed) for seed, rates in by_seed.items() for i in range(0, len(rates), size)]
+
+
+def train_packed(recipe: Recipe, rates: list[float], seed: int, out: Path, setup: Setup) -> list[Path]:
+    """Train the grid points ``rates`` × ``seed`` as one pack (:mod:`~tokmask_peft.packed_training`), each
+    into its ``.partial`` directory, renamed once complete; one point left is trained alone."""
+    finals = [run_dir(out, rate, seed) for rate in rates]
+    todo = [(rate, partial_dir(final)) for rate, final in zip(rates, finals) if not is_complete(partial_dir(final))]
+    if len(todo) > 1:
+        train_pack([run_recipe(recipe, rate, seed) for rate, _ in todo], [partial for _, partial in todo], setup)
+    elif todo:
+        train(run_recipe(recipe, todo[0][0], seed), setup=setup, output_dir=todo[0][1])
+    for final in finals:
+        promote(partial_dir(final), final)
+    return finals
 
 
 def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:

@@ -470,6 +470,10 @@ def consistency_term(model: torch.nn.Module, inputs: dict, masked_logits: torch.
     ``stop_grad`` the clean pass is a fixed target (no graph, cheaper); otherwise gradients flow
     through both passes. ``inputs``: the model's keyword inputs, unmasked (the hook masks them).
     """
+    return symmetric_kl(masked_logits, clean_view(model, inputs, masker, stop_grad), labels)
+
+
+def clean_view(model: torch.nn.Module, inputs: dict, masker, stop_grad: bool = False) -> torch.Tensor:
+    """The logits of ``inputs`` with ``masker`` paused: the consistency term's clean pass."""
     with masker.pause(), (torch.no_grad() if stop_grad else contextlib.nullcontext()):
-        clean = model(**inputs).logits
-    return symmetric_kl(masked_logits, clean, labels)
+        return model(**inputs).logits

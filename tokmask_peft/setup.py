@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -114,11 +114,13 @@ class Setup:
                                   self.recipe.data.max_length, self.mask_token.id)
 
     def model_for(self, seed: int, device: torch.device | None = None, mixed_precision: str = "no",
-                  cast_frozen: bool = True):
+                  cast_frozen: bool = True, before_precision: Callable[[Any], None] | None = None):
         """A model ready to train for ``seed``: a fresh full model, or a fresh adapter on the kept base,
         prepared for ``mixed_precision`` (see :func:`~tokmask_peft.modeling.prepare_precision`).
 
         ``cast_frozen=False`` where the distributed wrapper flattens parameters to one dtype (FSDP).
+        ``before_precision(model)`` runs on the fresh model first (a pack adds its adapters there, so
+        they are cast like the first).
         """
         compute_dtype = DTYPES.get(COMPUTE_DTYPES[mixed_precision])
         if self.frozen_dtype not in (None, compute_dtype):
@@ -131,6 +133,8 @@ class Setup:
                 self.base = model.get_base_model()
         else:
             model = add_adapter(self.base, cfg, self.mask_token, seed)
+        if before_precision is not None:
+            before_precision(model)
         if prepare_precision(model, cfg.method, compute_dtype, cast_frozen):
             self.frozen_dtype = compute_dtype
         return model

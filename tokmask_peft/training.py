@@ -181,6 +181,12 @@ class Run:
     counts: dict = dataclasses.field(default_factory=dict)
     updates: int = 0
     """Optimizer updates this process makes before the run ends."""
+    slot: str | None = None
+    """In a pack (``sweep.pack``): the PEFT adapter this run is; only its tensors are kept and saved."""
+    own: dict | None = None
+    """In a pack: this run's trainable tensors by name (the other slots' share the model)."""
+    pack: dict | None = None
+    """In a pack: its size, this run's slot and the pack's rates, recorded in ``metrics.json``."""
 
     @property
     def fsdp(self) -> bool:
@@ -196,7 +202,9 @@ class Run:
 
     def trainable_state(self) -> dict:
         unwrapped = self.accelerator.unwrap_model(self.model)
-        return {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        params = self.own if self.own is not None else {
+            n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in params.items()}
 
     def evaluate(self, loader, keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
         tc = self.recipe.train
@@ -231,16 +239,9 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
 
 
 def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
-    if is_complete(out):
-        raise FileExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another output_dir")
-    if (out / METRICS_FILE).exists() and _is_main_rank():
-        # A results file without a whole run behind it (cut short, damaged, weights gone): train again.
-        warnings.warn(f"{out / METRICS_FILE} is there but the run is not whole (a file is damaged, cut short or "
-                      "missing); training it again", TokmaskWarning, stacklevel=3)
-        (out / METRICS_FILE).unlink()
+    clear_stale_results(out)
     setup = setup or Setup.from_recipe(recipe)
-    if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
-        raise ValueError("setup was built for a different model or data section than this recipe")
+    check_setup(setup, recipe)
     started = time.perf_counter()
     run = start(recipe, setup, out)
     try:
@@ -251,6 +252,22 @@ def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
         return finish(run, state, stopping, started)
     finally:
         close(run)
+
+
+def clear_stale_results(out: Path) -> None:
+    """Refuse a finished run; forget a results file without a whole run behind it (cut short, damaged,
+    weights gone), which is trained again."""
+    if is_complete(out):
+        raise FileExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another output_dir")
+    if (out / METRICS_FILE).exists() and _is_main_rank():
+        warnings.warn(f"{out / METRICS_FILE} is there but the run is not whole (a file is damaged, cut short or "
+                      "missing); training it again", TokmaskWarning, stacklevel=4)
+        (out / METRICS_FILE).unlink()
+
+
+def check_setup(setup: Setup, recipe: Recipe) -> None:
+    if setup.recipe.model != recipe.model or setup.recipe.data != recipe.data:
+        raise ValueError("setup was built for a different model or data section than this recipe")
 
 
 # ---- start, build ----------------------------------------------------------------------------
@@ -286,11 +303,22 @@ def build(run: Run) -> None:
         compile_blocks(run.model, dynamic=True)
     run.counts = parameter_counts(run.model)
     run.schedule = recipe.masking.to_schedule()
-    # Each process masks with its own stream; the hook masks only while model.training.
-    run.masker = TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, rate=run.schedule.rate_at(0, 1),
-                                           seed=tc.seed * 1009 + accelerator.process_index,
-                                           **recipe.masking.strategy())
+    run.masker = masker_for(run, recipe)
     run.hook = attach_masking(run.model, run.masker)
+    build_loop(run)
+
+
+def masker_for(run: Run, recipe: Recipe) -> TokenMasker:
+    """``recipe``'s masker. Each process masks with its own stream; the hook masks only while model.training."""
+    return TokenMasker.for_tokenizer(run.setup.tokenizer, run.setup.mask_token,
+                                     rate=recipe.masking.to_schedule().rate_at(0, 1),
+                                     seed=recipe.train.seed * 1009 + run.accelerator.process_index,
+                                     **recipe.masking.strategy())
+
+
+def build_loop(run: Run) -> None:
+    """NEFTune, loaders, class weights, optimizer and scheduler around ``run.model``, prepared by Accelerate."""
+    recipe, setup, accelerator, tc = run.recipe, run.setup, run.accelerator, run.recipe.train
     if tc.neftune_alpha:  # after the masking hook: noise lands on the masked sequence's embeddings
         run.neftune = activate_neftune(run.model, tc.neftune_alpha)
     run.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
@@ -394,9 +422,12 @@ def _evaluation_due(tc, step: int, epoch_ended: bool, last: bool) -> bool:
     return last or (step % tc.eval_every == 0 if tc.eval_every else epoch_ended)
 
 
-def optimizer_updates(run: Run, state: TrainState) -> Iterator[tuple[torch.Tensor, bool]]:
+def optimizer_updates(run: Run, state: TrainState, step: Callable | None = None) -> Iterator[tuple[Any, bool]]:
     """Train batch by batch from where ``state`` says; yield ``(loss, epoch_ended)`` after each
-    optimizer update. The counters in ``state`` advance here and nowhere else."""
+    optimizer update. The counters in ``state`` advance here and nowhere else.
+
+    ``step(run, batch, step_number)`` trains on one batch (default :func:`train_step`) and returns the loss."""
+    step = step or train_step
     while state.epoch < run.recipe.train.epochs:
         run.sampler.set_epoch(state.epoch)
         run.train_loader.set_epoch(state.epoch)
@@ -404,7 +435,7 @@ def optimizer_updates(run: Run, state: TrainState) -> Iterator[tuple[torch.Tenso
         if state.batches_done:
             loader = run.accelerator.skip_first_batches(run.train_loader, state.batches_done)
         for batch in loader:
-            loss = train_step(run, batch, state.step)
+            loss = step(run, batch, state.step)
             state.batches_done += 1
             if not run.accelerator.sync_gradients:
                 continue
@@ -522,12 +553,17 @@ def save_run(run: Run) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(scratch, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if run.slot is not None:
+        kwargs["selected_adapters"] = [run.slot]
     unwrapped.save_pretrained(scratch, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
                               **kwargs)
     if accelerator.is_main_process:
-        setup.tokenizer.save_pretrained(scratch)
-        weights = weight_record(scratch)
-        move_files_in(scratch, run.out)
+        saved = scratch / run.slot if run.slot not in (None, "default") else scratch  # PEFT's folder per adapter
+        setup.tokenizer.save_pretrained(saved)
+        weights = weight_record(saved)
+        move_files_in(saved, run.out)
+        if saved != scratch:
+            move_files_in(scratch, run.out)  # PEFT's README.md, written beside the adapter's folder
         write_json(run.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
                                               "base_identity": setup.base_identity, "weights": weights,
                                               "command": training_command()})
@@ -552,7 +588,7 @@ def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float)
         "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
         "steps": state.step, "stopped_early": state.stopped_early,
         "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
-        "world_size": accelerator.num_processes,
+        "world_size": accelerator.num_processes, **({"pack": run.pack} if run.pack else {}),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
