@@ -35,6 +35,14 @@ def packed_and_lone(recipe, tmp_path):
     return outs[0], outs[3]
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested metrics dict as ``{"delete/0.2/weighted_f1": value}``."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 def assert_same_runs(lone, packed, atol):
     for rate in RATES:
         a, b = lone / f"mask_{rate}" / "seed_0", packed / f"mask_{rate}" / "seed_0"
@@ -48,18 +56,20 @@ def assert_same_runs(lone, packed, atol):
         assert mb["best"]["step"] == ma["best"]["step"] and mb["stopped_early"] == ma["stopped_early"]
         assert mb["best"]["weighted_f1"] == pytest.approx(ma["best"]["weighted_f1"], abs=1e-6)
         assert (mb["trainable_params"], mb["total_params"]) == (ma["trainable_params"], ma["total_params"])
+        assert flat(mb["robustness"]) == pytest.approx(flat(ma["robustness"]), abs=1e-4)
         assert mb["pack"]["rates"] == [0.0, 0.1, 0.3] and "pack" not in ma
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,bits", [("lora", 4), ("qlora", 8)], ids=["lora", "qlora-8bit"])
 def test_pack_equals_runs_one_by_one_with_early_stopping(make_recipe, tmp_path, method, bits):
-    # lr and patience chosen so the three rates stop after different numbers of updates (18, 12, 18 / 12)
-    recipe = make_recipe("llama", method, model={"quant_bits": bits}, train={"epochs": 5, "lr": 2e-2, "patience": 1},
+    # lr and patience chosen so that with LoRA the rates stop after different numbers of updates (18, 12, 18)
+    recipe = make_recipe("llama", "sequence", method, model={"quant_bits": bits}, train={"epochs": 5, "lr": 2e-2, "patience": 1},
                          sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0]})
     lone, packed = packed_and_lone(recipe, tmp_path)
     steps = [json.loads((lone / f"mask_{r}" / "seed_0" / "metrics.json").read_text())["steps"] for r in RATES]
-    assert len(set(steps)) > 1, f"every rate stopped at the same step {steps}: the test would not cover stopping"
+    if method == "lora":  # (8-bit: all three stop at step 12)
+        assert len(set(steps)) > 1, f"every rate stopped at the same step {steps}: the test would not cover stopping"
     assert_same_runs(lone, packed, atol=1e-5)
 
 
@@ -75,9 +85,10 @@ def test_pack_with_new_mask_row_loads_as_a_plain_run(make_recipe, tmp_path):
     """Qwen has no mask token: each slot trains its own <mask> row; a packed run loads like any run."""
     from tokmask_peft import Classifier
 
-    recipe = make_recipe("qwen", train={"epochs": 2}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0]})
+    recipe = make_recipe("qwen", train={"epochs": 2, "robustness": [0.2]}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0]})
     lone, packed = packed_and_lone(recipe, tmp_path)
     assert_same_runs(lone, packed, atol=1e-4)  # batched matmuls round differently from one linear at a time
+    assert json.loads((packed / "mask_0.10" / "seed_0" / "metrics.json").read_text())["robustness"]["mask"]["0.2"]
     texts = ["the good movie", "el perro malo"]
     a = Classifier.from_run(lone / "mask_0.30" / "seed_0").logits(texts)
     b = Classifier.from_run(packed / "mask_0.30" / "seed_0").logits(texts)

@@ -29,7 +29,8 @@ from .runs import LOG_FILE
 from .setup import Setup
 from .storage import hold
 from .training import (Checkpoints, EarlyStopping, Run, TrainState, _evaluation_due, build_loop, check_setup,
-                       clear_stale_results, close, evaluate_and_keep, finish, masker_for, optimizer_updates, start)
+                       clear_stale_results, close, evaluate_and_keep, final_scores, masker_for, optimizer_updates,
+                       restore_best, start, write_results)
 
 __all__ = ["train_pack", "check_packable"]
 
@@ -97,11 +98,7 @@ def _train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup) -> list[d
     try:
         slots = build_pack(lead, recipes, outs, packs)
         fit_pack(lead, packs[0], slots)
-        results = []
-        for slot in slots:
-            with packs[0].only(slot.name):
-                results.append(finish(slot.run, slot.state, slot.stopping, started))
-        return results
+        return finish_pack(lead, packs[0], slots, started)
     finally:
         for pack in packs:
             pack.remove()
@@ -155,14 +152,26 @@ def fit_pack(lead: Run, pack: Pack, slots: list[Slot]) -> None:
                                   "lr": lead.scheduler.get_last_lr()[0], "mask_rate": slot.run.masker.rate})
             last = shared.step >= lead.updates or shared.epoch >= tc.epochs
             if _evaluation_due(tc, shared.step, epoch_ended, last):
-                for slot in list(running):
-                    with pack.only(slot.name):
-                        if evaluate_and_keep(slot.run, slot.state, slot.stopping):
+                scores = lead.evaluate(lead.dev_loader, slots=len(running))  # one packed pass over dev
+                for slot, (metrics, _) in zip(list(running), scores):
+                    with pack.only(slot.name):  # a new best is saved: this slot's adapter
+                        if evaluate_and_keep(slot.run, slot.state, slot.stopping, metrics):
                             slot.state.stopped_early = True
                             running.remove(slot)
                 pack.active = [slot.name for slot in running]
             if last or not running:
                 return
+
+
+def finish_pack(lead: Run, pack: Pack, slots: list[Slot], started: float) -> list[dict]:
+    """Every slot back to its best weights, the final evaluation sets scored for all slots in packed
+    passes, then each slot's results written to its own directory."""
+    for slot in slots:
+        restore_best(slot.run, slot.stopping)
+    pack.active = [slot.name for slot in slots]
+    scores = final_scores(lead, slots=len(slots))
+    return [write_results(slot.run, slot.state, scored, robustness, started)
+            for slot, (scored, robustness) in zip(slots, scores)]
 
 
 def packed_step(lead: Run, running: list[Slot], batch: dict, number: int) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ from .masking import TokenMasker, attach_masking, consistency_term
 from .metrics import classification_metrics
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
+from .packing import replicate
 from .robustness import CORRUPTIONS
 from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, fingerprint_diff,
                    is_complete, run_config, run_fingerprint, weight_record, write_json)
@@ -206,15 +207,16 @@ class Run:
             n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
         return {n: p.detach().cpu().clone() for n, p in params.items()}
 
-    def evaluate(self, loader, keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
+    def evaluate(self, loader, keep: bool = False, slots: int = 1) -> list[tuple[dict[str, float], Predictions | None]]:
+        """Scores of the model as it is, one per slot (a pack's running slots; else one)."""
         tc = self.recipe.train
-        return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
-                        tc.focal_gamma, keep)
+        return evaluate_slots(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
+                              tc.focal_gamma, keep, slots)
 
-    def score(self, features: list[dict], keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
-        """Evaluate the model as it is on an evaluation set other than the prepared dev loader's."""
+    def score(self, features: list[dict], keep: bool = False, slots: int = 1) -> list[tuple[dict, Predictions | None]]:
+        """Evaluate on an evaluation set other than the prepared dev loader's."""
         loader = eval_loader(features, self.setup.tokenizer, self.recipe.model.task, self.recipe.train.eval_batch_size)
-        return self.evaluate(self.accelerator.prepare(loader), keep)
+        return self.evaluate(self.accelerator.prepare(loader), keep, slots)
 
 
 def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
@@ -470,10 +472,10 @@ def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
     return loss
 
 
-def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping) -> bool:
-    """Score dev, log it, save the run when it is the best so far, checkpoint if asked at every
-    evaluation; True when patience says stop."""
-    metrics, _ = run.evaluate(run.dev_loader)
+def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping, metrics: dict | None = None) -> bool:
+    """Score dev (unless a pack scored it: ``metrics``), log it, save the run when it is the best so far,
+    checkpoint if asked at every evaluation; True when patience says stop."""
+    metrics = metrics or run.evaluate(run.dev_loader)[0][0]
     record = {"step": state.step, "epoch": state.epoch, **metrics}
     state.history.append(record)
     run.log({"eval": record})
@@ -490,36 +492,57 @@ def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, f
              keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
     """Metrics over all processes (``gather_for_metrics`` drops the duplicated tail) and, with ``keep``,
     every scored unit's prediction (a text, or a labelled word) with its example index and probabilities."""
+    return evaluate_slots(model, loader, accelerator, task, weights, focal_gamma, keep)[0]
+
+
+def evaluate_slots(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0,
+                   keep: bool = False, slots: int = 1) -> list[tuple[dict[str, float], Predictions | None]]:
+    """:func:`evaluate` for each of ``slots`` packed adapters, in one pass: each batch is replicated once
+    per slot (see :mod:`~tokmask_peft.packing`) and slice k scores slot k."""
     model.eval()
-    rows: dict[str, list] = {"example": [], "gold": [], "pred": [], "probs": []}
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    scores = [_Scores(accelerator.device) for _ in range(slots)]
     # Eager even where train.compile compiled the blocks: a second, no-grad graph would cost another
     # compile for a pass that is a small part of a run (and bitsandbytes' 4-bit ops fail in one on CPU).
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for batch in loader:
             labels, example = batch.pop("labels"), batch.pop("example")
-            logits = model(**batch).logits
-            n = (labels != -100).sum()
-            loss_sum += classification_loss(logits, labels, weights, focal_gamma) * n
-            loss_count += n
-            probs = logits.float().softmax(-1)
-            if task == "token":
-                example = example[:, None].expand_as(labels)
-                probs, labels, example = (accelerator.pad_across_processes(t, dim=1, pad_index=-100)
-                                          for t in (probs, labels, example))
-            probs, labels, example = accelerator.gather_for_metrics((probs, labels, example))
-            scored = labels.reshape(-1) != -100
-            rows["probs"].append(probs.reshape(-1, probs.shape[-1])[scored].cpu())
-            rows["gold"].append(labels.reshape(-1)[scored].cpu())
-            rows["example"].append(example.reshape(-1)[scored].cpu())
-    loss_sum, loss_count = accelerator.reduce(loss_sum), accelerator.reduce(loss_count)
+            inputs = batch if slots == 1 else replicate(batch, slots)
+            for score, logits in zip(scores, model(**inputs).logits.chunk(slots)):
+                score.add(logits, labels, example, task, accelerator, weights, focal_gamma)
     model.train()
-    probs, gold = torch.cat(rows["probs"]), torch.cat(rows["gold"])
-    pred = probs.argmax(-1)
-    metrics = {**classification_metrics(pred, gold), "loss": float(loss_sum / loss_count)}
-    if not keep:
-        return metrics, None
-    return metrics, Predictions(torch.cat(rows["example"]).numpy(), gold.numpy(), pred.numpy(), probs.numpy())
+    return [score.result(accelerator, keep) for score in scores]
+
+
+class _Scores:
+    """One adapter's predictions and loss over an evaluation pass, gathered from every process."""
+
+    def __init__(self, device: torch.device):
+        self.rows: dict[str, list] = {"example": [], "gold": [], "probs": []}
+        self.loss_sum, self.loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def add(self, logits, labels, example, task, accelerator, weights, focal_gamma) -> None:
+        n = (labels != -100).sum()
+        self.loss_sum += classification_loss(logits, labels, weights, focal_gamma) * n
+        self.loss_count += n
+        probs = logits.float().softmax(-1)
+        if task == "token":
+            example = example[:, None].expand_as(labels)
+            probs, labels, example = (accelerator.pad_across_processes(t, dim=1, pad_index=-100)
+                                      for t in (probs, labels, example))
+        probs, labels, example = accelerator.gather_for_metrics((probs, labels, example))
+        scored = labels.reshape(-1) != -100
+        self.rows["probs"].append(probs.reshape(-1, probs.shape[-1])[scored].cpu())
+        self.rows["gold"].append(labels.reshape(-1)[scored].cpu())
+        self.rows["example"].append(example.reshape(-1)[scored].cpu())
+
+    def result(self, accelerator, keep: bool) -> tuple[dict[str, float], Predictions | None]:
+        loss_sum, loss_count = accelerator.reduce(self.loss_sum), accelerator.reduce(self.loss_count)
+        probs, gold = torch.cat(self.rows["probs"]), torch.cat(self.rows["gold"])
+        pred = probs.argmax(-1)
+        metrics = {**classification_metrics(pred, gold), "loss": float(loss_sum / loss_count)}
+        if not keep:
+            return metrics, None
+        return metrics, Predictions(torch.cat(self.rows["example"]).numpy(), gold.numpy(), pred.numpy(), probs.numpy())
 
 
 def eval_loader(features, tokenizer, task, batch_size, pin_memory=False) -> DataLoader:
@@ -573,15 +596,32 @@ def save_run(run: Run) -> None:
 def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float) -> dict:
     """Back to the best weights; score dev and the extra evaluation sets with them, keeping every
     prediction (``predictions.npz``); write ``metrics.json``."""
-    accelerator, setup, tc = run.accelerator, run.setup, run.recipe.train
+    restore_best(run, stopping)
+    return write_results(run, state, *final_scores(run)[0], started)
+
+
+def restore_best(run: Run, stopping: EarlyStopping) -> None:
     if stopping.weights is not None:
-        accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
-    scored = {name: run.score(features, keep=True)
-              for name, features in {DEV_SET: setup.dev_features, **setup.extra_features}.items()}
+        run.accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
+
+
+def final_scores(run: Run, slots: int = 1) -> list[tuple[dict, dict]]:
+    """Per slot: ``(scored, robustness)``: dev and every extra set scored with predictions kept, and the
+    corrupted dev copies' metrics (``train.robustness``)."""
+    setup, tc = run.setup, run.recipe.train
+    sets = {DEV_SET: setup.dev_features, **setup.extra_features}
+    per_set = {name: run.score(features, keep=True, slots=slots) for name, features in sets.items()}
+    corrupted = {(kind, q): run.score(setup.robustness_features(kind, q), slots=slots)
+                 for kind in (CORRUPTIONS if tc.robustness else ()) for q in tc.robustness}
+    return [({name: scores[i] for name, scores in per_set.items()},
+             {kind: {str(q): corrupted[kind, q][i][0] for q in tc.robustness} for kind in dict.fromkeys(k for k, _ in corrupted)})
+            for i in range(slots)]
+
+
+def write_results(run: Run, state: TrainState, scored: dict, robustness: dict, started: float) -> dict:
+    """``predictions.npz``, the model card and ``metrics.json`` (last: a run with it is complete)."""
+    accelerator, setup = run.accelerator, run.setup
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
-    robustness = {}
-    for kind in CORRUPTIONS if tc.robustness else ():
-        robustness[kind] = {str(q): run.score(setup.robustness_features(kind, q))[0] for q in tc.robustness}
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
     metrics = {
         "best": state.best, "history": state.history, "extra_eval": extra, "robustness": robustness, **run.counts,
