@@ -144,3 +144,29 @@ def test_pack_refuses_what_it_cannot_do(make_recipe, tmp_path):
         sweep(make_recipe(method="full", sweep={"pack": 3}), tmp_path / "full")
     with pytest.raises(ValueError, match="sweep.pack=3 trains on the local executor"):
         sweep(make_recipe(sweep={"pack": 3}), tmp_path / "ray", executor="ray")
+
+
+def test_a_pack_cut_short_trains_again_and_leaves_no_finished_looking_run(make_recipe, tmp_path, monkeypatch):
+    import tokmask_peft.packed_training as packed_training
+
+    recipe = make_recipe("llama", train={"epochs": 2}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "pack": 3})
+    sweep(recipe, tmp_path / "whole")
+    real, calls = packed_training.classification_loss, {"n": 0}
+
+    def dies_at_step_4(logits, labels, *args):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3 * 4:  # three slots' losses per step
+                raise KeyboardInterrupt("simulated kill at step 4")
+        return real(logits, labels, *args)
+
+    monkeypatch.setattr(packed_training, "classification_loss", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(recipe, tmp_path / "cut")
+    assert not list((tmp_path / "cut").glob("mask_*/seed_0"))  # only .partial directories
+    monkeypatch.setattr(packed_training, "classification_loss", real)
+    sweep(recipe, tmp_path / "cut")
+    for rate in RATES:
+        a, b = (tmp_path / side / f"mask_{rate}" / "seed_0" for side in ("whole", "cut"))
+        assert logged_losses(b) == logged_losses(a)
+        assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
