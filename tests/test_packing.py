@@ -146,27 +146,33 @@ def test_pack_refuses_what_it_cannot_do(make_recipe, tmp_path):
         sweep(make_recipe(sweep={"pack": 3}), tmp_path / "ray", executor="ray")
 
 
-def test_a_pack_cut_short_trains_again_and_leaves_no_finished_looking_run(make_recipe, tmp_path, monkeypatch):
+def test_a_pack_cut_short_resumes_from_its_checkpoint_like_an_uninterrupted_one(make_recipe, tmp_path, monkeypatch):
     import tokmask_peft.packed_training as packed_training
 
-    recipe = make_recipe("llama", train={"epochs": 2}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "pack": 3})
+    # 3 epochs of 6 updates, a checkpoint at every evaluation (each epoch's end); killed in update 10
+    recipe = make_recipe("llama", train={"epochs": 3}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "pack": 3})
     sweep(recipe, tmp_path / "whole")
     real, calls = packed_training.classification_loss, {"n": 0}
 
-    def dies_at_step_4(logits, labels, *args):
+    def counted(logits, labels, *args):
         if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] == 3 * 4:  # three slots' losses per step
-                raise KeyboardInterrupt("simulated kill at step 4")
+            if calls["n"] == 3 * 10:  # three slots' losses per update
+                raise KeyboardInterrupt("simulated kill in update 10")
         return real(logits, labels, *args)
 
-    monkeypatch.setattr(packed_training, "classification_loss", dies_at_step_4)
+    monkeypatch.setattr(packed_training, "classification_loss", counted)
     with pytest.raises(KeyboardInterrupt):
         sweep(recipe, tmp_path / "cut")
     assert not list((tmp_path / "cut").glob("mask_*/seed_0"))  # only .partial directories
-    monkeypatch.setattr(packed_training, "classification_loss", real)
+    assert list((tmp_path / "cut" / ".packs").glob("*/checkpoint/recipe.json"))
+    calls["n"] = -10**9  # no more kills; count the updates trained after the restart
     sweep(recipe, tmp_path / "cut")
+    assert calls["n"] + 10**9 == 3 * (18 - 6)  # resumed after update 6, not from the start
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
     for rate in RATES:
         a, b = (tmp_path / side / f"mask_{rate}" / "seed_0" for side in ("whole", "cut"))
         assert logged_losses(b) == logged_losses(a)
         assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
+        torch.testing.assert_close(load_file(b / "adapter_model.safetensors"),
+                                   load_file(a / "adapter_model.safetensors"), rtol=0, atol=0)

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from accelerate import PartialState
@@ -12,6 +13,10 @@ from .packed_training import train_pack
 from .runs import is_complete, partial_dir, promote, refuse_other_recipe, run_dir
 from .setup import Setup
 from .training import train
+
+
+PACKS_DIR = ".packs"
+"""Under a sweep directory: the checkpoints of packs in training (``sweep.pack``)."""
 
 
 def grid(recipe: Recipe) -> list[tuple[float, int]]:
@@ -53,13 +58,24 @@ def train_packed(recipe: Recipe, rates: list[float], seed: int, out: Path, setup
     into its ``.partial`` directory, renamed once complete; one point left is trained alone."""
     finals = [run_dir(out, rate, seed) for rate in rates]
     todo = [(rate, partial_dir(final)) for rate, final in zip(rates, finals) if not is_complete(partial_dir(final))]
+    checkpoint = pack_dir(out, [rate for rate, _ in todo], seed)
     if len(todo) > 1:
-        train_pack([run_recipe(recipe, rate, seed) for rate, _ in todo], [partial for _, partial in todo], setup)
+        train_pack([run_recipe(recipe, rate, seed) for rate, _ in todo], [partial for _, partial in todo], setup,
+                   checkpoint)
     elif todo:
         train(run_recipe(recipe, todo[0][0], seed), setup=setup, output_dir=todo[0][1])
     for final in finals:
         promote(partial_dir(final), final)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    if checkpoint.parent.is_dir() and not any(checkpoint.parent.iterdir()):
+        checkpoint.parent.rmdir()
     return finals
+
+
+def pack_dir(out: Path, rates: list[float], seed: int) -> Path:
+    """Where a pack keeps its checkpoint while it trains: named by its seed and rates, so a pack of
+    other rates never resumes from it."""
+    return out / PACKS_DIR / f"seed_{seed}_mask_{'_'.join(f'{rate:.2f}' for rate in rates)}"
 
 
 def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:

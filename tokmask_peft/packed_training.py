@@ -6,8 +6,8 @@ backpropagated: slots share no trainable tensor, so each adapter's gradient is i
 gradient clipping, its evaluations, patience and best weights, its run directory. A slot that stops
 early leaves the packed batch (no more forward passes, no gradient, so no optimizer update).
 
-Not resumable mid-pack: a pack cut short trains its unfinished runs again from the start (finished
-ones are kept, as in any sweep).
+A pack resumes like a run: its checkpoint (in its own directory, beside the runs) holds every slot's
+tensors, the optimizer, scheduler, RNG states, each slot's masker, counters, history and best weights.
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from .losses import classification_loss
 from .masking import attach_masking, clean_view, symmetric_kl
 from .modeling import parameter_counts
 from .packing import Pack, PackedMasker, replicate
-from .runs import LOG_FILE
+from .runs import LOG_FILE, run_fingerprint
 from .setup import Setup
 from .storage import hold
-from .training import (Checkpoints, EarlyStopping, Run, TrainState, _evaluation_due, build_loop, check_setup,
+from .training import (Checkpoints, EarlyStopping, Run, TrainState, _checkpoint_only_trainable, _drop_log_after,
+                       _evaluation_due, build_loop, check_setup,
                        clear_stale_results, close, evaluate_and_keep, final_scores, masker_for, optimizer_updates,
                        restore_best, start, write_results)
 
@@ -45,8 +46,8 @@ def check_packable(recipe: Recipe) -> None:
 
 
 class NoCheckpoints(Checkpoints):
-    """A packed run keeps no resumable checkpoint (the pack restarts instead); any stale one from an
-    earlier, unpacked attempt in its directory is removed when the run finishes."""
+    """A packed run keeps no checkpoint of its own (the pack's holds it); any stale one from an earlier,
+    unpacked attempt in its directory is removed when the run finishes."""
 
     exists = False
 
@@ -67,20 +68,24 @@ class Slot:
         return self.run.slot
 
 
-def train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup) -> list[dict]:
+def train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup, checkpoint_dir: Path) -> list[dict]:
     """Train ``recipes`` (one recipe at several masking rates, one seed) as one pack, each into its ``out``.
+
+    ``checkpoint_dir`` holds the pack's resumable state while it trains (the caller removes it once
+    every run is in place).
 
     Returns:
         Each run's ``metrics.json`` contents, in the order of ``recipes``.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(hold(checkpoint_dir, "pack"))
         for out in outs:
             stack.enter_context(hold(out, "run"))
             stack.enter_context(kept_in(out))
-        return _train_pack(recipes, outs, setup)
+        return _train_pack(recipes, outs, setup, checkpoint_dir)
 
 
-def _train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup) -> list[dict]:
+def _train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup, checkpoint_dir: Path) -> list[dict]:
     first = recipes[0]
     check_packable(first)
     if len({r.train.seed for r in recipes}) != 1 or any(r.with_overrides([f"masking.rate={first.masking.rate}"])
@@ -94,10 +99,14 @@ def _train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup) -> list[d
     if lead.accelerator.num_processes > 1:
         raise ValueError(f"sweep.pack runs in one process; this one has {lead.accelerator.num_processes}: "
                          "set sweep.pack=0 for distributed runs")
+    fingerprint = {**run_fingerprint(first), "pack": {"rates": [r.masking.rate for r in recipes]}}
+    lead.checkpoints = Checkpoints(lead.accelerator, checkpoint_dir, fingerprint)
+    lead.checkpoints.refuse_other_run()
     packs: list[Pack] = []
     try:
         slots = build_pack(lead, recipes, outs, packs)
-        fit_pack(lead, packs[0], slots)
+        shared = resume_or_begin_pack(lead, slots)
+        fit_pack(lead, packs[0], slots, shared)
         return finish_pack(lead, packs[0], slots, started)
     finally:
         for pack in packs:
@@ -126,18 +135,45 @@ def build_pack(lead: Run, recipes: list[Recipe], outs: list[Path], packs: list[P
                   dev_loader=lead.dev_loader, class_weights=lead.class_weights, trainable=list(own.values()),
                   counts=counts, updates=lead.updates, slot=name, own=own,
                   pack={"size": len(recipes), "slot": i, "rates": [r.masking.rate for r in recipes]})
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LOG_FILE).unlink(missing_ok=True)
         slots.append(Slot(run, stopping=EarlyStopping(tc.metric, tc.patience)))
     return slots
 
 
-def fit_pack(lead: Run, pack: Pack, slots: list[Slot]) -> None:
-    """Optimizer updates in time order; after each: log, and evaluate (and maybe stop) every running slot."""
+def resume_or_begin_pack(lead: Run, slots: list[Slot]) -> TrainState:
+    """Register what the pack's checkpoint holds and restore it, or start each slot's directory empty;
+    returns the pack's loop counters (each slot keeps its own evaluation record)."""
+    shared = TrainState()
+    for obj in (lead.masker, shared, *(slot.state for slot in slots)):
+        lead.accelerator.register_for_checkpointing(obj)
+    _checkpoint_only_trainable(lead.accelerator)
+    best = lead.checkpoints.load() if lead.checkpoints.exists else None
+    for slot in slots:
+        slot.run.out.mkdir(parents=True, exist_ok=True)
+        if best is None:
+            (slot.run.out / LOG_FILE).unlink(missing_ok=True)
+        else:
+            slot.stopping.weights = best.get(slot.name)
+            _drop_log_after(slot.run.out / LOG_FILE, shared.step)
+    if best is not None:
+        lead.accelerator.print(f"resumed the pack of {len(slots)} at step {shared.step} (epoch {shared.epoch})")
+    return shared
+
+
+def save_pack_checkpoint(lead: Run, slots: list[Slot]) -> None:
+    lead.checkpoints.save({slot.name: slot.stopping.weights for slot in slots if slot.stopping.weights is not None})
+
+
+def fit_pack(lead: Run, pack: Pack, slots: list[Slot], shared: TrainState) -> None:
+    """Optimizer updates in time order; after each: log, evaluate (and maybe stop) every running slot,
+    checkpoint when due."""
     tc = lead.recipe.train
-    running, shared = list(slots), TrainState()
+    running = [slot for slot in slots if not slot.state.stopped_early]
+    pack.active = [slot.name for slot in running]
+    if not running or shared.step >= lead.updates:
+        return  # resumed from a pack that had finished training
     lead.model.train()
-    progress = tqdm(total=lead.updates, desc=f"pack of {len(slots)}", dynamic_ncols=True, disable=None)
+    progress = tqdm(total=lead.updates, initial=shared.step, desc=f"pack of {len(slots)}", dynamic_ncols=True,
+                    disable=None)
 
     def step(run: Run, batch: dict, number: int) -> list[torch.Tensor]:
         return packed_step(run, running, batch, number)
@@ -159,6 +195,10 @@ def fit_pack(lead: Run, pack: Pack, slots: list[Slot]) -> None:
                             slot.state.stopped_early = True
                             running.remove(slot)
                 pack.active = [slot.name for slot in running]
+                if tc.checkpoint_every == 0:
+                    save_pack_checkpoint(lead, slots)
+            if tc.checkpoint_every and shared.step % tc.checkpoint_every == 0:
+                save_pack_checkpoint(lead, slots)
             if last or not running:
                 return
 

@@ -163,6 +163,13 @@ class PackedMasker:
         split = [t.chunk(k) if t is not None else [None] * k for t in (input_ids, attention_mask, word_ids)]
         return torch.cat([self.maskers[name](*parts) for name, *parts in zip(self.pack.active, *split)])
 
+    def state_dict(self) -> dict:
+        return {name: masker.state_dict() for name, masker in self.maskers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, masker in self.maskers.items():
+            masker.load_state_dict(state[name])
+
     @contextlib.contextmanager
     def pause(self):
         with contextlib.ExitStack() as stack:
