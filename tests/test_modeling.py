@@ -124,3 +124,28 @@ def test_compile_blocks_compiles_each_layer_in_place(make_recipe):
     assert list(model.state_dict()) == names  # in place: adapter files keep PEFT's names
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_4bit_training_keeps_its_gradients_after_an_evaluation(make_recipe):
+    """bitsandbytes repacks a CPU 4-bit weight for an inference kernel without a backward at the first
+    eval pass; QLoRA keeps its layers off that layout, so gradients after an evaluation are unchanged."""
+    setup = Setup.from_recipe(make_recipe("qwen", "sequence", "qlora", model={"quant_bits": 4}))
+    model = setup.model_for(seed=0)
+    quantised = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantised and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in quantised)
+    batch = setup.tokenizer(["the good movie", "el perro malo casa"], padding=True, return_tensors="pt")
+    first = next(p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n)
+
+    def gradient():
+        model.train()
+        model.zero_grad()
+        model(**batch).logits.sum().backward()
+        return first.grad.clone()
+
+    before = gradient()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # where packing happens: CPUs with AVX512-BF16
+    torch.testing.assert_close(gradient(), before, rtol=0, atol=1e-6)
+    assert before.abs().sum() > 0
+    setup.release(model)

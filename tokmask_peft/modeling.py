@@ -305,6 +305,7 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
     if cfg.method == "qlora":
         check_new_modules_unquantised(model)
         check_cpu_4bit_shapes(model)
+        keep_cpu_4bit_differentiable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
@@ -343,6 +344,24 @@ def check_cpu_4bit_shapes(model, block: int = 64) -> None:
     if bad:
         raise ValueError(f"4-bit QLoRA on CPU needs layer input sizes divisible by {block}; {len(bad)} layer(s) "
                          f"are not (e.g. {bad[0]}). Use quant_bits: 8, a GPU, or method: lora")
+
+
+def keep_cpu_4bit_differentiable(model) -> int:
+    """Keep bitsandbytes' 4-bit layers off their CPU inference layout while they train.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit``'s first forward pass in eval mode repacks its weight for
+    an inference kernel (``gemv_4bit``) that has no backward, and nothing packs it back for training:
+    after a run's first evaluation, gradients stopped at every frozen 4-bit layer (no input gradient;
+    PyTorch warns "silently incorrect"), layers with a bias failed outright, and a sweep's later runs
+    trained on a base whose logits had moved by ~1e-3. Training and evaluation now share the
+    differentiable path. Returns how many layers were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def add_adapter(base, cfg: ModelConfig, mask_token: MaskToken, seed: int):
