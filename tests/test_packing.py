@@ -61,14 +61,14 @@ def assert_same_runs(lone, packed, atol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,bits", [("lora", 4), ("qlora", 8)], ids=["lora", "qlora-8bit"])
+@pytest.mark.parametrize("method,bits", [("lora", 4), ("qlora", 8), ("qlora", 4)], ids=["lora", "qlora-8bit", "qlora-4bit"])
 def test_pack_equals_runs_one_by_one_with_early_stopping(make_recipe, tmp_path, method, bits):
     # lr and patience chosen so that with LoRA the rates stop after different numbers of updates (18, 12, 18)
     recipe = make_recipe("llama", "sequence", method, model={"quant_bits": bits}, train={"epochs": 5, "lr": 2e-2, "patience": 1},
                          sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0]})
     lone, packed = packed_and_lone(recipe, tmp_path)
     steps = [json.loads((lone / f"mask_{r}" / "seed_0" / "metrics.json").read_text())["steps"] for r in RATES]
-    if method == "lora":  # (8-bit: all three stop at step 12)
+    if method == "lora":  # (QLoRA: all three may stop together)
         assert len(set(steps)) > 1, f"every rate stopped at the same step {steps}: the test would not cover stopping"
     assert_same_runs(lone, packed, atol=1e-5)
 
