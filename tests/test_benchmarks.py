@@ -1,5 +1,6 @@
 """Benchmarks are not timed tests: CI checks each script runs on its tiny setting and writes JSON."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,14 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert "| neftune | 0.00 | 3 |" in (block / "robustness.md").read_text()
     assert json.loads((block / "block.json").read_text())["seeds"] == [0, 1, 2]
     assert yaml.safe_load((block / "rdrop" / "recipe.yaml").read_text())["sweep"]["seeds"] == [0, 1, 2]
+    # The summary judges a block on the seeds every strategy finished: rdrop lacking seed 2 drops it everywhere.
+    from low_resource import summary_table
+    shutil.rmtree(block / "rdrop" / "mask_0.00" / "seed_2")
+    rows = [line for line in summary_table(out).splitlines() if line.startswith("| ")]
+    block_1 = rows[rows.index(next(r for r in rows if "(block 1)" in r)):][:4]
+    assert block_1[0].split(" | ")[1:4] == ["none", "0", "2"]
+    assert [r.split(" | ")[1] for r in block_1[1:]] == ["token masking", "R-Drop (consistency alone)",
+                                                         "NEFTune α 5 (the peer)"]
+    assert all(r.split(" | ")[3] == "2" and r.split(" | ")[5] in {"better", "worse", "no evidence"} for r in block_1[1:])
+    assert block_1[2].split(" | ")[2] == "0" and block_1[2].count(" / ") == 2
+    assert "(block 3) | no seed finished by every strategy yet" in "\n".join(rows)

@@ -5,6 +5,7 @@ recommendation) and ``results.png`` (metric against rate).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import statistics
 from pathlib import Path
@@ -267,39 +268,60 @@ def shared_footing(recipe: dict) -> dict:
     return {"model": {k: recipe["model"].get(k) for k in ("name", "gguf_file", "task")}, "data": recipe["data"]}
 
 
-def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
-    """One table across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a
-    consistency term): each sweep's rate picked on dev (recommended, else its largest Δ) with its Δ and
-    interval against the p = 0 runs of the first sweep, so every strategy is judged against the same
-    baseline; then the same pick judged on each held-out set, where the choice on dev cannot flatter it.
-    A later sweep's own p = 0 runs (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
+@dataclasses.dataclass
+class Pick:
+    """One sweep's rate picked on dev, judged against the shared p = 0 on dev and on each held-out set."""
+
+    out: Path
+    strategy: str
+    judged: list[tuple[str, Verdict]]
+    """(evaluation set, verdict), dev first; empty where the sweep holds only the shared p = 0 runs."""
+
+    def on(self, name: str) -> Verdict | None:
+        return next((v for set_name, v in self.judged if set_name == name), None)
+
+
+def compare_picks(outs: list[str | Path], metric: str = "weighted_f1") -> list[Pick]:
+    """Across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a consistency
+    term): each sweep's rate picked on dev (recommended, else its largest Δ) against the p = 0 runs of
+    the first sweep, so every strategy is judged against the same baseline; then the same pick judged
+    on each held-out set, where the choice on dev cannot flatter it. A later sweep's own p = 0 runs
+    (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
     outs = [Path(o) for o in outs]
     metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
     base_recipe = read_run_config(outs[0] / base_rows[0]["run"])["recipe"]
-    held_out = held_out_names(base_recipe)
-    files = PredictionFiles()
-    lines = [f"Sweeps against the p = 0 runs of {outs[0]} ({metric.replace('_', ' ')}); each sweep's rate picked "
-             "on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}" if held_out
-                                                           else "") + ".", "",
-             "| sweep | strategy | rate | set | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
-             "|---|---|---|---|---|---|---|---|"]
+    files, baseline = PredictionFiles(), (outs[0], base_rows)
+    picks = []
     for out in outs:
         rows = _same_footing_rows(out, outs[0], base_recipe)
-        baseline = (outs[0], base_rows)
         dev = set_verdicts(out, rows, DEV_SET, metric, baseline=baseline, files=files)
         strategy = strategy_line(rows).strip().removeprefix("Masking: ").rstrip(".")
         pick = recommended(dev) or chosen_on_dev(dev)
-        if pick is None:
-            lines.append(f"| {out} | {strategy} | – | – | – | – | only the shared p = 0 | – |")
-            continue
-        judged = [(DEV_SET, pick)] + [(name, v) for name in held_out
-                                      for v in set_verdicts(out, rows, name, metric, baseline=baseline, files=files)
-                                      if v.rate == pick.rate]
-        for name, v in judged:
-            lines.append(f"| {out} | {strategy} | {v.rate:.2f} | {name} | {v.delta:+.4f} | {v.interval or 'none'} | "
+        judged = [] if pick is None else [(DEV_SET, pick)] + [
+            (name, v) for name in held_out_names(base_recipe)
+            for v in set_verdicts(out, rows, name, metric, baseline=baseline, files=files) if v.rate == pick.rate]
+        picks.append(Pick(out, strategy, judged))
+    return picks
+
+
+def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
+    """``compare_picks`` as the markdown table ``tokmask report A B ...`` writes to ``comparison.md``."""
+    picks = compare_picks(outs, metric)
+    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    held_out = list(dict.fromkeys(name for p in picks for name, _ in p.judged if name != DEV_SET))
+    lines = [f"Sweeps against the p = 0 runs of {picks[0].out} ({metric.replace('_', ' ')}); each sweep's rate "
+             "picked on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}"
+                                                                  if held_out else "") + ".", "",
+             "| sweep | strategy | rate | set | Δ vs shared p = 0 | 95 % interval | verdict | the interval covers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in picks:
+        if not p.judged:
+            lines.append(f"| {p.out} | {p.strategy} | – | – | – | – | only the shared p = 0 | – |")
+        for name, v in p.judged:
+            lines.append(f"| {p.out} | {p.strategy} | {v.rate:.2f} | {name} | {v.delta:+.4f} | {v.interval or 'none'} | "
                          f"{v.word} | {v.level}, {v.seeds} seed(s) |")
     return "\n".join(lines) + "\n"
 
