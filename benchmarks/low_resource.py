@@ -43,13 +43,14 @@ from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 MASKED = "sweep.rates=[0.1,0.3]"
+TOKEN = "masking.unit=token"  # explicit: the recipes' own default unit is whole-word, the campaign's evidence
 STRATEGIES = {
-    "none": ["sweep.rates=[0.0]"],                                # only the shared p = 0 (blocks that skip token)
-    "token": ["sweep.rates=[0.0,0.1,0.3]"],                      # uniform token masking + the shared p = 0
-    "word": ["masking.unit=word", MASKED],                        # whole-word masking
-    "token_consistency": ["masking.consistency=1.0", MASKED],     # masking + the consistency term
-    "rdrop": ["masking.consistency=1.0", "sweep.rates=[0.0]"],    # the consistency term alone (R-Drop)
-    "neftune": ["train.neftune_alpha=5.0", "sweep.rates=[0.0]"],  # the peer: noise on input embeddings
+    "none": [TOKEN, "sweep.rates=[0.0]"],                               # only the shared p = 0 (blocks without token)
+    "token": [TOKEN, "sweep.rates=[0.0,0.1,0.3]"],                      # uniform token masking + the shared p = 0
+    "word": ["masking.unit=word", MASKED],                              # whole-word masking
+    "token_consistency": [TOKEN, "masking.consistency=1.0", MASKED],    # masking + the consistency term
+    "rdrop": [TOKEN, "masking.consistency=1.0", "sweep.rates=[0.0]"],   # the consistency term alone (R-Drop)
+    "neftune": [TOKEN, "train.neftune_alpha=5.0", "sweep.rates=[0.0]"],  # the peer: noise on input embeddings
 }
 NAMES = {"none": "none", "token": "token masking", "word": "whole-word masking", "token_consistency": "token masking + consistency λ 1",
          "rdrop": "R-Drop (consistency alone)", "neftune": "NEFTune α 5 (the peer)"}
