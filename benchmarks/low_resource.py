@@ -214,7 +214,7 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
             rows = [r for r in collect(pick.out) if r["rate"] == test.rate]
             caveat = "" if test.level.startswith("seeds and") else f", {test.level}"
             lines.append(f"| | {NAMES[pick.out.name]} | {test.rate:g} | {test.seeds} | {test.delta:+.3f} "
-                         f"{_short(test.interval)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
+                         f"{_short(test)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
     return lines
 
 
@@ -225,12 +225,9 @@ def complete_seeds(number: int, name: str, copy: Path) -> set[int]:
     return {s for s in found if all(has_results(run_dir(copy, rate, s)) for rate in rates)}
 
 
-def _short(interval: str | None) -> str:
-    """``[-0.0519, +0.0069]`` as ``[−0.052, +0.007]``: three decimals are what seeds this few can resolve."""
-    if interval is None:
-        return "(no interval)"
-    low, high = (float(x) for x in interval.strip("[]").split(","))
-    return f"[{low:+.3f}, {high:+.3f}]"
+def _short(verdict) -> str:
+    """The interval at three decimals: what seeds this few can resolve."""
+    return "(no interval)" if verdict.low is None else f"[{verdict.low:+.3f}, {verdict.high:+.3f}]"
 
 
 def _corrupted(rows: list[dict], kinds: tuple[str, ...]) -> str:
