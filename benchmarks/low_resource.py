@@ -2,7 +2,8 @@
 
     python benchmarks/low_resource.py --block 1 [--seeds 0,1,2,3,4] [--strategies token,word,...]
         [--runs runs/low_resource] [--out benchmarks/results/low_resource]
-    python benchmarks/low_resource.py --summary     # OUT/summary.md: every block in one table (the README's)
+    python benchmarks/low_resource.py --summary     # OUT/summary.md (every block in one table, the README's)
+                                                    # and OUT/summary.png (each held-out Δ and its interval)
 
 Each block is one regime (model, method, data size); each strategy is one sweep of that regime's
 recipe in ``RUNS/block_N/<strategy>``. A block's first strategy (``token``, or ``none``) holds the shared p = 0 runs:
@@ -40,6 +41,7 @@ from tokmask_peft.reporting import compare_picks, compare_sweeps, report  # noqa
 from tokmask_peft.runs import (collect, fingerprint_diff, has_results, read_run_config, run_dir,  # noqa: E402
                                run_fingerprint)
 from tokmask_peft.storage import atomic_write_text  # noqa: E402
+from tokmask_peft.verdicts import Verdict  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 MASKED = "sweep.rates=[0.1,0.3]"
@@ -188,13 +190,38 @@ def summary_table(out: Path) -> str:
              "deleted / masked / given a typo (mean over the same seeds).", "",
              "| regime | strategy | p (dev pick) | seeds | test weighted F1 Δ vs p = 0 (95 % interval) | verdict | "
              "q = 0.2: delete / mask / typo |", "|---|---|---|---|---|---|---|"]
+    judged: list[tuple[str, Verdict]] = []
     for number, block in sorted(BLOCKS.items()):
         with tempfile.TemporaryDirectory() as balanced:
-            lines += block_rows(number, block, Path(balanced), out / f"block_{number}", kinds)
+            lines += block_rows(number, block, Path(balanced), out / f"block_{number}", kinds, judged)
+    if judged:
+        forest_plot(judged, out / "summary.png")
     return "\n".join(lines) + "\n"
 
 
-def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tuple[str, ...]) -> list[str]:
+def forest_plot(judged: list[tuple[str, Verdict]], path: Path) -> None:
+    """Every strategy's held-out Δ with its 95 % interval, one line each, against the zero line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(judged) + 1.2), dpi=120)
+    for y, (label, v) in enumerate(reversed(judged)):
+        low, high = (v.low, v.high) if v.low is not None else (v.delta, v.delta)
+        ax.errorbar([v.delta], [y], xerr=[[v.delta - low], [high - v.delta]], fmt="o", capsize=3,
+                    color="tab:blue" if v.word == "no evidence" else "tab:red" if v.word == "worse" else "tab:green")
+    ax.set_yticks(range(len(judged)), [label for label, _ in reversed(judged)], fontsize=7)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("test weighted F1: Δ vs p = 0, 95 % interval")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tuple[str, ...],
+               judged: list[tuple[str, Verdict]]) -> list[str]:
     """One block's rows, over the seeds every strategy of the block has finished at every rate (a block
     cut short would otherwise compare strategies on different seeds)."""
     names = [n for n in block.strategies if (out / n).is_dir()]
@@ -213,6 +240,7 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
         if test is not None:
             rows = [r for r in collect(pick.out) if r["rate"] == test.rate]
             caveat = "" if test.level.startswith("seeds and") else f", {test.level}"
+            judged.append((f"block {number}: {NAMES[pick.out.name]} p {test.rate:g}, {test.seeds} seed(s)", test))
             lines.append(f"| | {NAMES[pick.out.name]} | {test.rate:g} | {test.seeds} | {test.delta:+.3f} "
                          f"{_short(test)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
     return lines

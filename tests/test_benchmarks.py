@@ -86,3 +86,4 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert all(r.split(" | ")[3] == "2" and r.split(" | ")[5] in {"better", "worse", "no evidence"} for r in block_1[1:])
     assert block_1[2].split(" | ")[2] == "0" and block_1[2].count(" / ") == 2
     assert "(block 3) | no seed finished by every strategy yet" in "\n".join(rows)
+    assert (out / "summary.png").stat().st_size > 10_000  # the forest plot of the held-out intervals
