@@ -122,10 +122,7 @@ def robustness_table(sweeps: dict[str, Path]) -> str:
         rows = collect(out)
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
-            cells = []
-            for kind in kinds:
-                values = [r.get(f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1") for r in group]
-                cells.append(f"{statistics.fmean(values):.4f}" if None not in values else "–")
+            cells = ["–" if m is None else f"{m:.4f}" for m in corrupted_means(group, kinds)]
             clean = statistics.fmean(r["weighted_f1"] for r in group)
             lines.append(f"| {name} | {rate:.2f} | {len(group)} | {clean:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -258,11 +255,15 @@ def _short(verdict) -> str:
     return "(no interval)" if verdict.low is None else f"[{verdict.low:+.3f}, {verdict.high:+.3f}]"
 
 
-def _corrupted(rows: list[dict], kinds: tuple[str, ...]) -> str:
+def corrupted_means(rows: list[dict], kinds: tuple[str, ...]) -> list[float | None]:
+    """Mean weighted F1 at q = ROBUSTNESS_Q per corruption kind; None where some run did not measure it."""
     values = [[r.get(f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1") for r in rows] for kind in kinds]
-    if any(None in v for v in values):
-        return "–"
-    return " / ".join(f"{statistics.fmean(v):.3f}" for v in values)
+    return [None if None in v else statistics.fmean(v) for v in values]
+
+
+def _corrupted(rows: list[dict], kinds: tuple[str, ...]) -> str:
+    means = corrupted_means(rows, kinds)
+    return "–" if None in means else " / ".join(f"{m:.3f}" for m in means)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from .runs import (
 )
 from .storage import atomic_write_text
 from .verdicts import (
-    BOOTSTRAP_METRICS,
     Verdict,
+    bootstrap_metric,
     chosen_on_dev,
     load_predictions,
     paired_verdict,
@@ -87,7 +87,7 @@ def update_cards(out: Path, rows: list[dict], metric: str) -> None:
     """Each run's model card (where the run wrote one) gains its rate's verdict against p = 0."""
     if not any(r["rate"] == 0.0 for r in rows) or not any((out / r["run"] / CARD).is_file() for r in rows):
         return
-    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    metric = bootstrap_metric(metric)
     dev = {v.rate: v for v in set_verdicts(out, rows, DEV_SET, metric)}
     for row in rows:
         run, verdict = out / row["run"], dev.get(row["rate"])
@@ -196,7 +196,7 @@ def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") ->
     held-out (``extra_eval``) set, where selection on dev cannot flatter it."""
     if not any(r["rate"] == 0.0 for r in rows):
         return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
-    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    metric = bootstrap_metric(metric)
     files = PredictionFiles()
     dev = set_verdicts(out, rows, DEV_SET, metric, files=files)
     if not dev:
@@ -288,7 +288,7 @@ def compare_picks(outs: list[str | Path], metric: str = "weighted_f1") -> list[P
     on each held-out set, where the choice on dev cannot flatter it. A later sweep's own p = 0 runs
     (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
     outs = [Path(o) for o in outs]
-    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    metric = bootstrap_metric(metric)
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
@@ -310,7 +310,7 @@ def compare_picks(outs: list[str | Path], metric: str = "weighted_f1") -> list[P
 def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
     """``compare_picks`` as the markdown table ``tokmask report A B ...`` writes to ``comparison.md``."""
     picks = compare_picks(outs, metric)
-    metric = metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+    metric = bootstrap_metric(metric)
     held_out = list(dict.fromkeys(name for p in picks for name, _ in p.judged if name != DEV_SET))
     lines = [f"Sweeps against the p = 0 runs of {picks[0].out} ({metric.replace('_', ' ')}); each sweep's rate "
              "picked on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}"

@@ -30,6 +30,11 @@ BOOTSTRAP_METRICS = ("weighted_f1", "macro_f1", "accuracy")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
+def bootstrap_metric(metric: str) -> str:
+    """The metric a verdict bootstraps: the sweep's own where predictions can recompute it, else weighted F1."""
+    return metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
+
+
 @dataclasses.dataclass
 class Predictions:
     """One run's predictions on one evaluation set: a row per scored unit (a text, or a labelled word)."""
