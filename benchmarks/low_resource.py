@@ -110,7 +110,11 @@ def strategy_seed(block: int, name: str, seed: int, runs: Path, copy: Path, extr
     for rate in missing_rates(copy, strategy_recipe(block, name, [seed], extra), seed):
         started = time.perf_counter()
         sweep(strategy_recipe(block, name, [seed], [*extra, f"sweep.rates=[{rate}]"]), runs / f"block_{block}" / name)
-        light_copy(runs / f"block_{block}" / name, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"))
+        # Runs only: RUNS may hold fewer seeds than the copy (another machine, another --runs), so the
+        # copy's table is rebuilt from its own runs rather than taken from RUNS.
+        light_copy(runs / f"block_{block}" / name, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"),
+                   sweep_files=False)
+        report(copy)
         print(f"block {block} {name} seed {seed} rate {rate}: {time.perf_counter() - started:.0f} s", flush=True)
 
 

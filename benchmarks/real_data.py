@@ -26,10 +26,12 @@ from tokmask_peft.reporting import summarise  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 
-def light_copy(src: Path, dst: Path, keep: tuple[str, ...] = ("metrics.json", "tokmask_config.json")) -> None:
-    """Results and each run's small files (``keep``), weights left out, for committing."""
+def light_copy(src: Path, dst: Path, keep: tuple[str, ...] = ("metrics.json", "tokmask_config.json"),
+               sweep_files: bool = True) -> None:
+    """Results and each run's small files (``keep``), weights left out, for committing; without
+    ``sweep_files`` only the runs (when ``dst`` holds runs that ``src`` lacks, its table is rebuilt instead)."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("results.csv", "results.md", "results.png", "recipe.yaml", "tta.json"):
+    for name in ("results.csv", "results.md", "results.png", "recipe.yaml", "tta.json") if sweep_files else ():
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     for run in src.glob("mask_*/seed_*"):

@@ -15,12 +15,12 @@ import sys
 from accelerate import PartialState
 from tokmask_peft.config import Recipe
 from tokmask_peft.training import train
-recipe = Recipe.from_yaml(sys.argv[1])
-metrics = train(recipe)
-state = PartialState()
-print(f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']}")
 from torch._dynamo.utils import counters
-print(f"COMPILED GRAPHS {counters['stats']['unique_graphs']}")
+for path in sys.argv[1:]:  # one launch, runs one after another in the same processes (as a sweep does)
+    metrics = train(Recipe.from_yaml(path))
+    state = PartialState()
+    print(f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']} "
+          f"GRAPHS {counters['stats']['unique_graphs']} {path}")
 """
 
 
@@ -28,23 +28,29 @@ def test_torchrun_two_cpu_processes_write_one_set_of_files(make_recipe, tmp_path
     import yaml
 
     # The last run compiles its layers (train.compile): under DDP it must train as the eager one did.
-    for task, compiled in (("sequence", False), ("token", False), ("sequence", True)):
+    runs = (("sequence", False), ("token", False), ("sequence", True))
+    recipes, paths = [], []
+    for task, compiled in runs:
         recipe = make_recipe("llama", task, "lora", train={"epochs": 2, "batch_size": 8, "compile": compiled,
                                                             "output_dir": str(tmp_path / f"{task}{compiled}")})
-        path = tmp_path / f"{task}{compiled}.yaml"
-        path.write_text(yaml.safe_dump(recipe.to_dict()))
-        script = tmp_path / "run.py"
-        script.write_text(SCRIPT)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), str(path)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-        # 96 examples, batch 8 per process, 2 processes: 6 updates per epoch, 2 epochs.
-        assert lines == ["RANK 0 OF 2 DistributedType.MULTI_CPU STEPS 12", "RANK 1 OF 2 DistributedType.MULTI_CPU STEPS 12"]
-        graphs = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("COMPILED GRAPHS")]
-        assert len(graphs) == 2 and all((n > 0) == compiled for n in graphs), graphs
+        paths.append(tmp_path / f"{task}{compiled}.yaml")
+        paths[-1].write_text(yaml.safe_dump(recipe.to_dict()))
+        recipes.append(recipe)
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, paths)], capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for recipe, path, (task, compiled) in zip(recipes, paths, runs):
+        lines = sorted(line.rsplit(" ", 1)[0] for line in proc.stdout.splitlines()
+                       if line.startswith("RANK") and line.endswith(str(path)))
+        # 96 examples, batch 8 per process, 2 processes: 6 updates per epoch, 2 epochs. Graphs: the
+        # dynamo counter is per process and cumulative, so only the compiled (last) run has any.
+        assert [line.rsplit(" ", 2)[0] for line in lines] == [
+            "RANK 0 OF 2 DistributedType.MULTI_CPU STEPS 12", "RANK 1 OF 2 DistributedType.MULTI_CPU STEPS 12"]
+        graphs = [int(line.rsplit(" ", 1)[1]) for line in lines]
+        assert all((n > 0) == compiled for n in graphs), (task, compiled, graphs)
         out = Path(recipe.train.output_dir)
         files = sorted(p.name for p in out.iterdir())
         assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "metrics.json",
