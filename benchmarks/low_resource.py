@@ -245,7 +245,7 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
             judged.append((f"block {number}: {NAMES[pick.out.name]} p {test.rate:g}, {test.seeds} seed(s)", test))
             lines.append(f"| | {NAMES[pick.out.name]} | {test.rate:g} | {test.seeds} | {test.delta:+.3f} "
                          f"{_short(test)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
-    return lines
+    return lines + [f"| | {NAMES[n]} | | 0 | not run yet | | |" for n in block.strategies if n not in names]
 
 
 def complete_seeds(number: int, name: str, copy: Path) -> set[int]:

@@ -95,5 +95,8 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
                                                          "NEFTune α 5 (the peer)"]
     assert all(r.split(" | ")[3] == "2" and r.split(" | ")[5] in {"better", "worse", "no evidence"} for r in block_1[1:])
     assert block_1[2].split(" | ")[2] == "0" and block_1[2].count(" / ") == 2
+    not_run = rows[rows.index(block_1[3]) + 1:][:2]  # the block's strategies with no runs yet are named, not dropped
+    assert [[c.strip() for c in r.strip()[1:-1].split("|")][1:5] for r in not_run] == [
+        ["whole-word masking", "", "0", "not run yet"], ["token masking + consistency λ 1", "", "0", "not run yet"]]
     assert "(block 3) | no seed finished by every strategy yet" in "\n".join(rows)
     assert (out / "summary.png").stat().st_size > 10_000  # the forest plot of the held-out intervals
