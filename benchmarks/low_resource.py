@@ -122,18 +122,36 @@ def strategy_seed(block: int, name: str, seed: int, runs: Path, copy: Path, extr
 
 
 def robustness_table(sweeps: dict[str, Path]) -> str:
-    """Mean weighted F1 over seeds at q = 0.2, each corruption, for each strategy's rates."""
+    """Mean weighted F1 over seeds at q = 0.2, each corruption, for each strategy's rates; beside each
+    mean, its change against the shared p = 0 run of the same seed and on how many seeds it rose."""
     kinds = ("delete", "mask", "typo")
-    lines = [f"Dev weighted F1 under corruption at q = {ROBUSTNESS_Q} (mean over seeds).", "",
+    lines = [f"Dev weighted F1 under corruption at q = {ROBUSTNESS_Q} (mean over seeds; in brackets the mean "
+             "change against the shared p = 0 run of the same seed, and on how many seeds it rose).", "",
              "| strategy | rate | seeds | clean | " + " | ".join(kinds) + " |", "|---|---|---|---|---|---|---|"]
+    first = next(iter(sweeps))  # holds the shared p = 0
+    base = [r for r in collect(sweeps[first]) if r["rate"] == 0.0]
     for name, out in sweeps.items():
         rows = collect(out)
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
-            cells = ["–" if m is None else f"{m:.4f}" for m in corrupted_means(group, kinds)]
+            paired = not (name == first and rate == 0.0)
+            cells = ["–" if m is None else f"{m:.4f}" + (paired_change(group, base, kind) if paired else "")
+                     for m, kind in zip(corrupted_means(group, kinds), kinds)]
             clean = statistics.fmean(r["weighted_f1"] for r in group)
             lines.append(f"| {name} | {rate:.2f} | {len(group)} | {clean:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_change(group: list[dict], base: list[dict], kind: str) -> str:
+    """`` (+0.062, 5/5 up)``: the mean change of ``group`` against ``base`` at the same seed under this
+    corruption at q = ROBUSTNESS_Q, and on how many of the shared seeds it rose; empty without one."""
+    key = f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1"
+    before = {r["seed"]: r.get(key) for r in base}
+    changes = [r[key] - before[r["seed"]] for r in group
+               if r.get(key) is not None and before.get(r["seed"]) is not None]
+    if not changes:
+        return ""
+    return f" ({statistics.fmean(changes):+.3f}, {sum(c > 0 for c in changes)}/{len(changes)} up)"
 
 
 def main(argv=None) -> None:

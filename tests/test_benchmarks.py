@@ -45,6 +45,17 @@ def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example(
                               )["examples_vs"]["trainer"] is None
 
 
+def test_robustness_change_is_paired_by_seed_and_counts_the_seeds_that_rose():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import paired_change
+
+    key = "mask_0.20_weighted_f1"
+    base = [{"seed": 0, key: 0.40}, {"seed": 1, key: 0.50}, {"seed": 2, key: None}]
+    group = [{"seed": 1, key: 0.60}, {"seed": 0, key: 0.38}, {"seed": 2, key: 0.90}, {"seed": 3, key: 0.90}]
+    assert paired_change(group, base, "mask") == " (+0.040, 1/2 up)"  # seeds 2 (unmeasured) and 3 (no twin) left out
+    assert paired_change(group, base, "typo") == ""
+
+
 def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_and_the_test_carve(
         tiny_model, toy_data, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -66,6 +77,9 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert "NEFTune α = 5" in rows[4] and "consistency λ = 1" in rows[2]
     robustness = (block / "robustness.md").read_text()
     assert "| neftune | 0.00 | 2 |" in robustness and "–" not in robustness
+    shared, neftune = (next(r for r in robustness.splitlines() if r.startswith(f"| {n} | 0.00"))
+                       for n in ("token", "neftune"))
+    assert "up)" not in shared and neftune.count("/2 up)") == 3  # each corruption paired with p = 0 seed by seed
     for run in (block / "rdrop").glob("mask_*/seed_*"):
         assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "predictions.npz", "tokmask_config.json"]
     # A new machine (no runs/, only the committed copy) asked for one seed more trains that seed only.
