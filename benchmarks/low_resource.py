@@ -128,10 +128,10 @@ def robustness_table(sweeps: dict[str, Path]) -> str:
     lines = [f"Dev weighted F1 under corruption at q = {ROBUSTNESS_Q} (mean over seeds; in brackets the mean "
              "change against the shared p = 0 run of the same seed, and on how many seeds it rose).", "",
              "| strategy | rate | seeds | clean | " + " | ".join(kinds) + " |", "|---|---|---|---|---|---|---|"]
+    rows_of = {name: collect(out) for name, out in sweeps.items()}
     first = next(iter(sweeps))  # holds the shared p = 0
-    base = [r for r in collect(sweeps[first]) if r["rate"] == 0.0]
-    for name, out in sweeps.items():
-        rows = collect(out)
+    base = [r for r in rows_of[first] if r["rate"] == 0.0]
+    for name, rows in rows_of.items():
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
             paired = not (name == first and rate == 0.0)
@@ -145,7 +145,7 @@ def robustness_table(sweeps: dict[str, Path]) -> str:
 def paired_change(group: list[dict], base: list[dict], kind: str) -> str:
     """`` (+0.062, 5/5 up)``: the mean change of ``group`` against ``base`` at the same seed under this
     corruption at q = ROBUSTNESS_Q, and on how many of the shared seeds it rose; empty without one."""
-    key = f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1"
+    key = corrupted_key(kind)
     before = {r["seed"]: r.get(key) for r in base}
     changes = [r[key] - before[r["seed"]] for r in group
                if r.get(key) is not None and before.get(r["seed"]) is not None]
@@ -281,9 +281,14 @@ def _short(verdict) -> str:
     return "(no interval)" if verdict.low is None else f"[{verdict.low:+.3f}, {verdict.high:+.3f}]"
 
 
+def corrupted_key(kind: str) -> str:
+    """The results row's column for weighted F1 under this corruption at q = ROBUSTNESS_Q."""
+    return f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1"
+
+
 def corrupted_means(rows: list[dict], kinds: tuple[str, ...]) -> list[float | None]:
     """Mean weighted F1 at q = ROBUSTNESS_Q per corruption kind; None where some run did not measure it."""
-    values = [[r.get(f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1") for r in rows] for kind in kinds]
+    values = [[r.get(corrupted_key(kind)) for r in rows] for kind in kinds]
     return [None if None in v else statistics.fmean(v) for v in values]
 
 
