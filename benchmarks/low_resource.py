@@ -2,8 +2,9 @@
 
     python benchmarks/low_resource.py --block 1 [--seeds 0,1,2,3,4] [--strategies token,word,...]
         [--runs runs/low_resource] [--out benchmarks/results/low_resource]
-    python benchmarks/low_resource.py --summary     # OUT/summary.md (every block in one table, the README's)
-                                                    # and OUT/summary.png (each held-out Δ and its interval)
+    python benchmarks/low_resource.py --summary [--readme README.md]
+        # OUT/summary.md (every block in one table, and each block's run times), OUT/summary.png (each
+        # held-out Δ and its interval); --readme puts the table between the README's summary markers
 
 Each block is one regime (model, method, data size); each strategy is one sweep of that regime's
 recipe in ``RUNS/block_N/<strategy>``. A block's first strategy (``token``, or ``none``) holds the shared p = 0 runs:
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
     which.add_argument("--block", type=int, choices=sorted(BLOCKS))
     which.add_argument("--summary", action="store_true",
                        help="write OUT/summary.md, one table over every block from the committed light copies")
+    parser.add_argument("--readme", type=Path, help="with --summary: the file whose summary markers take the table")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--strategies", help="comma-separated subset of the block's strategies")
     parser.add_argument("--runs", default="runs/low_resource")
@@ -167,8 +169,10 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value applied to every sweep of the block")
     args = parser.parse_args(argv)
     if args.summary:
-        table = summary_table(Path(args.out))
+        table = summary_table(Path(args.out)) + "\n" + run_times(Path(args.out))
         atomic_write_text(Path(args.out) / "summary.md", table)
+        if args.readme:
+            atomic_write_text(args.readme, splice_summary(args.readme.read_text(), table, args.readme))
         print(table, end="")
         return
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -222,6 +226,32 @@ def summary_table(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_START, SUMMARY_END = "<!-- low-resource summary:", "<!-- end of summary -->"
+
+
+def splice_summary(text: str, table: str, name: Path | str) -> str:
+    """``text`` with the lines between its summary markers replaced by ``table`` (markers kept)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith(SUMMARY_START)]
+    ends = [i for i, line in enumerate(lines) if line.strip() == SUMMARY_END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"{name}: expected one line starting {SUMMARY_START!r} and, after it, one line "
+                         f"{SUMMARY_END!r}; found {len(starts)} and {len(ends)}")
+    return "".join(lines[:starts[0] + 1]) + table.rstrip("\n") + "\n" + "".join(lines[ends[0]:])
+
+
+def run_times(out: Path) -> str:
+    """Each block's wall time per run (median), run count and total, from the committed metrics."""
+    cells = []
+    for number in sorted(BLOCKS):
+        times = [json.loads(m.read_text())["wall_time_s"]
+                 for m in sorted((out / f"block_{number}").glob("*/mask_*/seed_*/metrics.json"))]
+        if times:
+            cells.append(f"block {number} {statistics.median(times):,.0f} s ({len(times)} runs, "
+                         f"{sum(times) / 3600:.1f} h)")
+    return ("Wall time per run on one CPU core (median; runs; total; some include pauses for the test suite): " + ", ".join(cells) + ".\n") if cells else ""
+
+
 def forest_plot(judged: list[tuple[str, Verdict]], path: Path) -> None:
     """Every strategy's held-out Δ with its 95 % interval, one line each, against the zero line."""
     import matplotlib
@@ -250,7 +280,7 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
     names = [n for n in block.strategies if (out / n).is_dir()]
     seeds = set.intersection(*[complete_seeds(number, n, out / n) for n in names]) if names else set()
     if not seeds:
-        return [f"| {block.regime} (block {number}) | no seed finished by every strategy yet | | | | | |"]
+        return no_common_seed_rows(number, block, out, kinds)
     for name in names:
         for run in (out / name).glob("mask_*/seed_*"):
             if int(run.name.split("_")[1]) in seeds:
@@ -267,6 +297,25 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
             lines.append(f"| | {NAMES[pick.out.name]} | {test.rate:g} | {test.seeds} | {test.delta:+.3f} "
                          f"{_short(test)} | {test.word}{caveat} | {_corrupted(rows, kinds)} |")
     return lines + [f"| | {NAMES[n]} | | 0 | not run yet | | |" for n in block.strategies if n not in names]
+
+
+def no_common_seed_rows(number: int, block: Block, out: Path, kinds: tuple[str, ...]) -> list[str]:
+    """A block no seed has finished across strategies: its p = 0 runs so far, and what each strategy lacks."""
+    first = out / block.strategies[0]
+    base = [r for r in collect(first) if r["rate"] == 0.0] if first.is_dir() else []
+    head = f"| {block.regime} (block {number}) | "
+    if not base:
+        return [head + "no seed finished by every strategy yet | | | | | |"]
+    lines = [head + f"none | 0 | {len(base)} | test weighted F1 {statistics.fmean(r['test_weighted_f1'] for r in base):.3f} "
+             f"| | {_corrupted(base, kinds)} |"]
+    for name in block.strategies:
+        if name == "none":
+            continue
+        shared = "mask_0.00" if name == block.strategies[0] else None  # the shared p = 0 is the row above
+        runs = [m for m in (out / name).glob("mask_*/seed_*/metrics.json") if m.parent.parent.name != shared]
+        lines.append(f"| | {NAMES[name]} | | 0 | " + (f"{len(runs)} run(s), no seed shared by every strategy "
+                                                          "at every rate yet" if runs else "not run yet") + " | | |")
+    return lines
 
 
 def complete_seeds(number: int, name: str, copy: Path) -> set[int]:

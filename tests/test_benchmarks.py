@@ -56,6 +56,17 @@ def test_robustness_change_is_paired_by_seed_and_counts_the_seeds_that_rose():
     assert paired_change(group, base, "typo") == ""
 
 
+def test_summary_replaces_only_the_lines_between_the_readme_markers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import splice_summary
+
+    text = "intro\n<!-- low-resource summary: rebuilt by ... -->\n| old |\n| rows |\n<!-- end of summary -->\nguide\n"
+    assert splice_summary(text, "| new |\n", "README.md") == (
+        "intro\n<!-- low-resource summary: rebuilt by ... -->\n| new |\n<!-- end of summary -->\nguide\n")
+    with pytest.raises(ValueError, match=r"README.md: .* found 1 and 0"):
+        splice_summary("<!-- low-resource summary: x -->\n| old |\n", "| new |\n", "README.md")
+
+
 def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_and_the_test_carve(
         tiny_model, toy_data, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -100,7 +111,7 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert json.loads((block / "block.json").read_text())["seeds"] == [0, 1, 2]
     assert yaml.safe_load((block / "rdrop" / "recipe.yaml").read_text())["sweep"]["seeds"] == [0, 1, 2]
     # The summary judges a block on the seeds every strategy finished: rdrop lacking seed 2 drops it everywhere.
-    from low_resource import summary_table
+    from low_resource import run_times, summary_table
     shutil.rmtree(block / "rdrop" / "mask_0.00" / "seed_2")
     rows = [line for line in summary_table(out).splitlines() if line.startswith("| ")]
     block_1 = rows[rows.index(next(r for r in rows if "(block 1)" in r)):][:4]
@@ -114,3 +125,15 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
         ["whole-word masking", "", "0", "not run yet"], ["token masking + consistency λ 1", "", "0", "not run yet"]]
     assert "(block 3) | no seed finished by every strategy yet" in "\n".join(rows)
     assert (out / "summary.png").stat().st_size > 10_000  # the forest plot of the held-out intervals
+    assert run_times(out).startswith("Wall time per run on one CPU core") and "block 1 " in run_times(out)
+    # No seed finished by every strategy: the p = 0 runs so far are shown, each strategy's runs counted.
+    shutil.rmtree(block / "rdrop" / "mask_0.00" / "seed_1")
+    shutil.rmtree(block / "token" / "mask_0.10" / "seed_0")
+    rows = [line for line in summary_table(out).splitlines() if line.startswith("| ")]
+    block_1 = [[c.strip() for c in r.strip()[1:-1].split("|")] for r in rows[rows.index(next(r for r in rows if "(block 1)" in r)):][:6]]
+    assert block_1[0][1:3] == ["none", "0"] and block_1[0][3] == "3" and block_1[0][4].startswith("test weighted F1")
+    assert [r[1:5] for r in block_1[1:]] == [
+        ["token masking", "", "0", "5 run(s), no seed shared by every strategy at every rate yet"],
+        ["whole-word masking", "", "0", "not run yet"], ["token masking + consistency λ 1", "", "0", "not run yet"],
+        ["R-Drop (consistency alone)", "", "0", "1 run(s), no seed shared by every strategy at every rate yet"],
+        ["NEFTune α 5 (the peer)", "", "0", "3 run(s), no seed shared by every strategy at every rate yet"]]
