@@ -49,7 +49,8 @@ def assert_same_runs(lone, packed, atol):
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
         la, lb = logged_losses(a), logged_losses(b)
         assert len(la) == len(lb)  # the same number of updates: a slot stops where its lone run stopped
-        torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=0, atol=atol)
+        assert lb[0] == pytest.approx(la[0], abs=1e-5)  # before any update: a wrong rate or mixed slots shows here
+        torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=atol)
         torch.testing.assert_close(load_file(b / "adapter_model.safetensors"),
                                    load_file(a / "adapter_model.safetensors"), rtol=1e-4, atol=atol)
         ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (a, b))
@@ -70,7 +71,10 @@ def test_pack_equals_runs_one_by_one_with_early_stopping(make_recipe, tmp_path, 
     steps = [json.loads((lone / f"mask_{r}" / "seed_0" / "metrics.json").read_text())["steps"] for r in RATES]
     if method == "lora":  # (QLoRA: all three may stop together)
         assert len(set(steps)) > 1, f"every rate stopped at the same step {steps}: the test would not cover stopping"
-    assert_same_runs(lone, packed, atol=1e-5)
+    # Equal up to float32 rounding, which depends on the CPU's kernels: bit-identical on one Intel host; on an
+    # AMD EPYC the first losses agree to 1e-6 and, at this lr (2e-2), the drift reaches 7e-4 in a loss or an
+    # adapter weight (of ~0.2) by the last update. Stop and best steps must still match exactly.
+    assert_same_runs(lone, packed, atol=2e-3)
 
 
 @pytest.mark.slow
