@@ -292,8 +292,7 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
             if int(run.name.split("_")[1]) in seeds:
                 shutil.copytree(run, balanced / name / run.parent.name / run.name)
     base = [r for r in collect(balanced / names[0]) if r["rate"] == 0.0]
-    lines = [f"| {block.regime} (block {number}) | none | 0 | {len(base)} | test weighted F1 "
-             f"{statistics.fmean(r['test_weighted_f1'] for r in base):.3f} | | {_corrupted(base, kinds)} |"]
+    lines = [baseline_row(number, block, base, kinds)]
     for pick in compare_picks([balanced / n for n in names]):
         test = pick.on("test")
         if test is not None:
@@ -305,15 +304,19 @@ def block_rows(number: int, block: Block, balanced: Path, out: Path, kinds: tupl
     return lines + [f"| | {NAMES[n]} | | 0 | not run yet | | |" for n in block.strategies if n not in names]
 
 
+def baseline_row(number: int, block: Block, base: list[dict], kinds: tuple[str, ...]) -> str:
+    """The block's first row: its shared p = 0 runs, mean test weighted F1 and robustness."""
+    return (f"| {block.regime} (block {number}) | none | 0 | {len(base)} | test weighted F1 "
+            f"{statistics.fmean(r['test_weighted_f1'] for r in base):.3f} | | {_corrupted(base, kinds)} |")
+
+
 def no_common_seed_rows(number: int, block: Block, out: Path, kinds: tuple[str, ...]) -> list[str]:
     """A block no seed has finished across strategies: its p = 0 runs so far, and what each strategy lacks."""
     first = out / block.strategies[0]
     base = [r for r in collect(first) if r["rate"] == 0.0] if first.is_dir() else []
-    head = f"| {block.regime} (block {number}) | "
     if not base:
-        return [head + "no seed finished by every strategy yet | | | | | |"]
-    lines = [head + f"none | 0 | {len(base)} | test weighted F1 {statistics.fmean(r['test_weighted_f1'] for r in base):.3f} "
-             f"| | {_corrupted(base, kinds)} |"]
+        return [f"| {block.regime} (block {number}) | no seed finished by every strategy yet | | | | | |"]
+    lines = [baseline_row(number, block, base, kinds)]
     for name in block.strategies:
         if name == "none":
             continue
