@@ -95,8 +95,11 @@ ROBUSTNESS_Q = 0.2
 
 
 def strategy_recipe(block: int, name: str, seeds: list[int], extra: list[str]) -> Recipe:
+    """``extra`` (the command line's overrides) comes last, except that ``none`` stays at p = 0: a
+    ``sweep.rates`` meant for the masking sweeps must not train masked runs into the shared baseline."""
     recipe_path, block_overrides, _, _ = BLOCKS[block]
-    return Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra])
+    pinned = STRATEGIES[name][1:] if name == "none" else []
+    return Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra, *pinned])
 
 
 def missing_rates(copy: Path, recipe: Recipe, seed: int) -> list[float]:

@@ -56,6 +56,15 @@ def test_robustness_change_is_paired_by_seed_and_counts_the_seeds_that_rose():
     assert paired_change(group, base, "typo") == ""
 
 
+def test_a_rates_override_changes_the_masking_sweeps_but_never_the_shared_p0_baseline():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import strategy_recipe
+
+    extra = ["sweep.rates=[0.3]"]
+    assert strategy_recipe(5, "none", [2], extra).sweep.rates == [0.0]
+    assert strategy_recipe(5, "word", [2], extra).sweep.rates == [0.3]
+
+
 def test_summary_replaces_only_the_lines_between_the_readme_markers():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from low_resource import splice_summary
