@@ -46,14 +46,15 @@ from tokmask_peft.verdicts import Verdict  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 MASKED = "sweep.rates=[0.1,0.3]"
+P0_ONLY = "sweep.rates=[0.0]"  # a strategy defined at p = 0: its grid survives the command line's overrides
 TOKEN = "masking.unit=token"  # explicit: the recipes' own default unit is whole-word, the campaign's evidence
 STRATEGIES = {
-    "none": [TOKEN, "sweep.rates=[0.0]"],                               # only the shared p = 0 (blocks without token)
+    "none": [TOKEN, P0_ONLY],                                           # only the shared p = 0 (blocks without token)
     "token": [TOKEN, "sweep.rates=[0.0,0.1,0.3]"],                      # uniform token masking + the shared p = 0
     "word": ["masking.unit=word", MASKED],                              # whole-word masking
     "token_consistency": [TOKEN, "masking.consistency=1.0", MASKED],    # masking + the consistency term
-    "rdrop": [TOKEN, "masking.consistency=1.0", "sweep.rates=[0.0]"],   # the consistency term alone (R-Drop)
-    "neftune": [TOKEN, "train.neftune_alpha=5.0", "sweep.rates=[0.0]"],  # the peer: noise on input embeddings
+    "rdrop": [TOKEN, "masking.consistency=1.0", P0_ONLY],               # the consistency term alone (R-Drop)
+    "neftune": [TOKEN, "train.neftune_alpha=5.0", P0_ONLY],              # the peer: noise on input embeddings
     # Whole-word masking into a new, trained <mask> row rather than the tokenizer's own token: for decoders
     # whose unk is a document separator (SmolLM2's <|endoftext|>). Not in any block's list: asked for by name.
     "word_new_mask": ["masking.unit=word", MASKED, "model.mask_policy=new"],
@@ -95,10 +96,11 @@ ROBUSTNESS_Q = 0.2
 
 
 def strategy_recipe(block: int, name: str, seeds: list[int], extra: list[str]) -> Recipe:
-    """``extra`` (the command line's overrides) comes last, except that ``none`` stays at p = 0: a
-    ``sweep.rates`` meant for the masking sweeps must not train masked runs into the shared baseline."""
+    """``extra`` (the command line's overrides) comes last, except that the p = 0 strategies (the shared
+    baseline, R-Drop, NEFTune) stay at p = 0: a ``sweep.rates`` meant for the masking sweeps must not
+    train masked runs under their names."""
     recipe_path, block_overrides, _, _ = BLOCKS[block]
-    pinned = STRATEGIES[name][1:] if name == "none" else []
+    pinned = [P0_ONLY] if P0_ONLY in STRATEGIES[name] else []
     return Recipe.from_yaml(recipe_path, [*block_overrides, *STRATEGIES[name], f"sweep.seeds={seeds}", *extra, *pinned])
 
 

@@ -56,12 +56,14 @@ def test_robustness_change_is_paired_by_seed_and_counts_the_seeds_that_rose():
     assert paired_change(group, base, "typo") == ""
 
 
-def test_a_rates_override_changes_the_masking_sweeps_but_never_the_shared_p0_baseline():
+def test_a_rates_override_changes_the_masking_sweeps_but_never_the_p0_strategies():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from low_resource import strategy_recipe
 
     extra = ["sweep.rates=[0.3]"]
     assert strategy_recipe(5, "none", [2], extra).sweep.rates == [0.0]
+    assert strategy_recipe(1, "rdrop", [2], extra).sweep.rates == [0.0]
+    assert strategy_recipe(1, "neftune", [2], extra).sweep.rates == [0.0]
     assert strategy_recipe(5, "word", [2], extra).sweep.rates == [0.3]
 
 
