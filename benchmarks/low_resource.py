@@ -201,14 +201,23 @@ def main(argv=None) -> None:
         write_block_report(args.block, names, out, args.overrides, time.perf_counter() - started)
 
 
+def reported_strategies(trained: list[str], out: Path) -> list[str]:
+    """The strategies a block's verdicts cover: those trained by this call, then every other one the
+    committed copy holds, so asking for one strategy never drops the others from ``comparison.md``."""
+    return [*trained, *[n for n in STRATEGIES if n not in trained and (out / n).is_dir()]]
+
+
 def write_block_report(block: int, names: list[str], out: Path, overrides: list[str], wall_s: float) -> None:
-    """Each strategy's table over every committed seed, then the verdicts and robustness of the block."""
+    """Each trained strategy's table over every committed seed, then the verdicts and robustness of the
+    block over every strategy it holds (the recipes of those not trained now are left as written)."""
     copies = [out / name for name in names]
     seeds = sorted({int(p.name.split("_")[1]) for copy in copies for p in copy.glob("mask_*/seed_*")})
     for name, copy in zip(names, copies):
         recipe = strategy_recipe(block, name, seeds, overrides)
         atomic_write_text(copy / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         report(copy)
+    names = reported_strategies(names, out)
+    copies = [out / name for name in names]
     atomic_write_text(out / "comparison.md", compare_sweeps(copies))
     atomic_write_text(out / "robustness.md", robustness_table(dict(zip(names, copies))))
     print((out / "comparison.md").read_text(), (out / "robustness.md").read_text(), sep="\n", flush=True)

@@ -67,6 +67,17 @@ def test_a_rates_override_changes_the_masking_sweeps_but_never_the_p0_strategies
     assert strategy_recipe(5, "word", [2], extra).sweep.rates == [0.3]
 
 
+def test_a_block_report_asked_for_one_strategy_still_covers_every_strategy_the_copy_holds(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import reported_strategies
+
+    for name in ("none", "word", "word_new_mask"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes").mkdir()  # not a strategy: never reported
+    assert reported_strategies(["none", "word_new_mask"], tmp_path) == ["none", "word_new_mask", "word"]
+    assert reported_strategies(["none"], tmp_path / "absent") == ["none"]
+
+
 def test_summary_replaces_only_the_lines_between_the_readme_markers():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from low_resource import splice_summary
