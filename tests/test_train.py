@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,9 +98,13 @@ def test_kill_and_resume_matches_uninterrupted(make_recipe, tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             train(make_recipe("qwen", "token", method, **sections), output_dir=tmp_path / "split")
     assert (tmp_path / "split" / "checkpoint").exists() and not (tmp_path / "split" / "metrics.json").exists()
+    earlier_s = torch.load(tmp_path / "split" / "checkpoint" / "custom_checkpoint_1.pkl", weights_only=False)["elapsed_s"]
     # checkpointing more rarely from here on is allowed: how often a run is written changes no result
     sections["train"] = {**sections["train"], "checkpoint_every": 5}
+    started = time.perf_counter()
     resumed = train(make_recipe("qwen", "token", method, **sections), output_dir=tmp_path / "split")
+    # the run's wall time is both calls': the first one's up to its checkpoint, then all of this one
+    assert 0 < earlier_s < resumed["wall_time_s"] <= earlier_s + time.perf_counter() - started
     assert resumed["steps"] == whole["steps"] == 36
     assert [r["step"] for r in resumed["history"]] == [r["step"] for r in whole["history"]]
     for x, y in zip(resumed["history"], whole["history"]):

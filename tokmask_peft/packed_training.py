@@ -105,9 +105,9 @@ def _train_pack(recipes: list[Recipe], outs: list[Path], setup: Setup, checkpoin
     packs: list[Pack] = []
     try:
         slots = build_pack(lead, recipes, outs, packs)
-        shared = resume_or_begin_pack(lead, slots)
+        shared = resume_or_begin_pack(lead, slots, started)
         fit_pack(lead, packs[0], slots, shared)
-        return finish_pack(lead, packs[0], slots, started)
+        return finish_pack(lead, packs[0], slots)
     finally:
         for pack in packs:
             pack.remove()
@@ -139,10 +139,12 @@ def build_pack(lead: Run, recipes: list[Recipe], outs: list[Path], packs: list[P
     return slots
 
 
-def resume_or_begin_pack(lead: Run, slots: list[Slot]) -> TrainState:
+def resume_or_begin_pack(lead: Run, slots: list[Slot], started: float) -> TrainState:
     """Register what the pack's checkpoint holds and restore it, or start each slot's directory empty;
     returns the pack's loop counters (each slot keeps its own evaluation record)."""
-    shared = TrainState()
+    shared = TrainState(since=started)
+    for slot in slots:
+        slot.state.since = started  # each slot's wall time counts the pack's setup, as a lone run's does
     for obj in (lead.masker, shared, *(slot.state for slot in slots)):
         lead.accelerator.register_for_checkpointing(obj)
     _checkpoint_only_trainable(lead.accelerator)
@@ -203,14 +205,14 @@ def fit_pack(lead: Run, pack: Pack, slots: list[Slot], shared: TrainState) -> No
                 return
 
 
-def finish_pack(lead: Run, pack: Pack, slots: list[Slot], started: float) -> list[dict]:
+def finish_pack(lead: Run, pack: Pack, slots: list[Slot]) -> list[dict]:
     """Every slot back to its best weights, the final evaluation sets scored for all slots in packed
     passes, then each slot's results written to its own directory."""
     for slot in slots:
         restore_best(slot.run, slot.stopping)
     pack.active = [slot.name for slot in slots]
     scores = final_scores(lead, slots=len(slots))
-    return [write_results(slot.run, slot.state, scored, robustness, started)
+    return [write_results(slot.run, slot.state, scored, robustness)
             for slot, (scored, robustness) in zip(slots, scores)]
 
 

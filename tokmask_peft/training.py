@@ -64,9 +64,20 @@ class TrainState:
     bad_evals: int = 0
     history: list = dataclasses.field(default_factory=list)
     stopped_early: bool = False
+    elapsed_s: float = 0.0
+    """Wall seconds the run had taken by the checkpoint it resumed from (0 for a fresh run)."""
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+    """When this call began; not checkpointed."""
+
+    def wall_s(self) -> float:
+        """The run's wall time so far, the calls a resume continues included."""
+        return self.elapsed_s + time.perf_counter() - self.since
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        state = dataclasses.asdict(self)
+        del state["since"]
+        state["elapsed_s"] = self.wall_s()  # read by Accelerate's save_state: the time at the checkpoint
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
@@ -248,10 +259,10 @@ def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
     run = start(recipe, setup, out)
     try:
         build(run)
-        state, stopping = TrainState(), EarlyStopping(recipe.train.metric, recipe.train.patience)
+        state, stopping = TrainState(since=started), EarlyStopping(recipe.train.metric, recipe.train.patience)
         resume_or_begin(run, state, stopping)
         fit(run, state, stopping)
-        return finish(run, state, stopping, started)
+        return finish(run, state, stopping)
     finally:
         close(run)
 
@@ -593,11 +604,11 @@ def save_run(run: Run) -> None:
     accelerator.wait_for_everyone()
 
 
-def finish(run: Run, state: TrainState, stopping: EarlyStopping, started: float) -> dict:
+def finish(run: Run, state: TrainState, stopping: EarlyStopping) -> dict:
     """Back to the best weights; score dev and the extra evaluation sets with them, keeping every
     prediction (``predictions.npz``); write ``metrics.json``."""
     restore_best(run, stopping)
-    return write_results(run, state, *final_scores(run)[0], started)
+    return write_results(run, state, *final_scores(run)[0])
 
 
 def restore_best(run: Run, stopping: EarlyStopping) -> None:
@@ -618,7 +629,7 @@ def final_scores(run: Run, slots: int = 1) -> list[tuple[dict, dict]]:
             for i in range(slots)]
 
 
-def write_results(run: Run, state: TrainState, scored: dict, robustness: dict, started: float) -> dict:
+def write_results(run: Run, state: TrainState, scored: dict, robustness: dict) -> dict:
     """``predictions.npz``, the model card and ``metrics.json`` (last: a run with it is complete)."""
     accelerator, setup = run.accelerator, run.setup
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
@@ -627,7 +638,7 @@ def write_results(run: Run, state: TrainState, scored: dict, robustness: dict, s
         "best": state.best, "history": state.history, "extra_eval": extra, "robustness": robustness, **run.counts,
         "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
         "steps": state.step, "stopped_early": state.stopped_early,
-        "wall_time_s": time.perf_counter() - started, "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
+        "wall_time_s": state.wall_s(), "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
         "world_size": accelerator.num_processes, **({"pack": run.pack} if run.pack else {}),
     }
     accelerator.wait_for_everyone()
