@@ -33,67 +33,71 @@ from tokmask_peft.modeling import cast_frozen_linears  # noqa: E402
 from tokmask_peft.training import Setup  # noqa: E402
 
 
+def ms_per_step(step, batches: list[dict], cuda: bool) -> float:
+    """Mean milliseconds of ``step`` over ``batches``, the device synchronised at both ends."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(batches) * 1e3
+
+
+def measure(setup: Setup, variant: str, batches: dict[str, list[dict]], device: torch.device, repeats: int) -> dict:
+    """One variant on a fresh adapter: median ms per 32-row step (and per 192-row step for the bound)."""
+    cuda = device.type == "cuda"
+    model = setup.model_for(0, device).to(device)
+    if variant != "clip_all" and cuda:
+        cast_frozen_linears(model, torch.bfloat16)  # the kept base stays cast for later variants
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    handle = attach_masking(model, TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, 0.1, 0))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+
+    def step(batch):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters() if variant == "clip_all" else trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    out = {}
+    for rows in ("rows_32", "rows_192") if variant == "one_pass_bound" else ("rows_32",):
+        ms_per_step(step, batches[rows][:5], cuda)  # warm-up: kernels, allocator, new shapes
+        out[rows] = statistics.median(ms_per_step(step, batches[rows][5:], cuda) for _ in range(repeats))
+    handle.remove()
+    setup.release(model)
+    return out
+
+
+def length_grouped_batches(setup: Setup, steps: int, cuda: bool) -> dict[str, list[dict]]:
+    """``steps + 5`` real 32-row batches (pinned on a GPU), and each of them repeated six times."""
+    collate = padding_collator(setup.tokenizer, "sequence")
+    sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], 32, 0, True)
+    batches = [collate([setup.train_features[i] for i in b]) for b in list(sampler)[:steps + 5]]
+    pinned = [{k: v.pin_memory() if cuda else v for k, v in b.items()} for b in batches]
+    return {"rows_32": pinned, "rows_192": [{k: torch.cat([v] * 6) for k, v in b.items()} for b in pinned]}
+
+
 def main(argv=None) -> dict:
     args = benchmark_parser(__doc__, shape="qwen2.5-0.5b", steps=25, repeats=3).parse_args(argv)
     shape, steps, repeats = ("tiny", 3, 1) if args.tiny else (args.shape, args.steps, args.repeats)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     with decoder(shape) as (tmp, model_dir):
         recipe = Recipe.from_dict(lince_recipe(model_dir, tmp / "run",
                                                data={"max_train_examples": 64 * (steps + 5), "max_eval_examples": 8},
                                                train={"mixed_precision": "bf16" if cuda else "no"}))
         setup = Setup.from_recipe(recipe)
-        collate = padding_collator(setup.tokenizer, "sequence")
-        sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], 32, 0, True)
-        batches = [collate([setup.train_features[i] for i in b]) for b in list(sampler)[:steps + 5]]
-        pinned = [{k: v.pin_memory() if cuda else v for k, v in b.items()} for b in batches]
-        six = [{k: torch.cat([v] * 6) for k, v in b.items()} for b in pinned]
-
-        def measure(variant: str) -> dict[str, float]:
-            model = setup.model_for(0, device).to(device)
-            if variant != "clip_all" and cuda:
-                cast_frozen_linears(model, torch.bfloat16)  # the kept base stays cast for later variants
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            handle = attach_masking(model, TokenMasker.for_tokenizer(setup.tokenizer, setup.mask_token, 0.1, 0))
-            optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-            model.train()
-
-            def step(batch):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters() if variant == "clip_all" else trainable, 1.0)
-                optimizer.step()
-                optimizer.zero_grad()
-
-            def ms_per_step(bs) -> float:
-                sync()
-                start = time.perf_counter()
-                for b in bs:
-                    step(b)
-                sync()
-                return (time.perf_counter() - start) / len(bs) * 1e3
-
-            ms_per_step(pinned[:5])  # warm-up: kernels, allocator, new shapes
-            out = {"rows_32": statistics.median(ms_per_step(pinned[5:]) for _ in range(repeats))}
-            if variant == "one_pass_bound":
-                ms_per_step(six[:5])
-                out["rows_192"] = statistics.median(ms_per_step(six[5:]) for _ in range(repeats))
-            handle.remove()
-            setup.release(model)
-            return out
-
-        variants = ["clip_all", "clip_trainable"] + (["frozen_in_bf16"] if cuda else []) + ["one_pass_bound"]
+        batches = length_grouped_batches(setup, steps, cuda)
         ms = {}
-        for variant in variants:
-            ms[variant] = measure(variant)
+        for variant in ["clip_all", "clip_trainable"] + (["frozen_in_bf16"] if cuda else []) + ["one_pass_bound"]:
+            ms[variant] = measure(setup, variant, batches, device, repeats)
             print(f"{variant:16s} " + "  ".join(f"{k}: {v:7.1f} ms/step" for k, v in ms[variant].items()), flush=True)
     bound = ms["one_pass_bound"]["rows_192"] / (6 * ms["one_pass_bound"]["rows_32"])
     print(f"one 6 x 32-row step = {bound:.2f}x six 32-row steps ({shape}, {device.type}): the bound for training "

@@ -80,6 +80,46 @@ def compile_break_even(compiled_warmup_s: float, n_train: int, speed: dict[str, 
             "examples_vs": {name: (compile_s / s if s > 0 else None) for name, s in saved.items()}}  # None: never
 
 
+def time_runs(names: list[str], recipe: Recipe, tmp: Path, n_train: int, warmup: int, repeats: int,
+              use_gpu: bool) -> tuple[dict, dict]:
+    """Each side's timed runs (seconds, samples/s, dev weighted F1), the sides taking turns, after
+    ``warmup`` untimed rounds; returns them and the warm-ups' seconds."""
+    # Each side keeps its own base, loaded once outside the timings: the Trainer gets the
+    # model exactly as loaded (our loop stores frozen weights in the autocast dtype).
+    compiled = recipe.with_overrides(["train.compile=true"])
+    setups = {name: Setup.from_recipe(recipe) for name in names}
+    for setup in setups.values():
+        setup.release(setup.model_for(0))
+    results, warmups = {name: [] for name in names}, {name: [] for name in names}
+    for i in range(warmup + repeats):
+        for name in names:
+            out = tmp / f"{name}{i}"
+            seconds, f1 = (run_trainer(recipe, setups[name], out, use_gpu, TRAINERS[name]) if name in TRAINERS
+                           else run_ours(compiled if name == "ours_compiled" else recipe, setups[name], out))
+            shutil.rmtree(out, ignore_errors=True)
+            if i < warmup:
+                warmups[name].append(seconds)
+                print(f"{name:13s} warm-up: {seconds:6.1f} s (not counted)")
+                continue
+            results[name].append({"seconds": seconds, "samples_per_s": n_train / seconds, "weighted_f1": f1})
+            print(f"{name:13s} run {i}: {seconds:6.1f} s  {n_train / seconds:7.1f} samples/s  dev wF1 {f1:.4f}")
+    return results, warmups
+
+
+def add_compile(summary: dict, speed: dict, f1: dict, warmups: dict, n_train: int) -> None:
+    """``train.compile``'s speed-up over the best Trainer and, from its warm-up, when the compile pays off."""
+    best = summary["best_trainer"]
+    summary["speedup_compiled"] = speed["ours_compiled"] / speed[best]
+    print(f"with train.compile: {speed['ours_compiled']:.1f} samples/s -> {summary['speedup_compiled']:.2f}x the "
+          f"best Trainer ({best}), dev wF1 {f1['ours_compiled']:.4f}; its warm-up run (the compile) took "
+          f"{warmups['ours_compiled'] or 'no warm-up, the compile is in the timed run'} s")
+    if warmups["ours_compiled"]:
+        summary["compile_break_even"] = compile_break_even(warmups["ours_compiled"][0], n_train, speed)
+        print(f"the one-off compile ({summary['compile_break_even']['compile_seconds']:.1f} s) pays for itself after "
+              + ", ".join(f"{n:,.0f} training examples against {k}" if n is not None else f"never against {k}"
+                          for k, n in summary["compile_break_even"]["examples_vs"].items()))
+
+
 def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, shape="small", train=2000, dev=400, batch=32, repeats=3,
                               warmup=1)  # warmup: untimed pairs first (CUDA/kernel warm-up)
@@ -90,33 +130,13 @@ def main(argv=None) -> dict:
     use_gpu = torch.cuda.is_available()
     names = (["ours", "trainer", "trainer_grouped"] + (["ours_compiled"] if args.compile else [])
              + (["trainer_grouped_compiled"] if args.compile and use_gpu else []))  # the Trainer's compile: GPU only
-    results, warmups = {name: [] for name in names}, {name: [] for name in names}
     with decoder(shape) as (tmp, model_dir):
         recipe = Recipe.from_dict(lince_recipe(
             model_dir, tmp / "run",
             data={"max_train_examples": n_train, "max_eval_examples": args.dev},
             train={"batch_size": args.batch, "eval_batch_size": 64, "warmup_ratio": 0.1,
                    "mixed_precision": "bf16" if args.bf16 else "no"}))
-        # Each side keeps its own base, loaded once outside the timings: the Trainer gets the
-        # model exactly as loaded (our loop stores frozen weights in the autocast dtype).
-        compiled = recipe.with_overrides(["train.compile=true"])
-        setups = {name: Setup.from_recipe(recipe) for name in names}
-        for setup in setups.values():
-            setup.release(setup.model_for(0))
-        warmup = 0 if args.tiny else args.warmup
-        for i in range(warmup + repeats):
-            for name in names:
-                out = tmp / f"{name}{i}"
-                seconds, f1 = (run_trainer(recipe, setups[name], out, use_gpu, TRAINERS[name]) if name in TRAINERS
-                               else run_ours(compiled if name == "ours_compiled" else recipe, setups[name], out))
-                if i < warmup:
-                    warmups[name].append(seconds)
-                    print(f"{name:13s} warm-up: {seconds:6.1f} s (not counted)")
-                    shutil.rmtree(out, ignore_errors=True)
-                    continue
-                results[name].append({"seconds": seconds, "samples_per_s": n_train / seconds, "weighted_f1": f1})
-                print(f"{name:13s} run {i}: {seconds:6.1f} s  {n_train / seconds:7.1f} samples/s  dev wF1 {f1:.4f}")
-                shutil.rmtree(out, ignore_errors=True)
+        results, warmups = time_runs(names, recipe, tmp, n_train, 0 if args.tiny else args.warmup, repeats, use_gpu)
     speed = {k: median([r["samples_per_s"] for r in v]) for k, v in results.items()}
     f1 = {k: median([r["weighted_f1"] for r in v]) for k, v in results.items()}
     best = max((n for n in speed if n in TRAINERS), key=speed.get)  # the peer at its best
@@ -131,15 +151,7 @@ def main(argv=None) -> dict:
           + f" -> {ratio:.2f}x the best ({best}; target >= 1.5), {summary['speedup_vs_default_trainer']:.2f}x the "
           f"default; dev wF1 {f1['ours']:.4f} vs {f1[best]:.4f}")
     if args.compile:
-        summary["speedup_compiled"] = speed["ours_compiled"] / speed[best]
-        print(f"with train.compile: {speed['ours_compiled']:.1f} samples/s -> {summary['speedup_compiled']:.2f}x the "
-              f"best Trainer ({best}), dev wF1 {f1['ours_compiled']:.4f}; its warm-up run (the compile) took "
-              f"{warmups['ours_compiled'] or 'no warm-up, the compile is in the timed run'} s")
-        if warmups["ours_compiled"]:
-            summary["compile_break_even"] = compile_break_even(warmups["ours_compiled"][0], n_train, speed)
-            print(f"the one-off compile ({summary['compile_break_even']['compile_seconds']:.1f} s) pays for itself after "
-                  + ", ".join(f"{n:,.0f} training examples against {k}" if n is not None else f"never against {k}"
-                              for k, n in summary["compile_break_even"]["examples_vs"].items()))
+        add_compile(summary, speed, f1, warmups, n_train)
     name = ("throughput" + ("_tiny" if args.tiny else "") + ("_gpu" if use_gpu else "")
             + (f"_{shape}" if shape not in ("small", "tiny") else "") + ("_compile" if args.compile else ""))
     write_result(name, summary, args.out)
