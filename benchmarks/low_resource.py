@@ -269,8 +269,9 @@ def run_times(out: Path) -> str:
         if times:
             cells.append(f"block {number} {statistics.median(times):,.0f} s ({len(times)} runs, "
                          f"{sum(times) / 3600:.1f} h)")
-    return ("Wall time per run on one CPU core (median; runs; total; some include pauses for the test suite; "
-             "runs resumed after a session ended, before commit aa87c65, count only their last call): " + ", ".join(cells) + ".\n") if cells else ""
+    return ("Wall time per run on one CPU core (two threads for block 5's runs from 2026-12-03 on; median; runs; "
+             "total; some include pauses for the test suite; runs resumed after a session ended, before commit "
+             "aa87c65, count only their last call): " + ", ".join(cells) + ".\n") if cells else ""
 
 
 def forest_plot(judged: list[tuple[str, Verdict]], path: Path) -> None:
