@@ -216,14 +216,13 @@ def write_block_report(block: int, names: list[str], out: Path, overrides: list[
         recipe = strategy_recipe(block, name, seeds, overrides)
         atomic_write_text(copy / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         report(copy)
-    names = reported_strategies(names, out)
-    copies = [out / name for name in names]
-    atomic_write_text(out / "comparison.md", compare_sweeps(copies))
-    atomic_write_text(out / "robustness.md", robustness_table(dict(zip(names, copies))))
+    reported = {name: out / name for name in reported_strategies(names, out)}
+    atomic_write_text(out / "comparison.md", compare_sweeps(list(reported.values())))
+    atomic_write_text(out / "robustness.md", robustness_table(reported))
     print((out / "comparison.md").read_text(), (out / "robustness.md").read_text(), sep="\n", flush=True)
     atomic_write_text(out / "block.json", json.dumps(
         {**environment(), "block": block, "recipe": BLOCKS[block].recipe, "seeds": seeds,
-         "strategies": {n: STRATEGIES[n] for n in names}, "overrides": overrides,
+         "strategies": {n: STRATEGIES[n] for n in reported}, "overrides": overrides,
          "wall_time_s_of_last_call": round(wall_s, 1)}, indent=2))
 
 

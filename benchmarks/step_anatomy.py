@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import benchmark_parser, decoder, lince_recipe, write_result  # noqa: E402
+from _common import benchmark_parser, decoder, lince_recipe, timed, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.data import LengthGroupedBatches, padding_collator  # noqa: E402
@@ -33,16 +32,9 @@ from tokmask_peft.modeling import cast_frozen_linears  # noqa: E402
 from tokmask_peft.training import Setup  # noqa: E402
 
 
-def ms_per_step(step, batches: list[dict], cuda: bool) -> float:
-    """Mean milliseconds of ``step`` over ``batches``, the device synchronised at both ends."""
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / len(batches) * 1e3
+def ms_per_step(step, batches: list[dict]) -> float:
+    """Mean milliseconds of ``step`` over ``batches`` (``timed`` synchronises the device at both ends)."""
+    return timed(lambda: [step(batch) for batch in batches]) / len(batches) * 1e3
 
 
 def measure(setup: Setup, variant: str, batches: dict[str, list[dict]], device: torch.device, repeats: int) -> dict:
@@ -68,8 +60,8 @@ def measure(setup: Setup, variant: str, batches: dict[str, list[dict]], device: 
 
     out = {}
     for rows in ("rows_32", "rows_192") if variant == "one_pass_bound" else ("rows_32",):
-        ms_per_step(step, batches[rows][:5], cuda)  # warm-up: kernels, allocator, new shapes
-        out[rows] = statistics.median(ms_per_step(step, batches[rows][5:], cuda) for _ in range(repeats))
+        ms_per_step(step, batches[rows][:5])  # warm-up: kernels, allocator, new shapes
+        out[rows] = statistics.median(ms_per_step(step, batches[rows][5:]) for _ in range(repeats))
     handle.remove()
     setup.release(model)
     return out
