@@ -159,3 +159,22 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
         ["whole-word masking", "", "0", "not run yet"], ["token masking + consistency λ 1", "", "0", "not run yet"],
         ["R-Drop (consistency alone)", "", "0", "1 run(s), no seed shared by every strategy at every rate yet"],
         ["NEFTune α 5 (the peer)", "", "0", "3 run(s), no seed shared by every strategy at every rate yet"]]
+
+
+def test_the_committed_block_results_still_match_the_recipes_that_would_extend_them():
+    """A recipe default changed after a block ran (block 5's mask policy) must not change what the block's
+    committed runs mean: extending the block would refuse them (or, worse, mix two recipes in one table)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import BLOCKS, missing_rates, strategy_recipe
+
+    results = ROOT / "benchmarks" / "results" / "low_resource"
+    checked = 0
+    for number, block in BLOCKS.items():
+        for name in block.strategies:
+            copy = results / f"block_{number}" / name
+            for seed in sorted({int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}):
+                assert missing_rates(copy, strategy_recipe(number, name, [seed], []), seed) == [], (copy, seed)
+                checked += 1
+    assert checked >= 90
+    policies = {name: strategy_recipe(5, name, [0], []).model.mask_policy for name in BLOCKS[5].strategies}
+    assert policies == {"none": "auto", "word": "auto", "word_new_mask": "new"}
