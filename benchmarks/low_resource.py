@@ -212,7 +212,7 @@ def write_block_report(block: int, names: list[str], out: Path, overrides: list[
     """Each trained strategy's table over every committed seed, then the verdicts and robustness of the
     block over every strategy it holds (the recipes of those not trained now are left as written)."""
     copies = [out / name for name in names]
-    seeds = sorted({int(p.name.split("_")[1]) for copy in copies for p in copy.glob("mask_*/seed_*")})
+    seeds = sorted(set().union(*map(committed_seeds, copies)))
     for name, copy in zip(names, copies):
         recipe = strategy_recipe(block, name, seeds, overrides)
         atomic_write_text(copy / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -349,8 +349,12 @@ def no_common_seed_rows(number: int, block: Block, out: Path, kinds: tuple[str, 
 def complete_seeds(number: int, name: str, copy: Path) -> set[int]:
     """The seeds with results at every rate of the strategy's sweep."""
     rates = strategy_recipe(number, name, [0], []).sweep.rates
-    found = {int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}
-    return {s for s in found if all(has_results(run_dir(copy, rate, s)) for rate in rates)}
+    return {s for s in committed_seeds(copy) if all(has_results(run_dir(copy, rate, s)) for rate in rates)}
+
+
+def committed_seeds(copy: Path) -> set[int]:
+    """The seeds with a run folder in a light copy, at any rate (copies never hold ``.partial`` runs)."""
+    return {int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}
 
 
 def _short(verdict) -> str:

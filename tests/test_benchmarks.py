@@ -165,14 +165,14 @@ def test_the_committed_block_results_still_match_the_recipes_that_would_extend_t
     """A recipe default changed after a block ran (block 5's mask policy) must not change what the block's
     committed runs mean: extending the block would refuse them (or, worse, mix two recipes in one table)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from low_resource import BLOCKS, missing_rates, strategy_recipe
+    from low_resource import BLOCKS, committed_seeds, missing_rates, strategy_recipe
 
     results = ROOT / "benchmarks" / "results" / "low_resource"
     checked = 0
     for number, block in BLOCKS.items():
         for name in block.strategies:
             copy = results / f"block_{number}" / name
-            for seed in sorted({int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}):
+            for seed in sorted(committed_seeds(copy)):
                 assert missing_rates(copy, strategy_recipe(number, name, [seed], []), seed) == [], (copy, seed)
                 checked += 1
     assert checked >= 90
