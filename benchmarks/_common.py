@@ -143,7 +143,7 @@ def lora_step_parts(model_dir: Path, folder: Path, batch: int, device, word_ids:
 
     from tokmask_peft.config import Recipe
     from tokmask_peft.data import padding_collator
-    from tokmask_peft.setup import Setup
+    from tokmask_peft.recipe_setup import Setup
 
     setup = Setup.from_recipe(Recipe.from_dict(lince_recipe(model_dir, folder / "run",
                                                             data={"max_train_examples": 256})))

@@ -37,10 +37,9 @@ from real_data import light_copy  # noqa: E402
 import yaml  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
-from tokmask_peft.grid import run_recipe  # noqa: E402
-from tokmask_peft.reporting import compare_picks, compare_sweeps, report  # noqa: E402
-from tokmask_peft.runs import (collect, fingerprint_diff, has_results, read_run_config, run_dir,  # noqa: E402
-                               run_fingerprint)
+from tokmask_peft.sweeps import run_recipe  # noqa: E402
+from tokmask_peft.reporting import collect, compare_picks, compare_sweeps, report  # noqa: E402
+from tokmask_peft.runs import fingerprint_diff, has_results, read_run_config, run_dir, run_fingerprint  # noqa: E402
 from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.verdicts import Verdict  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402

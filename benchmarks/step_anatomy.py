@@ -29,7 +29,7 @@ from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.data import LengthGroupedBatches, padding_collator  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
 from tokmask_peft.modeling import cast_frozen_linears  # noqa: E402
-from tokmask_peft.training import Setup  # noqa: E402
+from tokmask_peft.recipe_setup import Setup  # noqa: E402
 
 
 def ms_per_step(step, batches: list[dict]) -> float:

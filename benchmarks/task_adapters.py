@@ -84,9 +84,9 @@ def peak_resident_bytes() -> int:
     Linux carries across fork and exec: a child of the training parent would report the parent's peak)."""
     import torch
 
-    from tokmask_peft.training import _peak_memory_mb
+    from tokmask_peft.memory import peak_memory_mb
 
-    peak_mb, kind = _peak_memory_mb(torch.device("cpu"))
+    peak_mb, kind = peak_memory_mb(torch.device("cpu"))
     if kind != "cpu_peak_rss_of_run":
         raise SystemExit("this benchmark reads /proc/self (Linux) for the peak resident set")
     return round(peak_mb * 1024 * 1024)

@@ -28,7 +28,8 @@ from _common import benchmark_parser, decoder, lince_recipe, median, write_resul
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.masking import TokenMasker, attach_masking  # noqa: E402
 from tokmask_peft.metrics import compute_metrics  # noqa: E402
-from tokmask_peft.training import Setup, train  # noqa: E402
+from tokmask_peft.recipe_setup import Setup
+from tokmask_peft.training import train  # noqa: E402
 
 
 def run_ours(recipe: Recipe, setup: Setup, out: Path) -> tuple[float, float]:

@@ -25,7 +25,7 @@ def test_compare_prints_a_full_table(make_recipe, tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 8 and all(cells), row
-    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     full, lora, qlora = data
     assert full["trainable_params"] == full["total_params"] > lora["trainable_params"]
     assert lora["disk_mb"] < full["disk_mb"]

@@ -6,7 +6,6 @@ import sys
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
 NOISE = ("LOAD REPORT", "gemm_4bit", "FutureWarning", "Loading weights")
 
 
@@ -14,6 +13,7 @@ def tokmask(*args):
     return subprocess.run([sys.executable, "-m", "tokmask_peft.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_train_and_predict_print_ours_only_unless_verbose(make_recipe, tmp_path):
     recipe = make_recipe("qwen", "sequence", "lora", train={"epochs": 1, "output_dir": str(tmp_path / "run")})
     path = tmp_path / "r.yaml"
@@ -36,3 +36,58 @@ def test_train_and_predict_print_ours_only_unless_verbose(make_recipe, tmp_path)
     assert predicted.returncode == 0, predicted.stderr
     assert "tokmask: warning:" in predicted.stderr and "did not finish" in predicted.stderr
     assert not [n for n in NOISE if n in predicted.stderr]
+
+
+@pytest.fixture
+def restore_logging():
+    import logging
+    import warnings
+
+    from tokmask_peft.console import THIRD_PARTY
+
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in THIRD_PARTY}
+    showwarning, filters = warnings.showwarning, warnings.filters[:]
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+    warnings.showwarning, warnings.filters[:] = showwarning, filters
+
+
+def test_quiet_keeps_library_warnings_off_the_console_and_ours_on_it(restore_logging, capsys):
+    import logging
+    import warnings
+
+    from tokmask_peft.console import TokmaskWarning, quiet
+
+    quiet()
+    # kernels (loaded by bitsandbytes) says this on every offline QLoRA load
+    logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'x/y'")
+    logging.getLogger("transformers.modeling_utils").warning("LOAD REPORT: classifier.weight MISSING")
+    logging.getLogger("peft").error("a real error")
+    warnings.warn("ours", TokmaskWarning)
+    err = capsys.readouterr().err
+    assert "publisher trust" not in err and "LOAD REPORT" not in err
+    assert "peft: ERROR: a real error" in err and "tokmask: warning: ours" in err
+    quiet(verbose=True)
+    logging.getLogger("kernels").warning("Skipping publisher trust check for 'x/y'")
+    assert "publisher trust" in capsys.readouterr().err
+
+
+def test_kept_in_writes_the_blocks_notices_to_the_runs_log_and_only_then(restore_logging, tmp_path):
+    import logging
+
+    from tokmask_peft.console import THIRD_PARTY_LOG, kept_in, quiet
+
+    quiet()
+    with kept_in(tmp_path / "run"):
+        logging.getLogger("kernels").warning("offline: trust check skipped")
+        logging.getLogger("transformers").info("too small to keep")
+    logging.getLogger("kernels").warning("after the block")
+    log = (tmp_path / "run" / THIRD_PARTY_LOG).read_text()
+    assert "kernels: WARNING: offline: trust check skipped" in log
+    assert "too small" not in log and "after the block" not in log
+    with pytest.raises(RuntimeError), kept_in(tmp_path / "refused"):
+        raise RuntimeError("refused before anything was said")
+    assert not (tmp_path / "refused" / THIRD_PARTY_LOG).exists()

@@ -129,7 +129,7 @@ def test_cli_end_to_end_on_real_lince_slice(tiny_model, tmp_path):
 
 def test_test_from_train_is_carved_once_disjoint_from_every_training_subset(tmp_path):
     from tokmask_peft.config import Recipe
-    from tokmask_peft.setup import read_splits
+    from tokmask_peft.recipe_setup import read_splits
 
     lince = shared_path("data", "lince", "sa_spaeng")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokmask_peft.setup import Setup
+from tokmask_peft.recipe_setup import Setup
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama"])

@@ -1,4 +1,4 @@
-"""sweep.pack: K rates of one seed trained side by side equal the K runs trained one by one."""
+"""sweep.side_by_side: K rates of one seed trained side by side equal the K runs trained one by one."""
 import json
 import shutil
 
@@ -7,11 +7,11 @@ import torch
 from helpers import logged_losses
 from safetensors.torch import load_file
 
-from tokmask_peft.grid import packs
-from tokmask_peft.packing import Pack, replicate
-from tokmask_peft.setup import Setup
+from tokmask_peft.sweeps import groups
+from tokmask_peft.adapter_slots import AdapterSlots, replicate
+from tokmask_peft.recipe_setup import Setup
 from tokmask_peft.sweeps import sweep
-from tokmask_peft.training import eval_loader
+from tokmask_peft.evaluation import eval_loader
 
 RATES = ("0.00", "0.10", "0.30")
 
@@ -27,11 +27,11 @@ def without_dropout(tiny_model, kind, tmp_path):
 
 
 def packed_and_lone(recipe, tmp_path):
-    """The same sweep trained one run after another, then as one pack."""
+    """The same sweep trained one run after another, then side by side."""
     outs = {}
     for pack in (0, 3):
         outs[pack] = tmp_path / f"pack{pack}"
-        sweep(recipe.with_overrides([f"sweep.pack={pack}"]), outs[pack])
+        sweep(recipe.with_overrides([f"sweep.side_by_side={pack}"]), outs[pack])
     return outs[0], outs[3]
 
 
@@ -58,7 +58,7 @@ def assert_same_runs(lone, packed, atol):
         assert mb["best"]["weighted_f1"] == pytest.approx(ma["best"]["weighted_f1"], abs=1e-6)
         assert (mb["trainable_params"], mb["total_params"]) == (ma["trainable_params"], ma["total_params"])
         assert flat(mb["robustness"]) == pytest.approx(flat(ma["robustness"]), abs=1e-4)
-        assert mb["pack"]["rates"] == [0.0, 0.1, 0.3] and "pack" not in ma
+        assert mb["side_by_side"]["rates"] == [0.0, 0.1, 0.3] and "side_by_side" not in ma
 
 
 @pytest.mark.slow
@@ -102,7 +102,7 @@ def test_pack_with_new_mask_row_loads_as_a_plain_run(make_recipe, tmp_path):
 def test_a_slots_gradient_depends_only_on_its_slice(make_recipe):
     setup = Setup.from_recipe(make_recipe("qwen"))
     pack = []
-    model = setup.model_for(0, before_precision=lambda m: pack.append(Pack(m, 3)))
+    model = setup.model_for(0, before_precision=lambda m: pack.append(AdapterSlots(m, 3)))
     pack = pack[0]
     batch = next(iter(eval_loader(setup.train_features, setup.tokenizer, "sequence", 8)))
     labels, _ = batch.pop("labels"), batch.pop("example")
@@ -135,26 +135,38 @@ def test_replicate_stacks_slices_in_slot_order():
     assert packed["input_ids"].tolist() == [[1, 2], [3, 4]] * 3 and packed["note"] == "kept"
 
 
-def test_packs_group_rates_of_one_seed():
+def test_groups_hold_rates_of_one_seed():
     todo = [(0.0, 0), (0.0, 1), (0.1, 0), (0.1, 1), (0.3, 0)]
-    assert packs(todo, 2) == [([0.0, 0.1], 0), ([0.3], 0), ([0.0, 0.1], 1)]
-    assert packs(todo, 0) == packs(todo, 1) == [([r], s) for r, s in todo]  # today's order, one at a time
+    assert groups(todo, 2) == [([0.0, 0.1], 0), ([0.3], 0), ([0.0, 0.1], 1)]
+    assert groups(todo, 0) == groups(todo, 1) == [([r], s) for r, s in todo]  # today's order, one at a time
 
 
 def test_pack_refuses_what_it_cannot_do(make_recipe, tmp_path):
-    with pytest.raises(ValueError, match="sweep.pack must be 0"):
-        make_recipe(sweep={"pack": -1})
-    with pytest.raises(ValueError, match="sweep.pack=3: method: full"):
-        sweep(make_recipe(method="full", sweep={"pack": 3}), tmp_path / "full")
-    with pytest.raises(ValueError, match="sweep.pack=3 trains on the local executor"):
-        sweep(make_recipe(sweep={"pack": 3}), tmp_path / "ray", executor="ray")
+    with pytest.raises(ValueError, match="sweep.side_by_side must be 0"):
+        make_recipe(sweep={"side_by_side": -1})
+    with pytest.raises(ValueError, match="sweep.side_by_side=3: method: full"):
+        sweep(make_recipe(method="full", sweep={"side_by_side": 3}), tmp_path / "full")
+    with pytest.raises(ValueError, match="sweep.side_by_side=3 trains on the local executor"):
+        sweep(make_recipe(sweep={"side_by_side": 3}), tmp_path / "ray", executor="ray")
+
+
+def test_the_old_key_sweep_pack_is_read_with_a_warning(make_recipe):
+    from tokmask_peft.console import TokmaskWarning
+
+    with pytest.warns(TokmaskWarning, match="sweep.pack is deprecated: it is sweep.side_by_side now"):
+        recipe = make_recipe(sweep={"pack": 3})
+    assert recipe.sweep.side_by_side == 3 and "pack" not in recipe.to_dict()["sweep"]
+    with pytest.warns(TokmaskWarning):
+        assert recipe.with_overrides(["sweep.pack=2"]).sweep.side_by_side == 2
+    with pytest.raises(ValueError, match="give only sweep.side_by_side"):
+        make_recipe(sweep={"pack": 3, "side_by_side": 2})
 
 
 def test_a_pack_cut_short_resumes_from_its_checkpoint_like_an_uninterrupted_one(make_recipe, tmp_path, monkeypatch):
-    import tokmask_peft.packed_training as packed_training
+    import tokmask_peft.training as packed_training
 
     # 3 epochs of 6 updates, a checkpoint at every evaluation (each epoch's end); killed in update 10
-    recipe = make_recipe("llama", train={"epochs": 3}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "pack": 3})
+    recipe = make_recipe("llama", train={"epochs": 3}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "side_by_side": 3})
     sweep(recipe, tmp_path / "whole")
     real, calls = packed_training.classification_loss, {"n": 0}
 
@@ -169,7 +181,7 @@ def test_a_pack_cut_short_resumes_from_its_checkpoint_like_an_uninterrupted_one(
     with pytest.raises(KeyboardInterrupt):
         sweep(recipe, tmp_path / "cut")
     assert not list((tmp_path / "cut").glob("mask_*/seed_0"))  # only .partial directories
-    assert list((tmp_path / "cut" / ".packs").glob("*/checkpoint/recipe.json"))
+    assert list((tmp_path / "cut" / ".side_by_side").glob("*/checkpoint/recipe.json"))
     calls["n"] = -10**9  # no more kills; count the updates trained after the restart
     sweep(recipe, tmp_path / "cut")
     assert calls["n"] + 10**9 == 3 * (18 - 6)  # resumed after update 6, not from the start

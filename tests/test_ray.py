@@ -7,7 +7,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'tokmask-peft[ray]'")
 
-from tokmask_peft.ray_executor import run_on_ray, train_trial  # noqa: E402
+from tokmask_peft.sweeps import run_on_ray, train_trial  # noqa: E402
 from tokmask_peft.sweeps import pending, run_dir, sweep  # noqa: E402
 
 # Local Ray clusters, one at a time: under pytest-xdist these tests share one worker.

@@ -114,6 +114,19 @@ def test_a_damaged_metrics_file_in_a_finished_run_is_named(trained, tmp_path):
         report(sweep_dir)
 
 
+def test_a_checkpoint_of_the_older_format_is_refused_by_name_not_misread(make_recipe, tmp_path):
+    """Format 1 held every counter in one object; restoring it into the one loop would misplace them."""
+    from tokmask_peft.runs import run_fingerprint
+    from tokmask_peft.storage import write_json
+    from tokmask_peft.training import train
+
+    recipe = make_recipe("llama", train={"epochs": 1})
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    write_json(tmp_path / "run" / "checkpoint" / "recipe.json", run_fingerprint(recipe))  # no format: version 1
+    with pytest.raises(ValueError, match="written by an older tokmask_peft.*delete it to train the run from the start"):
+        train(recipe, output_dir=tmp_path / "run")
+
+
 def test_checkpoints_are_swapped_in_whole(make_recipe, tmp_path, monkeypatch):
     """A kill inside save_state leaves the previous checkpoint, and the run resumes to the same result."""
     import tokmask_peft.training as loop
@@ -287,7 +300,7 @@ def test_a_csv_row_without_its_label_field_names_file_and_line(tmp_path):
 
 
 def test_counts_must_be_whole_and_max_length_must_leave_room_for_text(tiny_model, toy_data):
-    from tokmask_peft.setup import Setup
+    from tokmask_peft.recipe_setup import Setup
 
     with pytest.raises(ValueError, match="train.epochs must be a whole number, got 2.7"):
         Recipe.from_dict({**recipe_dict(tiny_model, toy_data), "train": {"epochs": 2.7}})

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tokmask_peft.inference import Classifier
-from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config, weight_record, write_json
+from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config, weight_record
+from tokmask_peft.storage import write_json
 from tokmask_peft.serving import AdapterPool, Batcher
 from tokmask_peft.sweeps import sweep
 
@@ -244,3 +245,40 @@ def test_batcher_groups_by_adapter_and_isolates_failures():
     assert all(len(texts) <= 4 for _, texts in calls)
     assert [len(t) for k, t in calls if k == "a"] == [4, 2]  # six waiting singles: one full batch, then the rest
     assert [t for k, t in calls if k == "b"] == [["u0", "u1", "u2"]]
+
+
+def test_parse_predict_accepts_tei_shapes_and_names_what_is_wrong():
+    from tokmask_peft.server import parse_predict
+    from tokmask_peft.serving import RequestError
+
+    assert parse_predict(b'{"inputs": "hi"}', 4)[1:] == (["hi"], True)
+    assert parse_predict(b'{"inputs": [["a"], "b"], "truncate": true}', 4)[1:] == (["a", "b"], False)
+    for body, status, message in [(b"{", 400, "not valid JSON"), (b'{"text": "x"}', 422, '"inputs"'),
+                                  (b'{"inputs": []}', 422, "non-empty list"), (b'{"inputs": [" "]}', 422, "empty"),
+                                  (b'{"inputs": ["a", "b", "c"]}', 413, "limit is 2"),
+                                  (b'{"inputs": "a", "raw_scores": 1}', 422, "raw_scores")]:
+        with pytest.raises(RequestError, match=message) as raised:
+            parse_predict(body, 2)
+        assert raised.value.status == status
+
+
+def test_guard_asks_for_the_key_everywhere_but_health_and_counts_requests():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from tokmask_peft.server import Guard, Telemetry
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    telemetry = Telemetry()
+    app = Guard(Starlette(routes=[Route("/health", ok), Route("/adapters", ok)]), KEY, telemetry)
+    client = TestClient(app)
+    assert client.get("/health").status_code == 200
+    refused = client.get("/adapters")
+    assert refused.status_code == 401 and refused.json()["error_type"] == "Unauthorized"
+    assert client.get("/adapters", headers={"Authorization": "bearer wrong"}).status_code == 401
+    assert client.get("/adapters", headers=AUTH).status_code == 200
+    assert telemetry.registry.get_sample_value("tokmask_requests_total", {"route": "/adapters", "status": "401"}) == 2

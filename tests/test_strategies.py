@@ -179,7 +179,7 @@ def test_symmetric_kl_is_non_negative_and_zero_only_for_identical_views():
 
 @pytest.mark.parametrize("task", ["sequence", "token"])
 def test_consistency_term_is_zero_for_identical_views_and_positive_when_masked(make_recipe, task):
-    from tokmask_peft.setup import Setup
+    from tokmask_peft.recipe_setup import Setup
 
     setup = Setup.from_recipe(make_recipe("llama", task))
     model = setup.model_for(0).train()
@@ -201,13 +201,13 @@ def test_consistency_adds_nothing_when_the_views_are_identical_and_lambda_zero_a
     import tokmask_peft.training as loop
 
     calls = {"n": 0}
-    real = loop.consistency_term
+    real = loop.clean_view  # the consistency term's clean pass
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "consistency_term", counted)
+    monkeypatch.setattr(loop, "clean_view", counted)
     plain = make_recipe("llama", masking={"rate": 0.0}, train={"epochs": 2})
     loop.train(plain, output_dir=tmp_path / "plain")
     assert calls["n"] == 0
@@ -250,7 +250,7 @@ def test_neftune_noises_training_only_through_transformers_hook_and_leaves_the_k
                                                                                                 monkeypatch):
     import transformers.integrations.neftune as neftune
 
-    from tokmask_peft.setup import Setup
+    from tokmask_peft.recipe_setup import Setup
     from tokmask_peft.training import train
 
     modes = []

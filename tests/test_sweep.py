@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import tokmask_peft.grid as grid_module
+import tokmask_peft.sweeps as grid_module
 import tokmask_peft.sweeps as sweep_module
 from tokmask_peft.sweeps import report, sweep
 

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tokmask_peft.inference import Classifier
-from tokmask_peft.training import Setup, train
+from tokmask_peft.recipe_setup import Setup
+from tokmask_peft.training import train
 
 KINDS = ["qwen", "llama", "bert"]
 METHODS = [("full", {}), ("lora", {}), ("qlora", {"quant_bits": 4}), ("qlora", {"quant_bits": 8})]
@@ -208,7 +209,7 @@ def test_setup_with_bf16_base_refuses_a_full_precision_run(make_recipe, tmp_path
 
 
 def test_compile_and_checkpoint_frequency_are_not_part_of_what_a_resume_must_match(make_recipe):
-    from tokmask_peft.training import run_fingerprint
+    from tokmask_peft.runs import run_fingerprint
 
     plain = run_fingerprint(make_recipe("qwen"))
     assert plain == run_fingerprint(make_recipe("qwen", train={"compile": True, "checkpoint_every": 7}))
@@ -264,16 +265,16 @@ def test_decoders_pad_on_the_right_in_training_and_after_reload(make_recipe, tmp
 
 def test_each_run_reports_its_own_cpu_peak_memory():
     """A sweep trains many runs in one process: a run's peak must not be an earlier run's."""
-    from tokmask_peft.training import _peak_memory_mb, _reset_peak_memory
+    from tokmask_peft.memory import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
-    _reset_peak_memory(cpu)
-    before, kind = _peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    before, kind = peak_memory_mb(cpu)
     if kind != "cpu_peak_rss_of_run":
         pytest.skip("no per-run peak on this OS (no /proc/self/status VmHWM)")
     big = torch.ones(400 * 2**20 // 4)  # 400 MiB, written so every page is resident
-    after_big, _ = _peak_memory_mb(cpu)
+    after_big, _ = peak_memory_mb(cpu)
     del big
-    _reset_peak_memory(cpu)
-    after_reset, _ = _peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    after_reset, _ = peak_memory_mb(cpu)
     assert after_big > before + 350 and after_reset < after_big - 350, (before, after_big, after_reset)

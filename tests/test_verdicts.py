@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from tokmask_peft.reporting import report
-from tokmask_peft.verdicts import (Predictions, load_predictions, paired_verdict, recommendation, save_predictions,
-                                   seed_level_verdict, weighted_metric)
+from tokmask_peft.metrics import metric_values
+from tokmask_peft.runs import Predictions, load_predictions, save_predictions
+from tokmask_peft.verdicts import paired_verdict, recommendation, seed_level_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_weighted_metric_matches_scikit_learn_on_a_resample(metric, sk):
     rng = np.random.default_rng(1)
     draw = rng.integers(len(p.gold), size=len(p.gold))
     weights = np.bincount(draw, minlength=len(p.gold))[None, :]
-    assert weighted_metric(weights, p.gold, p.pred, 3, metric)[0] == pytest.approx(sk(p.gold[draw], p.pred[draw]))
+    assert metric_values(weights, p.gold, p.pred, 3, metric)[0] == pytest.approx(sk(p.gold[draw], p.pred[draw]))
 
 
 def test_identical_runs_give_zero_and_no_evidence():
@@ -104,7 +105,7 @@ def test_a_sweep_saves_predictions_that_score_as_its_best_checkpoint_and_reports
         dev = kept["dev"]
         assert len(np.unique(dev.example)) == metrics["dev_examples"] == 32  # words grouped by sentence
         assert dev.probs.shape == (len(dev.gold), 2)
-        score = weighted_metric(np.ones((1, len(dev.gold))), dev.gold, dev.pred, 2)[0]
+        score = metric_values(np.ones((1, len(dev.gold))), dev.gold, dev.pred, 2)[0]
         assert score == pytest.approx(metrics["best"]["weighted_f1"], abs=1e-9)  # the best weights' predictions
     text = (out / "results.md").read_text()
     assert "| 0.30 |" in text and "seeds and examples, 2 seed(s)" in text
@@ -151,7 +152,8 @@ def test_sweeps_compared_against_the_first_sweeps_p0_through_the_cli(make_recipe
     with pytest.raises(ValueError, match=r"differs from .* in \['data\.dev'\]"):
         compare_sweeps([tmp_path / "token", tmp_path / "elsewhere"])
     # a sweep saved before a data field existed (here encoding_errors) is on the same footing
-    from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config, write_json
+    from tokmask_peft.runs import TOKMASK_CONFIG, read_run_config
+    from tokmask_peft.storage import write_json
 
     for run in (tmp_path / "word").glob("mask_*/seed_*"):
         config = read_run_config(run)

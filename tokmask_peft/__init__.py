@@ -25,7 +25,7 @@ from .masking import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Recipe": "config", "train": "training", "Setup": "setup", "sweep": "sweeps", "report": "reporting",
+    "Recipe": "config", "train": "training", "Setup": "recipe_setup", "sweep": "sweeps", "report": "reporting",
     "Classifier": "inference", "merge_run": "inference", "compare": "comparison",
 }
 

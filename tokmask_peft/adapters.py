@@ -1,9 +1,9 @@
 """Many adapters on one base: names, per-adapter configs, switching, and a fused unmerged forward.
 
-Every use of PEFT internals in tokmask_peft lives in this module (checked against peft 0.21, see
-``PEFT_CHECKED``): the per-module active-adapter attributes that ``set_adapter`` writes, and
-``lora_A``/``lora_B``/``scaling``/``lora_variant`` of LoRA layers in the fused forward. Loading and
-saving go through PEFT's public API only.
+The PEFT internals inference uses live in this module (checked against peft 0.21): the per-module
+active-adapter attributes that ``set_adapter`` writes, and ``lora_A``/``lora_B``/``scaling``/``lora_variant``
+of LoRA layers in the fused forward (training side by side has its own, listed in
+:mod:`~tokmask_peft.adapter_slots`). Loading and saving go through PEFT's public API only.
 
 The fused forward: PEFT computes ``result + lora_B(lora_A(x)) * scaling``, two temporaries the size
 of the output and three passes over it. On a CPU those passes, not the rank-r matmuls, made
@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-PEFT_CHECKED = "0.21"
 SWITCHED_ATTRIBUTES = ("_active_adapter", "active_adapter")
 
 

@@ -45,16 +45,16 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .reporting import compare_sweeps, report
+    from .reporting import COMPARISON_FILE, compare_sweeps, report, update_cards
 
     for out in args.output:
-        report(out, args.metric)
+        update_cards(Path(out), report(out, args.metric), args.metric)
         print((Path(out) / "results.md").read_text())
     if len(args.output) > 1:
         table = compare_sweeps(args.output, args.metric)
-        atomic_write_text(Path(args.output[0]) / "comparison.md", table)
+        atomic_write_text(Path(args.output[0]) / COMPARISON_FILE, table)
         print(table)
-        print(f"comparison: {Path(args.output[0]) / 'comparison.md'}")
+        print(f"comparison: {Path(args.output[0]) / COMPARISON_FILE}")
 
 
 def cmd_predict(args) -> None:
@@ -158,15 +158,17 @@ def _count(least: int):
 
 
 def add_predict(sub) -> None:
+    from .predict_files import INPUT_FORMATS, OUTPUT_FORMATS
+
     p = sub("predict", help="predict labels for texts (JSON lines out)")
     p.add_argument("path", help="a run directory, or a sweep directory (all rates of one seed)")
     p.add_argument("--input", default="-", help="CSV, TSV, JSONL or text file (one input per line), or - for stdin")
-    p.add_argument("--format", choices=("text", "csv", "tsv", "jsonl"),
+    p.add_argument("--format", choices=INPUT_FORMATS,
                    help="input format (default: from the suffix; stdin and other suffixes: text)")
     p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
                    "token tasks take a list of words there, or a string split on whitespace")
     p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
-    p.add_argument("--output-format", choices=("jsonl", "csv"), help="default: csv for a .csv --output, else jsonl")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: csv for a .csv --output, else jsonl")
     p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
                    "rate best on dev by weighted F1)")
     p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
@@ -196,6 +198,8 @@ def add_serve(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .metrics import DEFAULT_METRIC, PREDICTION_METRICS
+
     parser = argparse.ArgumentParser(prog="tokmask", description="Token masking for LoRA/QLoRA text classifiers.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true", help="also show third-party notices (load reports, "
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", help="rebuild results.csv/.md/.png from a sweep's run directories; with several "
                        "sweeps, also one table judging each against the first sweep's p = 0")
     p.add_argument("output", nargs="+")
-    p.add_argument("--metric", default="weighted_f1")
+    p.add_argument("--metric", default=DEFAULT_METRIC, choices=PREDICTION_METRICS)
     p.set_defaults(func=cmd_report)
 
     add_predict(command)

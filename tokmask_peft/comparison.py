@@ -13,10 +13,12 @@ from pathlib import Path
 import yaml
 
 from .config import METHODS, Recipe
-from .runs import is_complete, read_metrics, refuse_other_recipe, write_json
+from .runs import is_complete, read_metrics, refuse_other_recipe
+from .reporting import COMPARISON_FILE
+from .storage import atomic_write_text, write_json
 
-COLUMNS = ("method", "weighted_f1", "macro_f1", "trainable_params", "total_params", "wall_time_s",
-           "peak_memory_mb", "disk_mb")
+ROWS = "comparison.json"
+"""Beside the table (``COMPARISON_FILE``, named as ``tokmask report A B`` names its own): the rows as JSON."""
 
 
 def directory_mb(path: Path) -> float:
@@ -51,15 +53,20 @@ def compare(recipe: Recipe, out: str | Path, methods=("full", "lora", "qlora"),
             path = out / f"recipe_{method}.yaml"
             path.write_text(yaml.safe_dump(r.to_dict(), sort_keys=False))
             subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "train", str(path)], check=True)
-        metrics = read_metrics(run)
-        best = metrics["best"]
-        rows.append({"method": method, "weighted_f1": best["weighted_f1"], "macro_f1": best["macro_f1"],
-                     "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
-                     "wall_time_s": metrics["wall_time_s"], "peak_memory_mb": metrics["peak_memory_mb"],
-                     "disk_mb": directory_mb(run)})
-    (out / "compare.md").write_text(compare_table(rows))
-    write_json(out / "compare.json", rows)
+        rows.append(method_row(method, run))
+    atomic_write_text(out / COMPARISON_FILE, compare_table(rows))
+    write_json(out / ROWS, rows)
     return rows
+
+
+def method_row(method: str, run: Path) -> dict:
+    """The table's row for one finished run: best dev F1, parameters, time, memory, size on disk."""
+    metrics = read_metrics(run)
+    best = metrics["best"]
+    return {"method": method, "weighted_f1": best["weighted_f1"], "macro_f1": best["macro_f1"],
+            "trainable_params": metrics["trainable_params"], "total_params": metrics["total_params"],
+            "wall_time_s": metrics["wall_time_s"], "peak_memory_mb": metrics["peak_memory_mb"],
+            "disk_mb": directory_mb(run)}
 
 
 def compare_table(rows: list[dict]) -> str:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .console import TokmaskWarning
 from .masking import MASK_POLICIES, RateSchedule, check_rate, check_strategy
+from .metrics import DEFAULT_METRIC, check_metric
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
 FORMATS = ("lince", "csv", "tsv", "jsonl", "hf")
 ENCODING_ERRORS = ("strict", "replace")
 CLASS_WEIGHTS = ("none", "paper", "inverse")
-METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 TEST_SET = "test"
 """The held-out set ``data.test_from_train`` carves."""
 
@@ -218,7 +220,7 @@ class TrainConfig:
     """Focal term: loss = mean((1 - p_t)^gamma * weighted CE); the paper used 1."""
     eval_every: int = 0
     """Evaluate every N optimizer steps; 0 evaluates once per epoch."""
-    metric: str = "weighted_f1"
+    metric: str = DEFAULT_METRIC
     """Dev metric for early stopping and model selection (loss is minimised, others maximised)."""
     patience: int = 0
     """Stop after this many evaluations without improvement; 0 never stops early."""
@@ -261,7 +263,7 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
         _choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
-        _choice("train", "metric", self.metric, METRICS)
+        check_metric(self.metric, "train.metric")
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         if not isinstance(self.robustness, list):
             raise ValueError(f"train.robustness must be a list of severities, got {self.robustness!r}")
@@ -296,16 +298,17 @@ class SweepConfig:
     """Masking rates of the grid; each gets ``OUT/mask_{rate:.2f}/``."""
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     """Seeds per rate; each gets ``.../seed_{seed}/``."""
-    pack: int = 0
-    """Train up to this many rates of one seed side by side, in one pass over the shared base (LoRA/QLoRA,
-    local executor, one process); 0 or 1: one run after another. Pays on a GPU, where a small LoRA step
-    is launch-bound; on a CPU it is slower (each run is still its own directory, as without packing)."""
+    side_by_side: int = 0
+    """Train up to this many rates of one seed side by side: their adapters in one model, one pass over
+    the shared base per batch (LoRA/QLoRA, local executor, one process); 0 or 1: one run after another.
+    Pays on a GPU, where a small LoRA step is launch-bound; on a CPU it is slower. Each run is still its
+    own directory. (Was ``sweep.pack``, still read with a warning.)"""
 
     def __post_init__(self):
         if not self.rates or not self.seeds:
             raise ValueError("sweep.rates and sweep.seeds must be non-empty lists")
-        if self.pack < 0:
-            raise ValueError(f"sweep.pack must be 0 (off) or a number of runs to pack, got {self.pack}")
+        if self.side_by_side < 0:
+            raise ValueError(f"sweep.side_by_side must be 0 (off) or a number of runs, got {self.side_by_side}")
         for r in self.rates:
             check_rate(r, "sweep.rates entry")
         if len({round(r, 2) for r in self.rates}) != len(self.rates):
@@ -360,9 +363,14 @@ class Recipe:
         return Recipe.from_dict(apply_overrides(self.to_dict(), overrides))
 
 
+RENAMED = {("sweep", "pack"): "side_by_side"}
+"""Old keys still read, each with a warning naming its new name."""
+
+
 def _build(cls, section: str, values: Any):
     if not isinstance(values, dict):
         raise ValueError(f"recipe section '{section}' must be a mapping, got {values!r}")
+    values = _renamed(section, values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -386,6 +394,23 @@ def _build(cls, section: str, values: Any):
     return cls(**values)
 
 
+def _renamed(section: str, values: dict) -> dict:
+    values = dict(values)
+    for (where, old), new in RENAMED.items():
+        if where == section and old in values:
+            if new in values and values[new] != values[old]:
+                raise ValueError(f"{section}.{old} is the old name of {section}.{new}; give only {section}.{new}")
+            _warn_renamed(section, old)
+            values[new] = values.pop(old)
+    return values
+
+
+def _warn_renamed(section: str, old: str) -> None:
+    new = RENAMED[section, old]
+    warnings.warn(f"{section}.{old} is deprecated: it is {section}.{new} now (several rates' adapters trained "
+                  "side by side)", TokmaskWarning, stacklevel=5)
+
+
 def _whole_number(hint) -> bool:
     """``int`` or ``int | None``: a count, where 2.7 is a mistake, not 2."""
     args = typing.get_args(hint)
@@ -401,6 +426,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str] | tuple[str, ...]) -
         if not sep or len(parts) != 2 or not all(parts):
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
         section, name = parts
+        if (section, name) in RENAMED:  # the new key of the dict, so the override wins over its value
+            _warn_renamed(section, name)
+            name = RENAMED[section, name]
         value = yaml.safe_load(raw) if raw.strip() else None
         out.setdefault(section, {})
         if not isinstance(out[section], dict):

@@ -4,7 +4,8 @@ Every command used to print routine third-party notices as well. These are now k
 - transformers' LOAD REPORT naming the classification head MISSING. The head is new by design: it is
   trained and saved with the adapter.
 - weight-loading, GGUF and shard-writing progress bars.
-- bitsandbytes' note that the optional ``kernels`` package for its CPU 4-bit GEMM is absent. peft
+- bitsandbytes' note that the optional ``kernels`` package for its CPU 4-bit GEMM is absent, and ``kernels``'
+  own note that offline it skips the publisher trust check of the kernel it loads. peft
   imports bitsandbytes on ``import peft`` (``peft/helpers.py``), so that import cannot wait for QLoRA.
 - FutureWarnings and other warnings raised inside the libraries.
 
@@ -21,7 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-THIRD_PARTY = ("transformers", "peft", "accelerate", "bitsandbytes", "huggingface_hub", "torch", "tokmask.warnings")
+THIRD_PARTY = ("transformers", "peft", "accelerate", "bitsandbytes", "kernels", "huggingface_hub", "torch",
+               "tokmask.warnings")
 THIRD_PARTY_LOG = "third_party.log"
 CONSOLE_HANDLER = "tokmask.console"
 _WARNINGS = logging.getLogger("tokmask.warnings")  # third-party Python warnings, routed as log records

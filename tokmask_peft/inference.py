@@ -22,9 +22,10 @@ from .console import TokmaskWarning
 from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
 from .modeling import base_identity, classifier_on_body, classifier_tokenizer, load_base
-from .reporting import summarise
-from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, collect, read_run_config, run_dirs, verify_weights,
-                   weight_record, write_json)
+from .metrics import DEFAULT_METRIC
+from .reporting import collect, summarise
+from .runs import METRICS_FILE, TOKMASK_CONFIG, adapter_name, read_run_config, run_dirs, verify_weights, weight_record
+from .storage import write_json
 
 # What adapters on one base must share; task and labels may differ (each task adapter brings its head).
 BASE_KEYS = ("base_model", "gguf_file", "method", "quant_bits", "mask_token")
@@ -138,7 +139,7 @@ class Classifier:
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None,
-                   metric: str = "weighted_f1", rate: float | None = None):
+                   metric: str = DEFAULT_METRIC, rate: float | None = None):
         """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep; the
         active one is ``rate``, else the rate the sweep's table calls best on dev by ``metric``
         (mean over seeds). A sweep of fully fine-tuned models loads that one rate's model only."""

@@ -1,7 +1,7 @@
 """The run's README.md: a model card saying what was trained, how, on what, how well, and how to load it.
 
 PEFT writes a generic card into every adapter directory; this one replaces it when the run finishes
-(from ``tokmask_config.json`` and ``metrics.json`` alone), and :func:`~tokmask_peft.reporting.report`
+(from ``tokmask_config.json`` and ``metrics.json`` alone), and :func:`~tokmask_peft.reporting.update_cards`
 rewrites it with the sweep's verdict. The YAML header is the Hub's metadata (library_name, base_model,
 pipeline_tag, tags); the loading snippet uses plain PEFT + transformers, no tokmask_peft.
 """
@@ -93,7 +93,7 @@ def loading_snippet(config: dict) -> str:
                           f"model = {auto}.from_pretrained(run).eval()"])
     gguf = f", gguf_file={config['gguf_file']!r}" if config.get("gguf_file") else ""
     base = config["base_model"]
-    note = ("  # a tokmask `pkg:` asset: tokmask_peft.modeling.resolve_path gives its folder"
+    note = ("  # a tokmask `pkg:` asset: tokmask_peft.config.resolve_path gives its folder"
             if base.startswith("pkg:") else "")
     return "\n".join([
         "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",

@@ -1,6 +1,7 @@
 """A sweep's report, rebuilt from its run directories alone: ``results.csv`` (one row per run),
 ``results.md`` (mean ± sample std per rate, then each rate's paired verdict against p = 0 and a
-recommendation) and ``results.png`` (metric against rate).
+recommendation) and ``results.png`` (metric against rate). :func:`update_cards` is the one place a
+report writes into run directories: each run's model card gains its rate's verdict.
 """
 from __future__ import annotations
 
@@ -11,39 +12,69 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
+from .metrics import DEFAULT_METRIC, METRICS
 from .model_card import CARD, write_card
-from .robustness import CORRUPTIONS
+from .robustness import CORRUPTIONS, ROBUSTNESS_METRIC, parse_robustness_column, robustness_column
 from .runs import (
     DEV_SET,
     METRICS_FILE,
     PREDICTIONS_FILE,
-    REPORT_METRICS,
-    collect,
     fingerprint_diff,
     held_out_names,
+    load_predictions,
+    read_metrics,
     read_run_config,
-    robustness_column,
+    run_dirs,
 )
 from .storage import atomic_write_text
 from .verdicts import (
     Verdict,
-    bootstrap_metric,
     chosen_on_dev,
-    load_predictions,
     paired_verdict,
     recommendation,
     recommended,
     seed_level_verdict,
+    verdict_metric,
 )
 
+COMPARISON_FILE = "comparison.md"
+"""What ``tokmask report A B`` and ``compare`` write: one table of several sweeps or methods."""
 
-def summarise(rows: Iterable[dict], metric: str = "weighted_f1") -> list[dict]:
+
+def run_row(path: Path, out: Path) -> dict:
+    """One results-table row from a finished run's two files."""
+    metrics, config = read_metrics(path), read_run_config(path)
+    best = metrics["best"] or {}
+    masking = config["masking"]
+    return {
+        "rate": masking["rate"], "seed": config["seed"], "method": config["method"],
+        # Runs written before the strategies existed were uniform token masking.
+        "unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
+        "consistency": masking.get("consistency", 0.0),
+        "neftune_alpha": config["recipe"]["train"].get("neftune_alpha", 0.0),
+        **{m: best.get(m) for m in METRICS}, "best_epoch": best.get("epoch"), "best_step": best.get("step"),
+        "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
+        "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
+        **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
+           for m in ("weighted_f1", "macro_f1")},
+        **{robustness_column(kind, q): values[ROBUSTNESS_METRIC]
+           for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()},
+        "run": str(path.relative_to(out)),
+    }
+
+
+def collect(out: str | Path) -> list[dict]:
+    """One row per finished run under ``out`` (``mask_*/seed_*``), sorted by rate then seed."""
+    out = Path(out)
+    return sorted((run_row(path, out) for path in run_dirs(out)), key=lambda r: (r["rate"], r["seed"]))
+
+
+def summarise(rows: Iterable[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
     """Mean and sample standard deviation per rate, and which rate is best on ``metric``."""
     by_rate: dict[float, list[dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], []).append(row)
-    columns = [m for m in REPORT_METRICS] + sorted({k for r in rows for k in r if k.endswith("_f1")} -
-                                                   set(REPORT_METRICS))
+    columns = list(METRICS) + sorted({k for r in rows for k in r if k.endswith("_f1")} - set(METRICS))
     summary = []
     for rate, group in sorted(by_rate.items()):
         entry = {"rate": rate, "seeds": len(group)}
@@ -61,9 +92,11 @@ def summarise(rows: Iterable[dict], metric: str = "weighted_f1") -> list[dict]:
     return summary
 
 
-def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
-    """Rebuild ``results.csv``, ``results.md`` and ``results.png`` from the run directories."""
+def report(out: str | Path, metric: str = DEFAULT_METRIC) -> list[dict]:
+    """Rebuild ``results.csv``, ``results.md`` and ``results.png`` from the run directories; ``metric``
+    marks the best rate and is the verdicts' (one that saved predictions can recompute)."""
     out = Path(out)
+    verdict_metric(metric)
     rows = collect(out)
     if not rows:
         raise FileNotFoundError(f"no finished runs under {out} (expected mask_*/seed_*/{METRICS_FILE})")
@@ -79,15 +112,14 @@ def report(out: str | Path, metric: str = "weighted_f1") -> list[dict]:
     plot(summary, out / "results.png", metric)
     if any(robustness_curves(rows)):
         plot_robustness(rows, out / "results_robustness.png")
-    update_cards(out, rows, metric)
     return rows
 
 
-def update_cards(out: Path, rows: list[dict], metric: str) -> None:
+def update_cards(out: Path, rows: list[dict], metric: str = DEFAULT_METRIC) -> None:
     """Each run's model card (where the run wrote one) gains its rate's verdict against p = 0."""
+    metric = verdict_metric(metric)
     if not any(r["rate"] == 0.0 for r in rows) or not any((out / r["run"] / CARD).is_file() for r in rows):
         return
-    metric = bootstrap_metric(metric)
     dev = {v.rate: v for v in set_verdicts(out, rows, DEV_SET, metric)}
     for row in rows:
         run, verdict = out / row["run"], dev.get(row["rate"])
@@ -105,7 +137,7 @@ def strategy_line(rows: list[dict]) -> str:
     return f"Masking: {text}.\n\n"
 
 
-def markdown_table(summary: list[dict], metric: str = "weighted_f1") -> str:
+def markdown_table(summary: list[dict], metric: str = DEFAULT_METRIC) -> str:
     metrics = [m for m in summary[0] if m not in ("rate", "seeds", "best") and not m.endswith("_std")]
     header = "| mask rate p | seeds | " + " | ".join(metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 2)]
@@ -120,7 +152,7 @@ def markdown_table(summary: list[dict], metric: str = "weighted_f1") -> str:
             + "\n".join(lines) + "\n")
 
 
-def plot(summary: list[dict], path: Path, metric: str = "weighted_f1") -> None:
+def plot(summary: list[dict], path: Path, metric: str = DEFAULT_METRIC) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,12 +223,12 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
     return verdicts
 
 
-def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") -> str:
+def verdict_section(out: Path, rows: list[dict], metric: str = DEFAULT_METRIC) -> str:
     """The verdict per rate on dev, the recommendation, and the rate chosen on dev judged on each
     held-out (``extra_eval``) set, where selection on dev cannot flatter it."""
     if not any(r["rate"] == 0.0 for r in rows):
         return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
-    metric = bootstrap_metric(metric)
+    metric = verdict_metric(metric)
     files = PredictionFiles()
     dev = set_verdicts(out, rows, DEV_SET, metric, files=files)
     if not dev:
@@ -223,13 +255,12 @@ def verdict_section(out: Path, rows: list[dict], metric: str = "weighted_f1") ->
 
 def robustness_curves(rows: list[dict]) -> dict[str, dict[float, list[tuple[float, float]]]]:
     """corruption -> training rate -> [(q, mean weighted F1 over seeds)], q = 0 being the clean dev score."""
-    severities = sorted({float(k.split("_")[1]) for r in rows for k in r
-                         if k.split("_")[0] in CORRUPTIONS and k.endswith("_weighted_f1")})
+    severities = sorted({parsed[1] for r in rows for k in r if (parsed := parse_robustness_column(k))})
     curves: dict[str, dict[float, list[tuple[float, float]]]] = {}
     for kind in CORRUPTIONS:
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
-            points = [(0.0, statistics.fmean(r["weighted_f1"] for r in group))]
+            points = [(0.0, statistics.fmean(r[ROBUSTNESS_METRIC] for r in group))]
             for q in severities:
                 values = [r[robustness_column(kind, q)] for r in group if r.get(robustness_column(kind, q)) is not None]
                 if values and q > 0:
@@ -251,7 +282,7 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
     for ax, (kind, by_rate) in zip(axes[0], curves.items()):
         for rate, points in by_rate.items():
             ax.plot(*zip(*points), marker="o", label=f"trained at p = {rate:g}")
-        ax.set_title(f"words {'deleted' if kind == 'delete' else kind + 'ed' if kind == 'mask' else 'with typos'}")
+        ax.set_title(CORRUPTIONS[kind].title)
         ax.set_xlabel("corruption severity q")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("dev weighted F1")
@@ -281,14 +312,14 @@ class Pick:
         return next((v for set_name, v in self.judged if set_name == name), None)
 
 
-def compare_picks(outs: list[str | Path], metric: str = "weighted_f1") -> list[Pick]:
+def compare_picks(outs: list[str | Path], metric: str = DEFAULT_METRIC) -> list[Pick]:
     """Across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a consistency
     term): each sweep's rate picked on dev (recommended, else its largest Δ) against the p = 0 runs of
     the first sweep, so every strategy is judged against the same baseline; then the same pick judged
     on each held-out set, where the choice on dev cannot flatter it. A later sweep's own p = 0 runs
     (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
     outs = [Path(o) for o in outs]
-    metric = bootstrap_metric(metric)
+    metric = verdict_metric(metric)
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
@@ -307,10 +338,10 @@ def compare_picks(outs: list[str | Path], metric: str = "weighted_f1") -> list[P
     return picks
 
 
-def compare_sweeps(outs: list[str | Path], metric: str = "weighted_f1") -> str:
-    """``compare_picks`` as the markdown table ``tokmask report A B ...`` writes to ``comparison.md``."""
+def compare_sweeps(outs: list[str | Path], metric: str = DEFAULT_METRIC) -> str:
+    """``compare_picks`` as the markdown table ``tokmask report A B ...`` writes to ``COMPARISON_FILE``."""
     picks = compare_picks(outs, metric)
-    metric = bootstrap_metric(metric)
+    metric = verdict_metric(metric)
     held_out = list(dict.fromkeys(name for p in picks for name, _ in p.judged if name != DEV_SET))
     lines = [f"Sweeps against the p = 0 runs of {picks[0].out} ({metric.replace('_', ' ')}); each sweep's rate "
              "picked on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}"

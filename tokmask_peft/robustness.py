@@ -1,6 +1,8 @@
 """Robustness: corrupted copies of an evaluation set at severity q, the same for every run and rate.
 
-Three corruptions, each drawn with a fixed seed from (corruption, q) alone, so every run of every
+The corruptions are one registry, :data:`CORRUPTIONS` (name → title and function): scoring, the
+results columns, the report's titles and plots all read it, so a new corruption is one entry and its
+function. Three today, each drawn with a fixed seed from (corruption, q) alone, so every run of every
 sweep is scored on identical copies:
 
 - ``delete``: each word is dropped with probability q (a text keeps at least one word; token
@@ -18,14 +20,12 @@ import dataclasses
 import random
 import string
 import zlib
+from typing import Callable
 
 import torch
 
 from .data import Example, encode
 from .masking import mask_tokens
-
-CORRUPTIONS = ("delete", "mask", "typo")
-
 
 def corruption_seed(kind: str, q: float) -> int:
     return zlib.crc32(f"{kind}:{q:.4f}".encode())
@@ -86,15 +86,56 @@ def mask_words(features: list[dict], q: float, seed: int, mask_id: int) -> list[
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Corruption:
+    title: str
+    """How the report names it: "words deleted"."""
+    apply: Callable[[list[Example], list[dict], float, int, Callable, int], list[dict]]
+    """``(examples, features, q, seed, encode, mask_id)`` → the corrupted set's features."""
+
+
+def _by_words(change: Callable[[list[Example], float, int], list[Example]]):
+    return lambda examples, features, q, seed, encode_examples, mask_id: encode_examples(change(examples, q, seed))
+
+
+CORRUPTIONS: dict[str, Corruption] = {
+    "delete": Corruption("words deleted", _by_words(delete_words)),
+    "mask": Corruption("words masked", lambda examples, features, q, seed, _, mask_id: mask_words(features, q, seed, mask_id)),
+    "typo": Corruption("words with typos", _by_words(typo_words)),
+}
+ROBUSTNESS_METRIC = "weighted_f1"
+"""The metric a results row carries for each corruption and severity."""
+
+
+def check_corruption(kind: str) -> Corruption:
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {list(CORRUPTIONS)}, got {kind!r}")
+    return CORRUPTIONS[kind]
+
+
+def robustness_column(kind: str, q: float | str) -> str:
+    """``mask_0.20_weighted_f1``: weighted F1 on dev with a fraction 0.2 of words masked."""
+    return f"{kind}_{float(q):.2f}_{ROBUSTNESS_METRIC}"
+
+
+def parse_robustness_column(column: str) -> tuple[str, float] | None:
+    """``(kind, q)`` of a :func:`robustness_column` name (whatever underscores the kind holds); None for
+    any other column."""
+    for kind in sorted(CORRUPTIONS, key=len, reverse=True):
+        prefix, suffix = f"{kind}_", f"_{ROBUSTNESS_METRIC}"
+        if column.startswith(prefix) and column.endswith(suffix):
+            try:
+                return kind, float(column[len(prefix):-len(suffix)])
+            except ValueError:
+                return None
+    return None
+
+
 def corrupted_features(examples: list[Example], features: list[dict], kind: str, q: float, tokenizer, task: str,
                        label2id: dict[str, int], max_length: int, mask_id: int) -> list[dict]:
     """The evaluation set's features under corruption ``kind`` at severity ``q``."""
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"corruption must be one of {list(CORRUPTIONS)}, got {kind!r}")
+    corruption = check_corruption(kind)
     if q == 0:
         return features
-    seed = corruption_seed(kind, q)
-    if kind == "mask":
-        return mask_words(features, q, seed, mask_id)
-    changed = delete_words(examples, q, seed) if kind == "delete" else typo_words(examples, q, seed)
-    return encode(changed, tokenizer, task, label2id, max_length)
+    return corruption.apply(examples, features, q, corruption_seed(kind, q),
+                            lambda changed: encode(changed, tokenizer, task, label2id, max_length), mask_id)

@@ -1,7 +1,7 @@
 """The run directory: what a run writes, how it is named, when it counts as finished, how it is read.
 
     OUT/mask_0.10/seed_0/{adapter_config.json, adapter_model.safetensors, tokenizer files,
-                          tokmask_config.json, metrics.json, log.jsonl}
+                          tokmask_config.json, metrics.json, log.jsonl, predictions.npz}
 
 Sweeps, the Ray executor, inference and comparison read runs through this module alone; it
 imports no Accelerate, so reading a run never pulls in the training stack.
@@ -9,14 +9,16 @@ imports no Accelerate, so reading a run never pulls in the training stack.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 from .config import TEST_SET
-from .storage import file_digest, read_json, write_json
+from .storage import atomic_write_bytes, file_digest, read_json
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
@@ -27,7 +29,6 @@ DEV_SET = "dev"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 PARTIAL_SUFFIX = ".partial"
-REPORT_METRICS = ("weighted_f1", "macro_f1", "accuracy", "loss")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # What a resume or a reuse need not match: where, how fast and how often a run is written.
 UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness", "report_to",
@@ -194,37 +195,39 @@ def refuse_other_recipe(run: Path, recipe, advice: str) -> None:
         raise ValueError(f"{run} was trained with another recipe (differs in {diff}); {advice}")
 
 
-# ---- a sweep's rows ----------------------------------------------------------------------------
+# ---- predictions.npz: what a run predicted on each evaluation set ------------------------------------
 
 
-def run_row(path: Path, out: Path) -> dict:
-    """One results-table row from a finished run's two files."""
-    metrics, config = read_metrics(path), read_run_config(path)
-    best = metrics["best"] or {}
-    masking = config["masking"]
-    return {
-        "rate": masking["rate"], "seed": config["seed"], "method": config["method"],
-        # Runs written before the strategies existed were uniform token masking.
-        "unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
-        "consistency": masking.get("consistency", 0.0),
-        "neftune_alpha": config["recipe"]["train"].get("neftune_alpha", 0.0),
-        **{m: best.get(m) for m in REPORT_METRICS}, "best_epoch": best.get("epoch"), "best_step": best.get("step"),
-        "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
-        "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
-        **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
-           for m in ("weighted_f1", "macro_f1")},
-        **{robustness_column(kind, q): values["weighted_f1"]
-           for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()},
-        "run": str(path.relative_to(out)),
-    }
+@dataclasses.dataclass
+class Predictions:
+    """One run's predictions on one evaluation set: a row per scored unit (a text, or a labelled word)."""
+
+    example: np.ndarray
+    """Index of the example (text or sentence) each row belongs to."""
+    gold: np.ndarray
+    pred: np.ndarray
+    probs: np.ndarray | None = None
 
 
-def robustness_column(kind: str, q: float | str) -> str:
-    """``mask_0.20_weighted_f1``: weighted F1 on dev with a fraction 0.2 of words masked."""
-    return f"{kind}_{float(q):.2f}_weighted_f1"
+def load_predictions(path: Path) -> dict[str, Predictions]:
+    """``predictions.npz`` of one run: every evaluation set it was scored on, by name."""
+    with np.load(path) as data:
+        names = sorted({key.split("/")[0] for key in data.files})
+        return {name: Predictions(data[f"{name}/example"], data[f"{name}/gold"], data[f"{name}/pred"],
+                                  data[f"{name}/probs"] if f"{name}/probs" in data.files else None)
+                for name in names}
 
 
-def collect(out: str | Path) -> list[dict]:
-    """One row per finished run under ``out`` (``mask_*/seed_*``), sorted by rate then seed."""
-    out = Path(out)
-    return sorted((run_row(path, out) for path in run_dirs(out)), key=lambda r: (r["rate"], r["seed"]))
+def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:
+    """Write every set's predictions into one compressed ``.npz`` (probabilities as float16)."""
+    arrays = {}
+    for name, p in sets.items():
+        if "/" in name:
+            raise ValueError(f"evaluation set name {name!r} may not contain '/'")
+        arrays.update({f"{name}/example": p.example.astype(np.int32), f"{name}/gold": p.gold.astype(np.int16),
+                       f"{name}/pred": p.pred.astype(np.int16)})
+        if p.probs is not None:
+            arrays[f"{name}/probs"] = p.probs.astype(np.float16)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())

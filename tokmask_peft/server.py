@@ -19,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .serving import OPEN_ROUTES, AdapterPool, Batcher, RequestError, scored, too_long
+from .serving import AdapterPool, Batcher, RequestError, scored, too_long
 
 ROUTES = ("/predict", "/adapters", "/health", "/metrics")
+OPEN_ROUTES = ("/health",)
+"""Routes the bearer key does not guard: a load balancer's health check carries no key."""
 
 
 def error(status: int, message: str, kind: str) -> JSONResponse:

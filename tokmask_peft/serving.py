@@ -26,11 +26,11 @@ import torch
 
 from .data import encode, was_truncated
 from .inference import Classifier, as_examples, best_rate_name, check_compatible, default_name
+from .metrics import DEFAULT_METRIC
 from .runs import METRICS_FILE, TOKMASK_CONFIG, read_run_config, run_dirs
 from .storage import read_json
 
 API_KEY_ENV = "TOKMASK_API_KEY"
-OPEN_ROUTES = ("/health",)
 
 
 class RequestError(Exception):
@@ -84,7 +84,7 @@ def runs_of(path: Path, seed: int) -> tuple[dict[str, Path], str]:
     runs = {default_name(read_run_config(p)): p for p in run_dirs(path, seed)}
     if not runs:
         raise FileNotFoundError(f"{path} holds no finished runs (mask_*/seed_{seed}): not a run or a sweep")
-    return runs, best_rate_name(path, runs, "weighted_f1")
+    return runs, best_rate_name(path, runs, DEFAULT_METRIC)
 
 
 class AdapterPool:

@@ -1,25 +1,31 @@
-"""One explicit Accelerate loop for every method and task, in named phases:
+"""One explicit Accelerate loop for every method and task, and for one run or several side by side.
+
+A lone run is the case K = 1 of K runs trained side by side (``sweep.side_by_side``: one recipe at K
+masking rates of one seed, K adapters in one PEFT model over one frozen base, see
+:mod:`~tokmask_peft.adapter_slots`). The loop owns what the runs share (accelerator, model, loaders,
+optimizer, scheduler, the loop counters, the checkpoint); each :class:`Slot` owns what one run has
+(recipe, directory, masker and rate schedule, trainable tensors, early stopping, results). The phases:
 
     start   accelerator; refuse another run's checkpoint; what the distributed setup supports
-    build   model (from the Setup), masking hook, loaders, class weights, optimizer, scheduler
+    build   model (from the Setup), one slot per run, masking hook, loaders, class weights, optimizer, scheduler
     fit     optimizer updates in time order; after each: log, evaluate?, checkpoint?, stop?
-    finish  best weights back, extra evaluation sets scored, metrics.json written
-    close   hook removed, the kept base released (also when a run fails)
+    finish  each run's best weights back, evaluation sets scored, its metrics.json written
+    close   hooks removed, the kept base released (also when a run fails)
 
-Evaluation with patience and best-weights keeping is one unit (:class:`EarlyStopping` and
-:func:`evaluate_and_keep`); the resumable checkpoint another (:class:`Checkpoints`).
+Evaluation and early stopping live in :mod:`~tokmask_peft.evaluation`, the resumable checkpoint in
+:mod:`~tokmask_peft.checkpoints`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
@@ -29,205 +35,120 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from . import tracking
+from .adapter_slots import AdapterSlots, SlotMasker, replicate
+from .checkpoints import Checkpoints, TrainState, drop_log_after, only_trainable_in_checkpoints, remove_checkpoint
 from .config import Recipe
 from .console import TokmaskWarning, kept_in
 from .data import LengthGroupedBatches, padding_collator
+from .evaluation import EarlyStopping, eval_loader, evaluate
 from .losses import class_weights, classification_loss, label_counts
-from .masking import TokenMasker, attach_masking, consistency_term
-from .metrics import classification_metrics
+from .masking import RateSchedule, TokenMasker, attach_masking, clean_view, symmetric_kl
+from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
-from .packing import replicate
+from .recipe_setup import Setup
 from .robustness import CORRUPTIONS
-from .runs import (CHECKPOINT_DIR, DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, fingerprint_diff,
-                   is_complete, run_config, run_fingerprint, weight_record, write_json)
-from .setup import Setup
-from .storage import atomic_write_text, hold, move_files_in, read_json
-from .verdicts import Predictions, save_predictions
+from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, is_complete, run_config,
+                   run_fingerprint, save_predictions, weight_record)
+from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
 
-__all__ = ["train", "Setup", "evaluate", "run_fingerprint"]
+__all__ = ["train", "train_side_by_side", "check_side_by_side"]
 SCRATCH_DIR = ".saving"
 """Where a run's weights are written whole before they are moved into the run directory."""
+LONE = "default"
+"""A lone run's adapter: PEFT's own."""
 
 
 @dataclasses.dataclass
-class TrainState:
-    """Loop counters, checkpointed with the model so a resumed run continues where it stopped.
-
-    ``epoch`` counts finished passes over the training data.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-    best: dict | None = None
-    bad_evals: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    stopped_early: bool = False
-    elapsed_s: float = 0.0
-    """Wall seconds the run had taken by the checkpoint it resumed from (0 for a fresh run)."""
-    since: float = dataclasses.field(default_factory=time.perf_counter)
-    """When this call began; not checkpointed."""
-
-    def wall_s(self) -> float:
-        """The run's wall time so far, the calls a resume continues included."""
-        return self.elapsed_s + time.perf_counter() - self.since
-
-    def state_dict(self) -> dict:
-        state = dataclasses.asdict(self)
-        del state["since"]
-        state["elapsed_s"] = self.wall_s()  # read by Accelerate's save_state: the time at the checkpoint
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-def is_better(metric: str, new: float, old: float | None) -> bool:
-    if old is None:
-        return True
-    return new < old if metric == "loss" else new > old
-
-
-class EarlyStopping:
-    """The best dev record and its weights, and patience: evaluations without improvement."""
-
-    def __init__(self, metric: str, patience: int):
-        self.metric, self.patience = metric, patience
-        self.weights: dict | None = None
-
-    def update(self, state: TrainState, record: dict, weights: Callable[[], dict]) -> bool:
-        """Count ``record``; True (and its weights kept) when it is the best so far."""
-        if is_better(self.metric, record[self.metric], state.best and state.best[self.metric]):
-            state.best, state.bad_evals = record, 0
-            self.weights = weights()
-            return True
-        state.bad_evals += 1
-        return False
-
-    def should_stop(self, state: TrainState) -> bool:
-        return bool(self.patience) and state.bad_evals >= self.patience
-
-
-class Checkpoints:
-    """A run's resumable state in ``OUT/checkpoint``: Accelerate's ``save_state`` (trainable tensors,
-    optimizer, scheduler, RNG states, the masker's generator, loop counters), the best weights so far,
-    and the fingerprint of the recipe a resume must match."""
-
-    def __init__(self, accelerator: Accelerator, out: Path, fingerprint: dict):
-        self.accelerator, self.path, self.fingerprint = accelerator, out / CHECKPOINT_DIR, fingerprint
-
-    @property
-    def exists(self) -> bool:
-        return (self.path / "recipe.json").exists()
-
-    def _sibling(self, suffix: str) -> Path:
-        return self.path.with_name(self.path.name + suffix)
-
-    def refuse_other_run(self) -> None:
-        old = self._sibling(".old")
-        if not self.exists and (old / "recipe.json").exists() and self.accelerator.is_main_process:
-            old.rename(self.path)  # killed between the two renames of save(): the previous one is whole
-        self.accelerator.wait_for_everyone()
-        if self.exists:
-            diff = fingerprint_diff(json.loads((self.path / "recipe.json").read_text()), self.fingerprint)
-            if diff:
-                raise ValueError(f"{self.path} belongs to a different run (differs in {diff}); "
-                                 "use another output_dir or delete the checkpoint")
-
-    def save(self, best_weights: dict | None) -> None:
-        """Written whole beside the current one (``recipe.json`` last), then swapped in by renames."""
-        new, old = self._sibling(".new"), self._sibling(".old")
-        main = self.accelerator.is_main_process
-        if main:
-            shutil.rmtree(new, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(new))
-        self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the swap
-        if main:
-            if best_weights is not None:
-                torch.save(best_weights, new / "best_trainable.pt")
-            write_json(new / "recipe.json", self.fingerprint)
-            shutil.rmtree(old, ignore_errors=True)
-            if self.path.exists():
-                self.path.rename(old)
-            new.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-
-    def load(self) -> dict | None:
-        """Restore every registered object; returns the best weights saved with them, if any."""
-        self.accelerator.load_state(str(self.path), strict=False)
-        best = self.path / "best_trainable.pt"
-        return torch.load(best) if best.exists() else None
-
-    def remove(self) -> None:
-        if self.accelerator.is_main_process:
-            for path in (self.path, self._sibling(".new"), self._sibling(".old")):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything one run is made of; :func:`build` fills in the parts after ``model``."""
+class Slot:
+    """One run of the loop: its recipe, directory, adapter, masker, trainable tensors and dev record."""
 
     recipe: Recipe
-    setup: Setup
     out: Path
+    name: str
+    """Its PEFT adapter (``default`` for a lone run): the one its tensors and saved files belong to."""
+    masker: TokenMasker
+    schedule: RateSchedule
+    stopping: EarlyStopping
+    trainable: list
+    """The tensors its optimizer step updates and its gradient clipping covers."""
+    params: dict | None
+    """Its trainable tensors by name, where other slots share the model; None: all the model's."""
+    counts: dict
+    """Trainable and total parameters, as a lone run of it has."""
+    side_by_side: dict | None = None
+    """Trained side by side: the group's size, this slot's place and the group's rates (``metrics.json``)."""
+
+    def log(self, loop: "Loop", record: dict) -> None:
+        """A line of ``log.jsonl``, and the same figures to the trackers (``train.report_to``)."""
+        if loop.accelerator.is_main_process:
+            with (self.out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.recipe.train.report_to and (values := tracking.scalars(record)):
+            loop.accelerator.log(values[0], step=values[1])
+
+    def trainable_state(self, loop: "Loop") -> dict:
+        params = self.params if self.params is not None else {
+            n: p for n, p in loop.unwrapped.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in params.items()}
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the runs of one loop share; :func:`build` fills in the parts after ``checkpoints``."""
+
+    recipe: Recipe
+    """The first run's recipe: the others differ from it in the masking rate alone."""
+    setup: Setup
     accelerator: Accelerator
     checkpoints: Checkpoints
+    state: TrainState
+    slots: list[Slot] = dataclasses.field(default_factory=list)
     model: Any = None
+    adapters: AdapterSlots | None = None
+    """Runs side by side: the PEFT model's adapter slots; None for a lone run."""
+    masker: Any = None
+    """What the masking hook calls: the lone run's masker, or a :class:`SlotMasker` over the slots'."""
     hook: Any = None
     neftune: Any = None
     """transformers' NEFTune hook on the input embeddings (``train.neftune_alpha`` > 0)."""
-    masker: TokenMasker | None = None
-    schedule: Any = None
     sampler: LengthGroupedBatches | None = None
     train_loader: Any = None
     dev_loader: Any = None
     class_weights: torch.Tensor | None = None
-    trainable: list = dataclasses.field(default_factory=list)
     optimizer: Any = None
     scheduler: Any = None
-    counts: dict = dataclasses.field(default_factory=dict)
     updates: int = 0
-    """Optimizer updates this process makes before the run ends."""
-    slot: str | None = None
-    """In a pack (``sweep.pack``): the PEFT adapter this run is; only its tensors are kept and saved."""
-    own: dict | None = None
-    """In a pack: this run's trainable tensors by name (the other slots' share the model)."""
-    pack: dict | None = None
-    """In a pack: its size, this run's slot and the pack's rates, recorded in ``metrics.json``."""
+    """Optimizer updates this process makes before the loop ends."""
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
     @property
     def fsdp(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.FSDP
 
-    def log(self, record: dict) -> None:
-        """A line of ``log.jsonl``, and the same figures to the trackers (``train.report_to``)."""
-        if self.accelerator.is_main_process:
-            with (self.out / LOG_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.recipe.train.report_to and (values := tracking.scalars(record)):
-            self.accelerator.log(values[0], step=values[1])
+    def run_only(self, slots: list[Slot]) -> None:
+        """The next forward passes run these slots' adapters, in this order (a lone run: its own)."""
+        if self.adapters is not None:
+            self.adapters.active = [slot.name for slot in slots]
 
-    def trainable_state(self) -> dict:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        params = self.own if self.own is not None else {
-            n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-        return {n: p.detach().cpu().clone() for n, p in params.items()}
+    def only(self, slot: Slot):
+        """Inside the block, forward passes (and saving) see ``slot``'s adapter alone."""
+        return self.adapters.only(slot.name) if self.adapters is not None else contextlib.nullcontext()
 
-    def evaluate(self, loader, keep: bool = False, slots: int = 1) -> list[tuple[dict[str, float], Predictions | None]]:
-        """Scores of the model as it is, one per slot (a pack's running slots; else one)."""
-        tc = self.recipe.train
-        return evaluate_slots(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
-                              tc.focal_gamma, keep, slots)
-
-    def score(self, features: list[dict], keep: bool = False, slots: int = 1) -> list[tuple[dict, Predictions | None]]:
-        """Evaluate on an evaluation set other than the prepared dev loader's."""
+    def score(self, features: list[dict], keep: bool = False, slots: int = 1):
+        """Every running slot's scores on an evaluation set other than the prepared dev loader's."""
         loader = eval_loader(features, self.setup.tokenizer, self.recipe.model.task, self.recipe.train.eval_batch_size)
         return self.evaluate(self.accelerator.prepare(loader), keep, slots)
+
+    def evaluate(self, loader, keep: bool = False, slots: int = 1):
+        return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
+                        self.recipe.train.focal_gamma, keep, slots)
+
+
+# ---- entry points --------------------------------------------------------------------------------
 
 
 def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | None = None) -> dict:
@@ -246,25 +167,60 @@ def train(recipe: Recipe, setup: Setup | None = None, output_dir: str | Path | N
     # RANK (torchrun, accelerate launch) and not PartialState: that would set Accelerate's shared state
     # up before train's own Accelerator(cpu=...) does.
     if not _is_main_rank():
-        return _train(recipe, setup, out)
+        return run_loop([recipe], [out], setup)[0]
     with hold(out, "run"), kept_in(out):  # third-party notices of the run go to its third_party.log
-        return _train(recipe, setup, out)
+        return run_loop([recipe], [out], setup)[0]
 
 
-def _train(recipe: Recipe, setup: Setup | None, out: Path) -> dict:
-    clear_stale_results(out)
-    setup = setup or Setup.from_recipe(recipe)
-    check_setup(setup, recipe)
-    started = time.perf_counter()
-    run = start(recipe, setup, out)
+def train_side_by_side(recipes: list[Recipe], outs: list[Path], setup: Setup, checkpoint_dir: Path) -> list[dict]:
+    """Train ``recipes`` (one recipe at several masking rates, one seed) side by side, each into its ``out``.
+
+    ``checkpoint_dir`` holds the group's resumable state while it trains.
+
+    Returns:
+        Each run's ``metrics.json`` contents, in the order of ``recipes``.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hold(checkpoint_dir, "side-by-side group"))
+        for out in outs:
+            stack.enter_context(hold(out, "run"))
+            stack.enter_context(kept_in(out))
+        return run_loop(recipes, outs, setup, checkpoint_dir)
+
+
+def check_side_by_side(recipe: Recipe) -> None:
+    """What runs side by side cannot do, said before anything is built."""
+    why = {recipe.model.method == "full": "method: full has no shared frozen base to train adapters over",
+           recipe.train.compile: "train.compile is not supported side by side yet",
+           bool(recipe.train.report_to): "train.report_to (trackers) is not supported side by side yet"}
+    if True in why:
+        raise ValueError(f"sweep.side_by_side={recipe.sweep.side_by_side}: {why[True]}; set sweep.side_by_side=0")
+
+
+def run_loop(recipes: list[Recipe], outs: list[Path], setup: Setup | None,
+             checkpoint_dir: Path | None = None) -> list[dict]:
+    """The loop over ``len(recipes)`` runs (one: a lone run, checkpointed in its own directory)."""
+    first = recipes[0]
+    fingerprint = run_fingerprint(first)
+    if len(recipes) > 1:
+        check_side_by_side(first)
+        if len({r.train.seed for r in recipes}) != 1 or any(
+                r.with_overrides([f"masking.rate={first.masking.rate}"]) != first for r in recipes):
+            raise ValueError("runs side by side are one recipe at several masking rates of one seed")
+        fingerprint["side_by_side"] = {"rates": [r.masking.rate for r in recipes]}
+    for out in outs:
+        clear_stale_results(out)
+    setup = setup or Setup.from_recipe(first)
+    for recipe in recipes:
+        check_setup(setup, recipe)
+    loop = start(first, setup, checkpoint_dir or outs[0], fingerprint, len(recipes))
     try:
-        build(run)
-        state, stopping = TrainState(since=started), EarlyStopping(recipe.train.metric, recipe.train.patience)
-        resume_or_begin(run, state, stopping)
-        fit(run, state, stopping)
-        return finish(run, state, stopping)
+        build(loop, recipes, outs)
+        resume_or_begin(loop)
+        fit(loop)
+        return finish(loop)
     finally:
-        close(run)
+        close(loop)
 
 
 def clear_stale_results(out: Path) -> None:
@@ -286,73 +242,97 @@ def check_setup(setup: Setup, recipe: Recipe) -> None:
 # ---- start, build ----------------------------------------------------------------------------
 
 
-def start(recipe: Recipe, setup: Setup, out: Path) -> Run:
+def start(recipe: Recipe, setup: Setup, folder: Path, fingerprint: dict, runs: int) -> Loop:
     """The accelerator, and every refusal that must come before a model is built (a sweep's kept
     base would otherwise keep the refused run's adapter)."""
+    started = time.perf_counter()
     tc = recipe.train
     _allow_precision(tc.mixed_precision)
     # cpu=True when there is no accelerator: Accelerate then recognises torchrun's env as MULTI_CPU.
     accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=tc.mixed_precision,
                               cpu=not torch.accelerator.is_available(),
                               dataloader_config=DataLoaderConfiguration(non_blocking=True),
-                              **tracking.accelerator_options(recipe, out))
-    checkpoints = Checkpoints(accelerator, out, run_fingerprint(recipe))
+                              **tracking.accelerator_options(recipe, folder))
+    if runs > 1 and accelerator.num_processes > 1:
+        raise ValueError(f"runs side by side train in one process; this one has {accelerator.num_processes}: "
+                         "set sweep.side_by_side=0 for distributed runs")
+    checkpoints = Checkpoints(accelerator, folder, fingerprint)
     checkpoints.refuse_other_run()
     if tc.compile and not _plain_or_ddp(accelerator):
         raise ValueError(f"train.compile is supported on one device or with DDP, not "
                          f"{accelerator.distributed_type}: set train.compile=false")
-    _reset_peak_memory(accelerator.device)
-    tracking.start(accelerator, recipe, out)
-    return Run(recipe, setup, out, accelerator, checkpoints)
+    reset_peak_memory(accelerator.device)
+    tracking.start(accelerator, recipe, folder)
+    return Loop(recipe, setup, accelerator, checkpoints, TrainState(since=started))
 
 
-def build(run: Run) -> None:
-    """Model, masking hook, loaders, class weights, optimizer and scheduler, prepared by Accelerate."""
-    recipe, setup, accelerator, tc = run.recipe, run.setup, run.accelerator, run.recipe.train
-    run.model = setup.model_for(tc.seed, accelerator.device, tc.mixed_precision,
-                                cast_frozen=_plain_or_ddp(accelerator))  # FSDP flattens to one dtype
+def build(loop: Loop, recipes: list[Recipe], outs: list[Path]) -> None:
+    """Model (with one adapter per run), the slots, masking hook, loaders, class weights, optimizer and
+    scheduler, prepared by Accelerate."""
+    setup, accelerator, tc = loop.setup, loop.accelerator, loop.recipe.train
+
+    def add_slots(model) -> None:  # before precision casting: the copies are cast with the first adapter
+        loop.adapters = AdapterSlots(model, len(recipes))
+
+    loop.model = setup.model_for(tc.seed, accelerator.device, tc.mixed_precision,
+                                 cast_frozen=_plain_or_ddp(accelerator),  # FSDP flattens to one dtype
+                                 before_precision=add_slots if len(recipes) > 1 else None)
     if tc.compile:
         # Dynamic shapes: one graph serves every batch length, instead of a recompile per length.
-        compile_blocks(run.model, dynamic=True)
-    run.counts = parameter_counts(run.model)
-    run.schedule = recipe.masking.to_schedule()
-    run.masker = masker_for(run, recipe)
-    run.hook = attach_masking(run.model, run.masker)
-    build_loop(run)
+        compile_blocks(loop.model, dynamic=True)
+    names = loop.adapters.names if loop.adapters is not None else [LONE]
+    loop.slots = [make_slot(loop, i, name, recipe, out)
+                  for i, (name, recipe, out) in enumerate(zip(names, recipes, outs))]
+    loop.masker = (loop.slots[0].masker if loop.adapters is None else
+                   SlotMasker(loop.adapters, {slot.name: slot.masker for slot in loop.slots}))
+    loop.hook = attach_masking(loop.model, loop.masker)
+    build_optimization(loop)  # the optimizer takes every slot's tensors: per-tensor state, separable per slot
 
 
-def masker_for(run: Run, recipe: Recipe) -> TokenMasker:
-    """``recipe``'s masker. Each process masks with its own stream; the hook masks only while model.training."""
-    return TokenMasker.for_tokenizer(run.setup.tokenizer, run.setup.mask_token,
-                                     rate=recipe.masking.to_schedule().rate_at(0, 1),
-                                     seed=recipe.train.seed * 1009 + run.accelerator.process_index,
-                                     **recipe.masking.strategy())
+def make_slot(loop: Loop, i: int, name: str, recipe: Recipe, out: Path) -> Slot:
+    """Run ``i`` of the loop, on adapter ``name``. Each process masks with its own stream; the hook
+    masks only while model.training."""
+    tc = recipe.train
+    masker = TokenMasker.for_tokenizer(loop.setup.tokenizer, loop.setup.mask_token,
+                                       rate=recipe.masking.to_schedule().rate_at(0, 1),
+                                       seed=tc.seed * 1009 + loop.accelerator.process_index,
+                                       **recipe.masking.strategy())
+    stopping = EarlyStopping(tc.metric, tc.patience)
+    if loop.adapters is None:
+        trainable = [p for p in loop.model.parameters() if p.requires_grad]
+        return Slot(recipe, out, name, masker, recipe.masking.to_schedule(), stopping, trainable, None,
+                    parameter_counts(loop.model))
+    params = loop.adapters.params[name]
+    size, k = sum(p.numel() for p in params.values()), len(loop.adapters.names)
+    counts = {"trainable_params": size,
+              "total_params": parameter_counts(loop.model)["total_params"] - (k - 1) * size}  # as a lone run
+    return Slot(recipe, out, name, masker, recipe.masking.to_schedule(), stopping, list(params.values()), params,
+                counts, {"size": k, "slot": i})
 
 
-def build_loop(run: Run) -> None:
-    """NEFTune, loaders, class weights, optimizer and scheduler around ``run.model``, prepared by Accelerate."""
-    recipe, setup, accelerator, tc = run.recipe, run.setup, run.accelerator, run.recipe.train
+def build_optimization(loop: Loop) -> None:
+    """NEFTune, loaders, class weights, optimizer and scheduler around ``loop.model``, prepared by Accelerate."""
+    recipe, setup, accelerator, tc = loop.recipe, loop.setup, loop.accelerator, loop.recipe.train
     if tc.neftune_alpha:  # after the masking hook: noise lands on the masked sequence's embeddings
-        run.neftune = activate_neftune(run.model, tc.neftune_alpha)
-    run.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
-                                       tc.seed, tc.group_by_length)
+        loop.neftune = activate_neftune(loop.model, tc.neftune_alpha)
+    loop.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in setup.train_features], tc.batch_size,
+                                        tc.seed, tc.group_by_length)
     # Loaders get their own generator: a new iterator would otherwise draw from the global RNG,
     # which dropout also uses, and a resumed run would drift from an uninterrupted one.
     # Pinned batches copy to a GPU without waiting for the work already queued there.
     pin = accelerator.device.type == "cuda"
-    train_loader = DataLoader(setup.train_features, batch_sampler=run.sampler, num_workers=tc.num_workers,
+    train_loader = DataLoader(setup.train_features, batch_sampler=loop.sampler, num_workers=tc.num_workers,
                               collate_fn=padding_collator(setup.tokenizer, recipe.model.task,
                                                           word_ids=recipe.masking.unit != "token"), pin_memory=pin,
                               generator=torch.Generator().manual_seed(tc.seed))
     dev_loader = eval_loader(setup.dev_features, setup.tokenizer, recipe.model.task, tc.eval_batch_size, pin)
-    run.class_weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
-    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = _adamw(run.trainable, tc, accelerator.device)
-    total = tc.total_updates(len(run.sampler), accelerator.num_processes)
+    loop.class_weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
+    optimizer = _adamw([p for slot in loop.slots for p in slot.trainable], tc, accelerator.device)
+    total = tc.total_updates(len(loop.sampler), accelerator.num_processes)
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_updates(total), total)
-    run.model, run.optimizer, run.train_loader, run.dev_loader, run.scheduler = accelerator.prepare(
-        run.model, optimizer, train_loader, dev_loader, scheduler)
-    run.updates = tc.local_updates(len(run.sampler), accelerator.num_processes)
+    loop.model, loop.optimizer, loop.train_loader, loop.dev_loader, loop.scheduler = accelerator.prepare(
+        loop.model, optimizer, train_loader, dev_loader, scheduler)
+    loop.updates = tc.local_updates(len(loop.sampler), accelerator.num_processes)
 
 
 def _adamw(trainable: list, tc, device: torch.device) -> torch.optim.AdamW:
@@ -365,69 +345,69 @@ def _adamw(trainable: list, tc, device: torch.device) -> torch.optim.AdamW:
                              fused=device.type in ("cpu", "cuda", "xpu"))
 
 
-def resume_or_begin(run: Run, state: TrainState, stopping: EarlyStopping) -> None:
-    """Register what a checkpoint holds; restore it, or start an empty run directory."""
-    for obj in (run.masker, state):
-        run.accelerator.register_for_checkpointing(obj)
-    _checkpoint_only_trainable(run.accelerator)
-    if run.checkpoints.exists:
-        stopping.weights = run.checkpoints.load()
-        run.accelerator.print(f"resumed {run.out} at step {state.step} (epoch {state.epoch}, "
-                              f"batch {state.batches_done})")
-        if run.accelerator.is_main_process:
-            _drop_log_after(run.out / LOG_FILE, state.step)
-    elif run.accelerator.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / LOG_FILE).unlink(missing_ok=True)
-
-
-def _drop_log_after(path: Path, step: int) -> None:
-    """Forget log lines written after the checkpoint (the resumed run writes those steps again) and a
-    last line a kill cut short."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+def resume_or_begin(loop: Loop) -> None:
+    """Register what the checkpoint holds and restore it, or start each run's directory empty."""
+    for obj in (loop.masker, loop.state, *(slot.stopping for slot in loop.slots)):
+        loop.accelerator.register_for_checkpointing(obj)
+    only_trainable_in_checkpoints(loop.accelerator)
+    best = loop.checkpoints.load() if loop.checkpoints.exists else None
+    for slot in loop.slots:
+        if best is not None:
+            slot.stopping.weights = best.get(slot.name)
+        if not loop.accelerator.is_main_process:
             continue
-        if record.get("step", record.get("eval", {}).get("step", 0)) <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+        slot.out.mkdir(parents=True, exist_ok=True)
+        if best is None:
+            (slot.out / LOG_FILE).unlink(missing_ok=True)
+        else:
+            drop_log_after(slot.out / LOG_FILE, loop.state.step)
+    if best is not None:
+        s = loop.state
+        loop.accelerator.print(f"resumed {loop.checkpoints.folder} at step {s.step} (epoch {s.epoch}, "
+                               f"batch {s.batches_done})")
 
 
 # ---- fit ----------------------------------------------------------------------------------------
 
 
-def fit(run: Run, state: TrainState, stopping: EarlyStopping) -> None:
+def fit(loop: Loop) -> None:
     """Optimizer updates in time order; after each one: log, evaluate?, checkpoint?, stop?"""
-    tc = run.recipe.train
-    if state.stopped_early or state.step >= run.updates:
-        return  # resumed from a run that had finished training
-    run.model.train()  # from_pretrained leaves modules in eval mode: dropout (and masking) would stay off
+    tc, state = loop.recipe.train, loop.state
+    running = [slot for slot in loop.slots if not slot.stopping.stopped]
+    if not running or state.step >= loop.updates:
+        return  # resumed from a loop that had finished training
+    loop.run_only(running)
+    loop.model.train()  # from_pretrained leaves modules in eval mode: dropout (and masking) would stay off
     # disable=None: tqdm draws only on a terminal, so logs of batch jobs stay readable.
-    progress = tqdm(total=run.updates, initial=state.step, desc=run.out.name, dynamic_ncols=True,
-                    disable=None if run.accelerator.is_local_main_process else True)
+    name = loop.slots[0].out.name if len(loop.slots) == 1 else f"{len(loop.slots)} side by side"
+    progress = tqdm(total=loop.updates, initial=state.step, desc=name, dynamic_ncols=True,
+                    disable=None if loop.accelerator.is_local_main_process else True)
     with progress:
-        for loss, epoch_ended in optimizer_updates(run, state):
+        for losses, epoch_ended in optimizer_updates(loop, running):
             progress.update(1)
-            lr = run.scheduler.get_last_lr()[0]
-            # loss.item() waits for the device: only when something shows or logs it, so on a GPU
-            # the host can queue the next step while this one runs.
-            if not progress.disable:
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", p=f"{run.masker.rate:.2f}")
-            if state.step % tc.log_every == 0:
-                run.log({"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr,
-                         "mask_rate": run.masker.rate})
-            last = state.step >= run.updates or state.epoch >= tc.epochs
-            if _evaluation_due(tc, state.step, epoch_ended, last) and evaluate_and_keep(run, state, stopping):
-                state.stopped_early = True
-                return
+            log_update(loop, running, losses, progress)
+            last = state.step >= loop.updates or state.epoch >= tc.epochs
+            if _evaluation_due(tc, state.step, epoch_ended, last):
+                evaluate_running(loop, running)
             if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                run.checkpoints.save(stopping.weights)
-            if last:
+                save_checkpoint(loop)
+            if last or not running:
                 return
+
+
+def log_update(loop: Loop, running: list[Slot], losses: list[torch.Tensor], progress) -> None:
+    """The progress bar, and every ``log_every`` updates each running slot's line in its ``log.jsonl``."""
+    state, lr = loop.state, loop.scheduler.get_last_lr()[0]
+    # loss.item() waits for the device: only when something shows or logs it, so on a GPU
+    # the host can queue the next step while this one runs.
+    if not progress.disable:
+        progress.set_postfix(loss="/".join(f"{loss.item():.4f}" for loss in losses), lr=f"{lr:.2e}",
+                             p="/".join(f"{slot.masker.rate:.2f}" for slot in running))
+    for slot, loss in zip(running, losses):
+        slot.stopping.steps = state.step
+        if state.step % loop.recipe.train.log_every == 0:
+            slot.log(loop, {"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr,
+                            "mask_rate": slot.masker.rate})
 
 
 def _evaluation_due(tc, step: int, epoch_ended: bool, last: bool) -> bool:
@@ -435,237 +415,194 @@ def _evaluation_due(tc, step: int, epoch_ended: bool, last: bool) -> bool:
     return last or (step % tc.eval_every == 0 if tc.eval_every else epoch_ended)
 
 
-def optimizer_updates(run: Run, state: TrainState, step: Callable | None = None) -> Iterator[tuple[Any, bool]]:
-    """Train batch by batch from where ``state`` says; yield ``(loss, epoch_ended)`` after each
-    optimizer update. The counters in ``state`` advance here and nowhere else.
-
-    ``step(run, batch, step_number)`` trains on one batch (default :func:`train_step`) and returns the loss."""
-    step = step or train_step
-    while state.epoch < run.recipe.train.epochs:
-        run.sampler.set_epoch(state.epoch)
-        run.train_loader.set_epoch(state.epoch)
-        loader = run.train_loader
+def optimizer_updates(loop: Loop, running: list[Slot]) -> Iterator[tuple[list[torch.Tensor], bool]]:
+    """Train batch by batch from where ``loop.state`` says; yield ``(each running slot's loss,
+    epoch_ended)`` after each optimizer update. The counters advance here and nowhere else."""
+    state = loop.state
+    while state.epoch < loop.recipe.train.epochs:
+        loop.sampler.set_epoch(state.epoch)
+        loop.train_loader.set_epoch(state.epoch)
+        loader = loop.train_loader
         if state.batches_done:
-            loader = run.accelerator.skip_first_batches(run.train_loader, state.batches_done)
+            loader = loop.accelerator.skip_first_batches(loop.train_loader, state.batches_done)
         for batch in loader:
-            loss = step(run, batch, state.step)
+            losses = train_step(loop, running, batch)
             state.batches_done += 1
-            if not run.accelerator.sync_gradients:
+            if not loop.accelerator.sync_gradients:
                 continue
             state.step += 1
             # Accelerate syncs (updates) on the last batch of a pass whatever the accumulation count.
-            epoch_ended = run.accelerator.gradient_state.end_of_dataloader
+            epoch_ended = loop.accelerator.gradient_state.end_of_dataloader
             if epoch_ended:
                 state.epoch, state.batches_done = state.epoch + 1, 0
-            yield loss, epoch_ended
+            yield losses, epoch_ended
 
 
-def train_step(run: Run, batch: dict, step: int) -> torch.Tensor:
-    """Forward (masked by the hook), loss (+ the consistency term), backward; clip and step when the
-    accumulation is full."""
-    tc, masking, accelerator = run.recipe.train, run.recipe.masking, run.accelerator
-    with accelerator.accumulate(run.model):
-        run.masker.rate = run.schedule.rate_at(step, run.updates)
+def train_step(loop: Loop, running: list[Slot], batch: dict) -> list[torch.Tensor]:
+    """One batch, replicated once per running slot (a lone run: as it is) and masked at each slot's rate;
+    forward, per-slot losses (+ consistency terms), backward of their sum, per-slot clipping, one
+    optimizer step when the accumulation is full. Slots share no trainable tensor, so each adapter's
+    gradient is its own loss's."""
+    tc, masking, accelerator, k = loop.recipe.train, loop.recipe.masking, loop.accelerator, len(running)
+    with accelerator.accumulate(loop.model):
+        for slot in running:
+            slot.masker.rate = slot.schedule.rate_at(loop.state.step, loop.updates)
         labels = batch.pop("labels")
-        logits = run.model(**batch).logits
-        loss = classification_loss(logits, labels, run.class_weights, tc.focal_gamma)
+        inputs = replicate(batch, k)
+        logits = loop.model(**inputs).logits
+        logits = (logits,) if k == 1 else logits.chunk(k)
+        losses = [classification_loss(x, labels, loop.class_weights, tc.focal_gamma) for x in logits]
         if masking.consistency:
-            loss = loss + masking.consistency * consistency_term(run.model, batch, logits, run.masker, labels,
-                                                                 masking.consistency_stop_grad)
-        accelerator.backward(loss)
+            clean = clean_view(loop.model, inputs, loop.masker, masking.consistency_stop_grad).chunk(k)
+            losses = [loss + masking.consistency * symmetric_kl(x, c, labels)
+                      for loss, x, c in zip(losses, logits, clean)]
+        accelerator.backward(losses[0] if k == 1 else torch.stack(losses).sum())
         if accelerator.sync_gradients and tc.max_grad_norm:
-            # The trainable list, not model.parameters(): walking a PEFT model's module tree
-            # cost ~16 ms per step on a 24-layer decoder. FSDP wants all its (flat) parameters.
-            accelerator.clip_grad_norm_(run.model.parameters() if run.fsdp else run.trainable, tc.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad()
-    return loss
+            clip_gradients(loop, running)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.optimizer.zero_grad()
+    return [loss.detach() for loss in losses]
 
 
-def evaluate_and_keep(run: Run, state: TrainState, stopping: EarlyStopping, metrics: dict | None = None) -> bool:
-    """Score dev (unless a pack scored it: ``metrics``), log it, save the run when it is the best so far,
-    checkpoint if asked at every evaluation; True when patience says stop."""
-    metrics = metrics or run.evaluate(run.dev_loader)[0][0]
-    record = {"step": state.step, "epoch": state.epoch, **metrics}
-    state.history.append(record)
-    run.log({"eval": record})
-    run.accelerator.print(f"step {state.step} epoch {state.epoch}: " +
-                          " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    if stopping.update(state, record, run.trainable_state):
-        save_run(run)
-    if run.recipe.train.checkpoint_every == 0:
-        run.checkpoints.save(stopping.weights)
-    return stopping.should_stop(state)
+def clip_gradients(loop: Loop, running: list[Slot]) -> None:
+    """Each slot's gradient norm clipped on its own. The slot's list, not model.parameters(): walking a
+    PEFT model's module tree cost ~16 ms per step on a 24-layer decoder. FSDP wants all its (flat) parameters."""
+    max_norm = loop.recipe.train.max_grad_norm
+    if loop.fsdp:
+        loop.accelerator.clip_grad_norm_(loop.model.parameters(), max_norm)
+        return
+    loop.accelerator.unscale_gradients()  # once: fp16's scaler refuses a second unscale per step
+    for slot in running:
+        torch.nn.utils.clip_grad_norm_(slot.trainable, max_norm)
 
 
-def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0,
-             keep: bool = False) -> tuple[dict[str, float], Predictions | None]:
-    """Metrics over all processes (``gather_for_metrics`` drops the duplicated tail) and, with ``keep``,
-    every scored unit's prediction (a text, or a labelled word) with its example index and probabilities."""
-    return evaluate_slots(model, loader, accelerator, task, weights, focal_gamma, keep)[0]
+def evaluate_running(loop: Loop, running: list[Slot]) -> None:
+    """Score dev for every running slot in one pass; each logs it and saves its run when it is its best
+    so far; a slot whose patience ran out stops (leaves ``running``); checkpoint if asked at every evaluation."""
+    state = loop.state
+    scores = loop.evaluate(loop.dev_loader, slots=len(running))
+    for slot, (metrics, _) in zip(list(running), scores):
+        record = {"step": state.step, "epoch": state.epoch, **metrics}
+        slot.log(loop, {"eval": record})
+        prefix = f"{slot.out.name}: " if len(loop.slots) > 1 else ""
+        loop.accelerator.print(f"{prefix}step {state.step} epoch {state.epoch}: " +
+                               " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if slot.stopping.update(record, lambda: slot.trainable_state(loop)):
+            with loop.only(slot):
+                save_run(loop, slot)
+        if slot.stopping.should_stop():
+            slot.stopping.stopped = True
+            running.remove(slot)
+    loop.run_only(running)
+    if loop.recipe.train.checkpoint_every == 0:
+        save_checkpoint(loop)
 
 
-def evaluate_slots(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0,
-                   keep: bool = False, slots: int = 1) -> list[tuple[dict[str, float], Predictions | None]]:
-    """:func:`evaluate` for each of ``slots`` packed adapters, in one pass: each batch is replicated once
-    per slot (see :mod:`~tokmask_peft.packing`) and slice k scores slot k."""
-    model.eval()
-    scores = [_Scores(accelerator.device) for _ in range(slots)]
-    # Eager even where train.compile compiled the blocks: a second, no-grad graph would cost another
-    # compile for a pass that is a small part of a run (and bitsandbytes' 4-bit ops fail in one on CPU).
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        for batch in loader:
-            labels, example = batch.pop("labels"), batch.pop("example")
-            inputs = batch if slots == 1 else replicate(batch, slots)
-            for score, logits in zip(scores, model(**inputs).logits.chunk(slots)):
-                score.add(logits, labels, example, task, accelerator, weights, focal_gamma)
-    model.train()
-    return [score.result(accelerator, keep) for score in scores]
-
-
-class _Scores:
-    """One adapter's predictions and loss over an evaluation pass, gathered from every process."""
-
-    def __init__(self, device: torch.device):
-        self.rows: dict[str, list] = {"example": [], "gold": [], "probs": []}
-        self.loss_sum, self.loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
-
-    def add(self, logits, labels, example, task, accelerator, weights, focal_gamma) -> None:
-        n = (labels != -100).sum()
-        self.loss_sum += classification_loss(logits, labels, weights, focal_gamma) * n
-        self.loss_count += n
-        probs = logits.float().softmax(-1)
-        if task == "token":
-            example = example[:, None].expand_as(labels)
-            probs, labels, example = (accelerator.pad_across_processes(t, dim=1, pad_index=-100)
-                                      for t in (probs, labels, example))
-        probs, labels, example = accelerator.gather_for_metrics((probs, labels, example))
-        scored = labels.reshape(-1) != -100
-        self.rows["probs"].append(probs.reshape(-1, probs.shape[-1])[scored].cpu())
-        self.rows["gold"].append(labels.reshape(-1)[scored].cpu())
-        self.rows["example"].append(example.reshape(-1)[scored].cpu())
-
-    def result(self, accelerator, keep: bool) -> tuple[dict[str, float], Predictions | None]:
-        loss_sum, loss_count = accelerator.reduce(self.loss_sum), accelerator.reduce(self.loss_count)
-        probs, gold = torch.cat(self.rows["probs"]), torch.cat(self.rows["gold"])
-        pred = probs.argmax(-1)
-        metrics = {**classification_metrics(pred, gold), "loss": float(loss_sum / loss_count)}
-        if not keep:
-            return metrics, None
-        return metrics, Predictions(torch.cat(self.rows["example"]).numpy(), gold.numpy(), pred.numpy(), probs.numpy())
-
-
-def eval_loader(features, tokenizer, task, batch_size, pin_memory=False) -> DataLoader:
-    """Batches sorted by length (less padding; order does not matter to the metrics), each carrying
-    its examples' indices (``example``) so predictions can be saved per example."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    collate = padding_collator(tokenizer, task)
-
-    def with_index(chunk: list[tuple[int, dict]]) -> dict:
-        batch = collate([feature for _, feature in chunk])
-        batch["example"] = torch.tensor([i for i, _ in chunk])
-        return batch
-
-    return DataLoader(list(enumerate(features)), batch_sampler=batches, collate_fn=with_index,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+def save_checkpoint(loop: Loop) -> None:
+    loop.checkpoints.save({slot.name: slot.stopping.weights for slot in loop.slots
+                           if slot.stopping.weights is not None})
 
 
 # ---- save, finish, close -------------------------------------------------------------------------
 
 
-def save_run(run: Run) -> None:
+def save_run(loop: Loop, slot: Slot) -> None:
     """Adapter (or full model) + tokenizer + tokmask_config.json, written by the main process only:
     saved whole into a scratch directory, moved in file by file, then the config that records the
     weights' sizes and digests (loading checks them)."""
-    accelerator, setup, recipe = run.accelerator, run.setup, run.recipe
+    accelerator, setup, recipe = loop.accelerator, loop.setup, slot.recipe
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(run.model)
     kwargs = {"save_embedding_layers": False} if recipe.model.method != "full" else {}
-    scratch = run.out / SCRATCH_DIR
+    if loop.adapters is not None:
+        kwargs["selected_adapters"] = [slot.name]
+    scratch = slot.out / SCRATCH_DIR
     if accelerator.is_main_process:
         shutil.rmtree(scratch, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if run.slot is not None:
-        kwargs["selected_adapters"] = [run.slot]
-    unwrapped.save_pretrained(scratch, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                              **kwargs)
+    loop.unwrapped.save_pretrained(scratch, is_main_process=accelerator.is_main_process,
+                                   save_function=accelerator.save, **kwargs)
     if accelerator.is_main_process:
-        saved = scratch / run.slot if run.slot not in (None, "default") else scratch  # PEFT's folder per adapter
+        saved = scratch / slot.name if slot.name != LONE else scratch  # PEFT's folder per adapter
         setup.tokenizer.save_pretrained(saved)
         weights = weight_record(saved)
-        move_files_in(saved, run.out)
+        move_files_in(saved, slot.out)
         if saved != scratch:
-            move_files_in(scratch, run.out)  # PEFT's README.md, written beside the adapter's folder
-        write_json(run.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
-                                              "base_identity": setup.base_identity, "weights": weights,
-                                              "command": training_command()})
+            move_files_in(scratch, slot.out)  # PEFT's README.md, written beside the adapter's folder
+        write_json(slot.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
+                                               "base_identity": setup.base_identity, "weights": weights,
+                                               "command": training_command()})
     accelerator.wait_for_everyone()
 
 
-def finish(run: Run, state: TrainState, stopping: EarlyStopping) -> dict:
-    """Back to the best weights; score dev and the extra evaluation sets with them, keeping every
-    prediction (``predictions.npz``); write ``metrics.json``."""
-    restore_best(run, stopping)
-    return write_results(run, state, *final_scores(run)[0])
+def finish(loop: Loop) -> list[dict]:
+    """Every run back to its best weights; dev and the extra evaluation sets scored for all runs in one
+    pass each, keeping every prediction (``predictions.npz``); each run's ``metrics.json`` written."""
+    for slot in loop.slots:
+        if slot.stopping.weights is not None:
+            loop.unwrapped.load_state_dict(slot.stopping.weights, strict=False)
+    loop.run_only(loop.slots)
+    results = [write_results(loop, slot, scored, robustness)
+               for slot, (scored, robustness) in zip(loop.slots, final_scores(loop))]
+    loop.checkpoints.remove()
+    return results
 
 
-def restore_best(run: Run, stopping: EarlyStopping) -> None:
-    if stopping.weights is not None:
-        run.accelerator.unwrap_model(run.model).load_state_dict(stopping.weights, strict=False)
-
-
-def final_scores(run: Run, slots: int = 1) -> list[tuple[dict, dict]]:
+def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
     """Per slot: ``(scored, robustness)``: dev and every extra set scored with predictions kept, and the
     corrupted dev copies' metrics (``train.robustness``)."""
-    setup, tc = run.setup, run.recipe.train
+    setup, tc, k = loop.setup, loop.recipe.train, len(loop.slots)
     sets = {DEV_SET: setup.dev_features, **setup.extra_features}
-    per_set = {name: run.score(features, keep=True, slots=slots) for name, features in sets.items()}
-    corrupted = {(kind, q): run.score(setup.robustness_features(kind, q), slots=slots)
+    per_set = {name: loop.score(features, keep=True, slots=k) for name, features in sets.items()}
+    corrupted = {(kind, q): loop.score(setup.robustness_features(kind, q), slots=k)
                  for kind in (CORRUPTIONS if tc.robustness else ()) for q in tc.robustness}
+    kinds = list(dict.fromkeys(kind for kind, _ in corrupted))
     return [({name: scores[i] for name, scores in per_set.items()},
-             {kind: {str(q): corrupted[kind, q][i][0] for q in tc.robustness} for kind in dict.fromkeys(k for k, _ in corrupted)})
-            for i in range(slots)]
+             {kind: {str(q): corrupted[kind, q][i][0] for q in tc.robustness} for kind in kinds})
+            for i in range(k)]
 
 
-def write_results(run: Run, state: TrainState, scored: dict, robustness: dict) -> dict:
+def write_results(loop: Loop, slot: Slot, scored: dict, robustness: dict) -> dict:
     """``predictions.npz``, the model card and ``metrics.json`` (last: a run with it is complete)."""
-    accelerator, setup = run.accelerator, run.setup
+    accelerator, setup, stopping = loop.accelerator, loop.setup, slot.stopping
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
-    peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
+    peak_mb, peak_kind = peak_memory_mb(accelerator.device)
+    side_by_side = {"side_by_side": {**slot.side_by_side, "rates": [s.recipe.masking.rate for s in loop.slots]}
+                    } if slot.side_by_side else {}
     metrics = {
-        "best": state.best, "history": state.history, "extra_eval": extra, "robustness": robustness, **run.counts,
-        "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
-        "steps": state.step, "stopped_early": state.stopped_early,
-        "wall_time_s": state.wall_s(), "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
-        "world_size": accelerator.num_processes, **({"pack": run.pack} if run.pack else {}),
+        "best": stopping.best, "history": stopping.history, "extra_eval": extra, "robustness": robustness,
+        **slot.counts, "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
+        "steps": stopping.steps, "stopped_early": stopping.stopped,
+        "wall_time_s": loop.state.wall_s(), "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
+        "world_size": accelerator.num_processes, **side_by_side,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_predictions(run.out / PREDICTIONS_FILE, {name: kept for name, (_, kept) in scored.items()})
-        config = read_json(run.out / TOKMASK_CONFIG, "run config")  # PEFT's generic README.md → ours
-        atomic_write_text(run.out / CARD, card(config, metrics, config.get("command", training_command())))
-        write_json(run.out / METRICS_FILE, metrics)  # last: a run with metrics.json is complete
-    run.checkpoints.remove()
+        save_predictions(slot.out / PREDICTIONS_FILE, {name: kept for name, (_, kept) in scored.items()})
+        config = read_json(slot.out / TOKMASK_CONFIG, "run config")  # PEFT's generic README.md → ours
+        atomic_write_text(slot.out / CARD, card(config, metrics, config.get("command", training_command())))
+        write_json(slot.out / METRICS_FILE, metrics)  # last: a run with metrics.json is complete
+        remove_checkpoint(slot.out)  # a lone run's own; a stale one from an earlier attempt of a slot
     return metrics
 
 
-def close(run: Run) -> None:
-    """Detach the masking (and NEFTune) hook and give a sweep's kept base back, whether the run
-    finished or failed."""
-    if run.recipe.train.report_to:
-        run.accelerator.end_training()  # each tracker closes its run (flushes event files)
-    if run.hook is not None:
-        run.hook.remove()
-    if run.neftune is not None:
-        deactivate_neftune(run.accelerator.unwrap_model(run.model), run.neftune)
-    if run.model is not None:
-        run.setup.release(run.accelerator.unwrap_model(run.model))
-    if run.accelerator.device.type != "cpu":
+def close(loop: Loop) -> None:
+    """Detach the masking (and NEFTune) hook and the adapter slots, and give a sweep's kept base back,
+    whether the runs finished or failed."""
+    if loop.recipe.train.report_to:
+        loop.accelerator.end_training()  # each tracker closes its run (flushes event files)
+    if loop.hook is not None:
+        loop.hook.remove()
+    if loop.adapters is not None:
+        loop.adapters.remove()
+    if loop.neftune is not None:
+        deactivate_neftune(loop.unwrapped, loop.neftune)
+    if loop.model is not None:
+        loop.setup.release(loop.unwrapped)
+    if loop.accelerator.device.type != "cpu":
         # gc + emptied device cache so a sweep's next run starts clean; on a CPU there is no
         # cache to empty and the forced gc.collect() only cost ~0.3 s per run.
-        run.accelerator.free_memory()
+        loop.accelerator.free_memory()
 
 
 def _is_main_rank() -> bool:
@@ -674,31 +611,6 @@ def _is_main_rank() -> bool:
 
 def _plain_or_ddp(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-
-
-PEAK_RSS_RESET = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak resident set
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    """Each run's peak is its own: without a reset, runs after the first in a sweep's process would
-    report the largest peak so far."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        PEAK_RSS_RESET.write_text("5")
-    except OSError:
-        pass  # not Linux: the process-wide maximum is what _peak_memory_mb reads
-
-
-def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024, "cpu_peak_rss_of_run"
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss_of_process"
 
 
 def _allow_precision(mixed_precision: str) -> None:
@@ -710,15 +622,3 @@ def _allow_precision(mixed_precision: str) -> None:
     current = AcceleratorState._shared_state.get("_mixed_precision")
     if current is not None and current != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-def _checkpoint_only_trainable(accelerator: Accelerator) -> None:
-    """Checkpoints hold only trainable tensors: the frozen (maybe quantised) base is reloaded anyway."""
-
-    def shrink(models, weights, output_dir):
-        for i, model in enumerate(models):
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            if len(trainable) < sum(1 for _ in model.parameters()):
-                weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
-
-    accelerator.register_save_state_pre_hook(shrink)

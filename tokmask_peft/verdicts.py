@@ -16,34 +16,21 @@ predictions gives an interval of the dev-set noise alone; one seed without gives
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import statistics
-from pathlib import Path
 
 import numpy as np
 
-from .storage import atomic_write_bytes
+from .metrics import DEFAULT_METRIC, check_metric, metric_values
+from .runs import Predictions
 
 BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_METRICS = ("weighted_f1", "macro_f1", "accuracy")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def bootstrap_metric(metric: str) -> str:
-    """The metric a verdict bootstraps: the sweep's own where predictions can recompute it, else weighted F1."""
-    return metric if metric in BOOTSTRAP_METRICS else "weighted_f1"
-
-
-@dataclasses.dataclass
-class Predictions:
-    """One run's predictions on one evaluation set: a row per scored unit (a text, or a labelled word)."""
-
-    example: np.ndarray
-    """Index of the example (text or sentence) each row belongs to."""
-    gold: np.ndarray
-    pred: np.ndarray
-    probs: np.ndarray | None = None
+def verdict_metric(metric: str) -> str:
+    """``metric``, if a verdict can recompute it from saved predictions; else an error naming it."""
+    return check_metric(metric, "the verdict's metric", from_predictions=True)
 
 
 @dataclasses.dataclass
@@ -72,32 +59,7 @@ class Verdict:
         return f"Δ = {self.delta:+.4f}, 95 % CI {self.interval or 'no interval'} ({self.level}; {self.seeds} seed(s))"
 
 
-# ---- metrics on weighted rows: one pass serves every bootstrap replicate ---------------------------
-
-
-def weighted_metric(weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, classes: int,
-                    metric: str = "weighted_f1") -> np.ndarray:
-    """``metric`` for each row of ``weights`` ((replicates, rows) counts of how often each row is drawn).
-
-    Weighted F1 weighs each class's F1 by its support, as scikit-learn's ``average='weighted'``.
-    """
-    weights = np.atleast_2d(weights).astype(np.float64)
-    onehot_gold = np.eye(classes)[gold]
-    onehot_pred = np.eye(classes)[pred]
-    support = weights @ onehot_gold
-    predicted = weights @ onehot_pred
-    hits = weights @ (onehot_gold * onehot_pred)
-    total = support.sum(1)
-    if metric == "accuracy":
-        return hits.sum(1) / total
-    denominator = support + predicted
-    f1 = np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
-    if metric == "macro_f1":  # classes present in gold or predictions, as scikit-learn counts them
-        present = denominator > 0
-        return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
-    if metric == "weighted_f1":
-        return (f1 * support).sum(1) / total
-    raise ValueError(f"no bootstrap for metric {metric!r}: use weighted_f1, macro_f1 or accuracy")
+# ---- paired comparison ------------------------------------------------------------------------------
 
 
 def example_weights(examples: int, replicates: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,11 +67,8 @@ def example_weights(examples: int, replicates: int, rng: np.random.Generator) ->
     return rng.multinomial(examples, np.full(examples, 1.0 / examples), size=replicates)
 
 
-# ---- paired comparison ------------------------------------------------------------------------------
-
-
 def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int, Predictions], classes: int,
-                   metric: str = "weighted_f1", replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> Verdict:
+                   metric: str = DEFAULT_METRIC, replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> Verdict:
     """Δ = metric(rate) − metric(p = 0) over the seeds both have, with the two-level bootstrap interval."""
     seeds = sorted(set(runs) & set(baseline))
     if not seeds:
@@ -122,8 +81,8 @@ def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int
                 raise ValueError(f"rate {rate}, seed {s}: scored on other examples than p = 0; "
                                  "paired comparison needs the same evaluation set")
     full = np.ones((1, len(first.gold)))
-    delta = statistics.fmean(float(weighted_metric(full, runs[s].gold, runs[s].pred, classes, metric)[0]
-                                   - weighted_metric(full, baseline[s].gold, baseline[s].pred, classes, metric)[0])
+    delta = statistics.fmean(float(metric_values(full, runs[s].gold, runs[s].pred, classes, metric)[0]
+                                   - metric_values(full, baseline[s].gold, baseline[s].pred, classes, metric)[0])
                              for s in seeds)
     rng = np.random.default_rng(seed)
     differences = np.empty((replicates, len(seeds)))
@@ -131,8 +90,8 @@ def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int
         chunk = example_weights(examples, min(250, replicates - start), rng)[:, first.example]
         for j, s in enumerate(seeds):
             differences[start:start + len(chunk), j] = (
-                weighted_metric(chunk, runs[s].gold, runs[s].pred, classes, metric)
-                - weighted_metric(chunk, baseline[s].gold, baseline[s].pred, classes, metric))
+                metric_values(chunk, runs[s].gold, runs[s].pred, classes, metric)
+                - metric_values(chunk, baseline[s].gold, baseline[s].pred, classes, metric))
     picks = rng.integers(len(seeds), size=(replicates, len(seeds)))  # the seed level, resampled too
     replicate_deltas = np.take_along_axis(differences, picks, axis=1).mean(1)
     low, high = np.percentile(replicate_deltas, [2.5, 97.5])
@@ -170,27 +129,3 @@ def recommendation(verdicts: list[Verdict]) -> str:
 def chosen_on_dev(verdicts: list[Verdict]) -> Verdict | None:
     """The rate a user would pick from the dev table: the largest Δ (its held-out verdict keeps it honest)."""
     return max(verdicts, key=lambda v: v.delta, default=None)
-
-
-def load_predictions(path: Path) -> dict[str, Predictions]:
-    """``predictions.npz`` of one run: every evaluation set it was scored on, by name."""
-    with np.load(path) as data:
-        names = sorted({key.split("/")[0] for key in data.files})
-        return {name: Predictions(data[f"{name}/example"], data[f"{name}/gold"], data[f"{name}/pred"],
-                                  data[f"{name}/probs"] if f"{name}/probs" in data.files else None)
-                for name in names}
-
-
-def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:
-    """Write every set's predictions into one compressed ``.npz`` (probabilities as float16)."""
-    arrays = {}
-    for name, p in sets.items():
-        if "/" in name:
-            raise ValueError(f"evaluation set name {name!r} may not contain '/'")
-        arrays.update({f"{name}/example": p.example.astype(np.int32), f"{name}/gold": p.gold.astype(np.int16),
-                       f"{name}/pred": p.pred.astype(np.int16)})
-        if p.probs is not None:
-            arrays[f"{name}/probs"] = p.probs.astype(np.float16)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -1,12 +1,13 @@
-"""Issue 23: a sweep's rates trained in one pass (``sweep.pack``) against one run after another.
+"""Issue 23: a sweep's rates trained side by side in one pass (``sweep.side_by_side``, once ``sweep.pack``)
+against one run after another.
 
-    python benchmarks/sweep_pack.py [--shape small] [--train 256] [--rates 6] [--method lora]
+    python benchmarks/side_by_side.py [--shape small] [--train 256] [--rates 6] [--method lora]
         [--bf16] [--repeats 1] [--tiny]
 
 Both sides train the same K rates of seed 0 with the CLI's ``tokmask sweep``, each sweep in a fresh
-process (so each has its own peak memory), alternating packed, one-by-one, packed, … Reported: the
+process (so each has its own peak memory), alternating side by side, one-by-one, side by side, … Reported: the
 whole sweep's wall time (one base load on either side) and the time inside the runs (training,
-evaluations, saving), the largest per-run peak memory (a pack's is the pack's), and how far the two sides' dev weighted F1 lie apart per rate (dropout is off in
+evaluations, saving), the largest per-run peak memory (side by side: the group's), and how far the two sides' dev weighted F1 lie apart per rate (dropout is off in
 these random-weight decoders, so they train the same adapters up to rounding).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from _common import benchmark_parser, decoder, lince_recipe, median, write_resul
 
 def run_sweep(recipe: Path, out: Path, pack: int) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "sweep", str(recipe), f"sweep.pack={pack}",
+    subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "sweep", str(recipe), f"sweep.side_by_side={pack}",
                     "--output", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
           f"{median(times['packed']):.1f} s vs one by one {median(times['one_by_one']):.1f} s -> {ratio:.2f}x "
           f"(inside the runs {median(inside['packed']):.1f} vs {median(inside['one_by_one']):.1f} s -> {inside_ratio:.2f}x); "
           f"peak memory {peak['packed']:.0f} vs {peak['one_by_one']:.0f} MiB; dev wF1 gap {f1_gap:.4f}")
-    write_result(f"sweep_pack_{shape}_{args.method}" + ("_bf16" if args.bf16 else ""), result, args.out)
+    write_result(f"side_by_side_{shape}_{args.method}" + ("_bf16" if args.bf16 else ""), result, args.out)
     return result
 
 

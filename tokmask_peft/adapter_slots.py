@@ -1,8 +1,9 @@
-"""K adapters of one recipe trained side by side in one pass over the shared frozen base.
+"""K adapters of one recipe in one PEFT model, trained side by side in one pass over the shared frozen
+base (``sweep.side_by_side``): the PEFT mechanics; the loop is :mod:`~tokmask_peft.training`'s.
 
 A sweep trains the same recipe at K masking rates of one seed: same data order, same initial adapter
 and head, only the mask differs. On a GPU a small LoRA step is launch-bound, so K steps cost about
-what one step over K times the rows costs. Packing replicates each batch K times (rows k·B … k·B+B
+what one step over K times the rows costs. Each batch is replicated K times (rows k·B … k·B+B
 are slot k's, masked at slot k's rate) and routes each slice through its own adapter:
 
 - every LoRA linear holds K adapters (PEFT's multi-adapter model, one ``adapter_name`` per slot) and
@@ -12,6 +13,10 @@ are slot k's, masked at slot k's rate) and routes each slice through its own ada
 
 Each slot's tensors are its own PEFT adapter, so its optimizer state, clipping, early stopping and
 saving stay separate, and a slot saves as an ordinary run directory that plain PEFT loads.
+
+PEFT internals used here (checked against peft 0.21): ``lora_A``/``lora_B``/``lora_dropout``/``scaling``/
+``lora_variant`` of LoRA layers, ``modules_to_save`` of ``ModulesToSaveWrapper``, and
+``trainable_token_indices``/``trainable_tokens_delta``/``_get_embed_scale()`` of trainable token rows.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import torch
 
 from .masking import TokenMasker
 
-__all__ = ["Pack", "PackedMasker", "slot_names"]
+__all__ = ["AdapterSlots", "SlotMasker", "slot_names", "replicate"]
 FIRST = "default"
 """Slot 0 is PEFT's own adapter; the others are copies of it (same initial weights)."""
 
@@ -33,11 +38,13 @@ def slot_names(k: int) -> list[str]:
 
 def replicate(batch: dict, k: int) -> dict:
     """Every tensor of ``batch`` stacked ``k`` times along the batch dimension (slot k: rows k·B…)."""
+    if k == 1:
+        return batch
     return {key: value.repeat(k, *[1] * (value.dim() - 1)) if torch.is_tensor(value) else value
             for key, value in batch.items()}
 
 
-class Pack:
+class AdapterSlots:
     """The slots of a PEFT model, and which of them the next forward pass runs (``active``, in row order).
 
     Args:
@@ -74,7 +81,7 @@ class Pack:
 
     @contextlib.contextmanager
     def only(self, names: list[str] | str) -> Iterator[None]:
-        """Run just these slots (in this order) inside the block: evaluation of one slot, a smaller pack."""
+        """Run just these slots (in this order) inside the block: evaluation of one slot, fewer slots."""
         before, self.active = self.active, [names] if isinstance(names, str) else list(names)
         try:
             yield
@@ -88,7 +95,7 @@ class Pack:
     def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         k = len(self.active)
         if x.shape[0] % k:
-            raise ValueError(f"a packed forward needs a batch of {k} equal slices, got {x.shape[0]} rows")
+            raise ValueError(f"a side-by-side forward needs a batch of {k} equal slices, got {x.shape[0]} rows")
         return x.chunk(k)
 
     def _lora_hook(self, layer, args, result):
@@ -131,37 +138,37 @@ def _check_plain_lora(layer) -> None:
     """The batched update covers the plain low-rank product on a linear layer, nothing else."""
     kinds = {type(m).__name__ for m in layer.lora_A.values()}
     if kinds != {"Linear"} or layer.lora_variant or any(m.bias is not None for m in layer.lora_A.values()):
-        raise ValueError(f"sweep.pack supports plain LoRA on linear layers; {type(layer).__name__} has "
+        raise ValueError(f"sweep.side_by_side supports plain LoRA on linear layers; {type(layer).__name__} has "
                          f"{sorted(kinds)} adapters{' with a variant (DoRA…)' if layer.lora_variant else ''}")
 
 
-def _slot_parameters(model, pack: Pack, name: str) -> dict[str, torch.nn.Parameter]:
+def _slot_parameters(model, slots: AdapterSlots, name: str) -> dict[str, torch.nn.Parameter]:
     """Slot ``name``'s tensors, by their names in ``model``: its LoRA matrices, head copy, token rows."""
     owned = set()
-    for layer in pack.lora:
+    for layer in slots.lora:
         owned |= {id(p) for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters())}
-    for wrapper in pack.heads:
+    for wrapper in slots.heads:
         owned |= {id(p) for p in wrapper.modules_to_save[name].parameters()}
-    for layer in pack.tokens:
+    for layer in slots.tokens:
         owned.add(id(layer.trainable_tokens_delta[name]))
     return {n: p for n, p in model.named_parameters() if id(p) in owned}
 
 
-class PackedMasker:
-    """One :class:`TokenMasker` per slot, each masking its own slice of a packed batch.
+class SlotMasker:
+    """One :class:`TokenMasker` per slot, each masking its own slice of a replicated batch.
 
     The masking hook calls it like a single masker; slot k's generator draws exactly what a lone run's
-    would, so a packed slot sees the masks its lone run would have seen.
+    would, so a slot sees the masks its lone run would have seen.
     """
 
-    def __init__(self, pack: Pack, maskers: dict[str, TokenMasker]):
-        self.pack, self.maskers = pack, maskers
+    def __init__(self, slots: AdapterSlots, maskers: dict[str, TokenMasker]):
+        self.slots, self.maskers = slots, maskers
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  word_ids: torch.Tensor | None = None) -> torch.Tensor:
-        k = len(self.pack.active)
+        k = len(self.slots.active)
         split = [t.chunk(k) if t is not None else [None] * k for t in (input_ids, attention_mask, word_ids)]
-        return torch.cat([self.maskers[name](*parts) for name, *parts in zip(self.pack.active, *split)])
+        return torch.cat([self.maskers[name](*parts) for name, *parts in zip(self.slots.active, *split)])
 
     def state_dict(self) -> dict:
         return {name: masker.state_dict() for name, masker in self.maskers.items()}
