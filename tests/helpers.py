@@ -121,3 +121,15 @@ def kill_at_training_step(monkeypatch, step: int) -> None:
 
     monkeypatch.setattr(loop, "classification_loss", loss)
 
+
+
+def one_epoch_llama_recipe(tiny_model, toy_data, out: Path, **sections):
+    """A tiny LoRA recipe that trains in seconds, for module-scoped fixtures (``make_recipe`` is per test)."""
+    from tokmask_peft.config import Recipe
+
+    d = {"model": {"name": tiny_model("llama"), "task": "sequence", "method": "lora", "lora_r": 4, "lora_alpha": 8},
+         "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
+         "train": {"output_dir": str(out), "epochs": 1, "batch_size": 16, "lr": 5e-3, "seed": 0}}
+    for section, values in sections.items():
+        d.setdefault(section, {}).update(values)
+    return Recipe.from_dict(d)

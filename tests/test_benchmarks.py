@@ -132,8 +132,13 @@ def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_a
     assert "| neftune | 0.00 | 3 |" in (block / "robustness.md").read_text()
     assert json.loads((block / "block.json").read_text())["seeds"] == [0, 1, 2]
     assert yaml.safe_load((block / "rdrop" / "recipe.yaml").read_text())["sweep"]["seeds"] == [0, 1, 2]
-    # The summary judges a block on the seeds every strategy finished: rdrop lacking seed 2 drops it everywhere.
+    check_summary_judges_on_seeds_every_strategy_finished(out, block)
+
+
+def check_summary_judges_on_seeds_every_strategy_finished(out, block):
+    """The summary judges a block on the seeds every strategy finished: rdrop lacking seed 2 drops it everywhere."""
     from low_resource import run_times, summary_table
+
     shutil.rmtree(block / "rdrop" / "mask_0.00" / "seed_2")
     rows = [line for line in summary_table(out).splitlines() if line.startswith("| ")]
     block_1 = rows[rows.index(next(r for r in rows if "(block 1)" in r)):][:4]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-NOISE = ("LOAD REPORT", "gemm_4bit", "FutureWarning", "Loading weights")
+NOISE = ("LOAD REPORT", "gemm_4bit", "FutureWarning", "Loading weights", "publisher trust check")
 
 
 def tokmask(*args):

@@ -34,12 +34,10 @@ def trained(tmp_path_factory, tiny_model, toy_data):
     """One finished tiny LoRA run, copied afresh by each test that damages it."""
     from tokmask_peft.training import train
 
+    from helpers import one_epoch_llama_recipe
+
     out = tmp_path_factory.mktemp("reliable") / "run"
-    recipe = Recipe.from_dict({
-        "model": {"name": tiny_model("llama"), "task": "sequence", "method": "lora", "lora_r": 4, "lora_alpha": 8},
-        "data": {"train": str(toy_data["train"]), "dev": str(toy_data["dev"]), "max_length": 16},
-        "train": {"output_dir": str(out), "epochs": 1, "batch_size": 16, "lr": 5e-3, "seed": 0}})
-    train(recipe)
+    train(one_epoch_llama_recipe(tiny_model, toy_data, out))
     return out
 
 

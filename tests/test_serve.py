@@ -159,6 +159,9 @@ def test_concurrent_requests_get_their_own_adapters_answers(server):
     (b'{"inputs": ["a", "b", "c", "d", "e"]}', 413, "limit is 4"),
     (json.dumps({"inputs": " ".join(["palabra"] * 40)}).encode(), 413, "max_length (16 tokens)"),
     (json.dumps({"inputs": "x" * 5000}).encode(), 413, "over the limit of 4096"),
+    (b'{"inputs": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400, "nested too deeply"),
+    (b'{"inputs": ["fine", "\\ud800 lone"]}', 422, "inputs[1] is not valid Unicode"),
+    (b'{"inputs": "x", "adapter": ' + b"9" * 400 + b"}", 422, "not a masking rate"),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_goes_on(server, body, status, message):
     before = batch_count(server)
@@ -212,6 +215,9 @@ def test_open_server_on_loopback_and_bad_command_lines(sweeps):
     missing = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "serve", str(sweeps["sa"] / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "no such run or sweep" in missing.stderr
+    empty = subprocess.run([sys.executable, "-m", "tokmask_peft.cli", "serve", str(sweeps["sa"]), "--api-key", ""],
+                           capture_output=True, text=True)
+    assert empty.returncode == 1 and "the API key is empty" in empty.stderr  # not an open server
 
 
 def test_pool_refuses_two_adapters_of_one_name(sweeps):
@@ -282,3 +288,50 @@ def test_guard_asks_for_the_key_everywhere_but_health_and_counts_requests():
     assert client.get("/adapters", headers={"Authorization": "bearer wrong"}).status_code == 401
     assert client.get("/adapters", headers=AUTH).status_code == 200
     assert telemetry.registry.get_sample_value("tokmask_requests_total", {"route": "/adapters", "status": "401"}) == 2
+
+
+@pytest.mark.slow
+def test_long_inputs_are_tokenised_off_the_event_loop(sweeps, monkeypatch):
+    """One client's long texts must not stall the others: /health answers while they are tokenised."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    import tokmask_peft.server as server_module
+    from tokmask_peft.server import create_app
+
+    real, started = server_module.too_long, threading.Event()
+
+    def slow_too_long(served, texts):
+        started.set()
+        time.sleep(3)  # as a 1 MB text takes
+        return real(served, texts)
+
+    monkeypatch.setattr(server_module, "too_long", slow_too_long)
+    with TestClient(create_app(AdapterPool([str(sweeps["sa"])]))) as client:
+        slow = threading.Thread(target=client.post, args=("/predict",), kwargs={"json": {"inputs": "x " * 50}})
+        slow.start()
+        assert started.wait(30)
+        began = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        assert time.perf_counter() - began < 1.5
+        slow.join()
+        for path, method, status, kind in (("/nope", "GET", 404, "NotFound"), ("/health", "POST", 405,
+                                                                                "MethodNotAllowed")):
+            answer = client.request(method, path)  # the router's own answers, in the documented shape
+            assert answer.status_code == status and answer.json()["error_type"] == kind, answer.text
+
+
+def test_short_texts_skip_tokenisation_and_keys_are_checked_at_start(monkeypatch):
+    import types
+
+    import tokmask_peft.serving as serving
+    from tokmask_peft.server import check_api_key
+
+    served = types.SimpleNamespace(config={"task": "sequence", "max_length": 16}, classifier=None)
+    monkeypatch.setattr(serving, "encode", lambda *a, **k: pytest.fail("short texts need no tokeniser"))
+    assert serving.too_long(served, ["a short one", "ñ" * 6]) == []  # 12 bytes: fits whatever the tokeniser
+    assert check_api_key(None) is None and check_api_key("s3cret") == "s3cret"
+    for bad, message in (("", "empty"), ("  ", "empty"), ("clé", "ASCII")):
+        with pytest.raises(ValueError, match=message):
+            check_api_key(bad)

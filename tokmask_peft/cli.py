@@ -107,12 +107,12 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from .server import create_app
+        from .server import check_api_key, create_app
     except ImportError as e:
         raise SystemExit(f"tokmask serve needs {e.name}, which is not installed: pip install 'tokmask-peft[serve]'")
     from .serving import API_KEY_ENV, AdapterPool
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = check_api_key(args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     pool = AdapterPool(args.paths, seed=args.seed, device=args.device)
     app = create_app(pool, args.max_batch, args.max_wait_ms, args.max_inputs, args.max_body_bytes, api_key)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -49,9 +49,10 @@ def _choice(section: str, name: str, value, allowed) -> None:
 
 
 def _positive(section: str, name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))
     if not ok:
-        raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise ValueError(f"{section}.{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -307,6 +308,11 @@ class SweepConfig:
     def __post_init__(self):
         if not self.rates or not self.seeds:
             raise ValueError("sweep.rates and sweep.seeds must be non-empty lists")
+        for seed in self.seeds:
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ValueError(f"sweep.seeds must be whole numbers >= 0, got {seed!r} in {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep.seeds lists a seed twice ({self.seeds}): each seed is one run per rate")
         if self.side_by_side < 0:
             raise ValueError(f"sweep.side_by_side must be 0 (off) or a number of runs, got {self.side_by_side}")
         for r in self.rates:

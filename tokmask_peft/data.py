@@ -176,9 +176,27 @@ def read_examples(path: str, fmt: str, task: str, text_column="text", label_colu
     """Dispatch on ``fmt``: lince | csv | tsv | jsonl | hf; ``errors``: what non-UTF-8 bytes do."""
     if fmt == "lince":
         return read_lince(path, task, fold_tags, errors)
-    if fmt == "hf":
-        return read_hf(path, split, text_column, label_column)
-    return read_table(path, fmt, text_column, label_column, errors)
+    read = read_hf(path, split, text_column, label_column) if fmt == "hf" else read_table(
+        path, fmt, text_column, label_column, errors)
+    return check_example_types(read, task, text_column, label_column)
+
+
+def check_example_types(examples: list[Example], task: str, text_column: str, label_column: str) -> list[Example]:
+    """Refuse, naming file, line and column, a text or label of the wrong kind for ``task`` (a JSONL text that
+    is a number or a list would otherwise be encoded as something else: a two-word list as a sentence pair)."""
+    for ex in examples:
+        if task == "token":
+            words_ok = isinstance(ex.text, list) and all(isinstance(w, str) for w in ex.text)
+            labels_ok = isinstance(ex.label, list) and words_ok and len(ex.label) == len(ex.text)
+            what = (f"column {text_column!r} must be a list of words" if not words_ok else
+                    f"column {label_column!r} must be a list of tags, one per word" if not labels_ok else None)
+        else:
+            what = (f"column {text_column!r} must be a string, got {json.dumps(ex.text)[:40]}"
+                    if not isinstance(ex.text, str) else
+                    f"column {label_column!r} must be one label, got a list" if isinstance(ex.label, list) else None)
+        if what:
+            raise ValueError(f"{ex.source}: {what}")
+    return examples
 
 
 # ---- labels ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from .masking import MaskToken, TokenMasker
 from .modeling import base_identity, classifier_on_body, classifier_tokenizer, load_base
 from .metrics import DEFAULT_METRIC
 from .reporting import collect, summarise
-from .runs import METRICS_FILE, TOKMASK_CONFIG, adapter_name, read_run_config, run_dirs, verify_weights, weight_record
+from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, read_run_config, run_dirs, verify_weights, weight_record,
+                   with_meaning)
 from .storage import write_json
 
 # What adapters on one base must share; task and labels may differ (each task adapter brings its head).
@@ -321,6 +322,6 @@ def merge_run(run_dir: str | Path, output_dir: str | Path) -> Path:
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     merged.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    write_json(output_dir / TOKMASK_CONFIG, {**config, "method": "full", "merged_from": str(run_dir),
-                                             "weights": weight_record(output_dir)})
+    write_json(output_dir / TOKMASK_CONFIG, with_meaning({**config, "method": "full", "merged_from": str(run_dir),
+                                                          "weights": weight_record(output_dir)}))
     return output_dir

@@ -9,15 +9,20 @@ imports no Accelerate, so reading a run never pulls in the training stack.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import re
 import shutil
+import warnings
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from .config import TEST_SET
+from .console import TokmaskWarning
 from .storage import atomic_write_bytes, file_digest, read_json
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
@@ -29,6 +34,7 @@ DEV_SET = "dev"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 PARTIAL_SUFFIX = ".partial"
+RUN_NAME = re.compile(r"mask_\d+\.\d\d/seed_\d+")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # What a resume or a reuse need not match: where, how fast and how often a run is written.
 UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness", "report_to",
@@ -58,11 +64,63 @@ def run_dir(out: str | Path, rate: float, seed: int) -> Path:
     return Path(out) / adapter_name(rate) / f"seed_{seed}"
 
 
-def run_dirs(out: str | Path, seed: int | None = None) -> list[Path]:
-    """The runs with results under a sweep directory (weights or not: a light copy reports too),
-    sorted by path; one seed's only if ``seed`` is given."""
-    pattern = f"mask_*/seed_{'*' if seed is None else seed}"
-    return [path for path in sorted(Path(out).glob(pattern)) if has_results(path)]
+def run_dirs(out: str | Path, seed: int | None = None, warn: bool = True) -> list[Path]:
+    """The finished runs of a sweep directory (weights or not: a light copy reports too), sorted by path;
+    one seed's only if ``seed`` is given.
+
+    Only ``mask_R/seed_N`` directories whose config says rate R and seed N count. Anything else under
+    ``mask_*`` (a ``.partial`` still training, a ``seed_0.bak`` copy, a run without ``metrics.json``, a
+    run filed under another rate or seed) is left out, and named in a warning unless ``warn`` is off.
+    Runs of another recipe would change the table and its verdicts: they are refused, naming the keys.
+    """
+    found, left_out = [], []
+    for path in sorted(p for p in Path(out).glob("mask_*/*") if p.is_dir()):
+        why = not_a_run(path)
+        if why:
+            left_out.append(f"{path} ({why})")
+        elif seed is None or path.name == f"seed_{seed}":
+            found.append(path)
+    if left_out and warn:
+        warnings.warn(f"left out of {out}: " + "; ".join(left_out), TokmaskWarning, stacklevel=2)
+    check_one_recipe(found)
+    return found
+
+
+def not_a_run(path: Path) -> str | None:
+    """Why ``path`` under a sweep directory is not a finished run it counts, or None if it is one."""
+    match = RUN_NAME.fullmatch(f"{path.parent.name}/{path.name}")
+    if path.name.endswith(PARTIAL_SUFFIX):
+        return "not finished"
+    if not match:
+        return "not named mask_R/seed_N"
+    if not has_results(path):
+        return f"no {METRICS_FILE}" if (path / TOKMASK_CONFIG).is_file() else f"no {TOKMASK_CONFIG}"
+    config = read_run_config(path)
+    if (adapter_name(config["masking"]["rate"]), f"seed_{config['seed']}") != (path.parent.name, path.name):
+        return (f"its config says rate {config['masking']['rate']:g}, seed {config['seed']}: filed under "
+                "another run's name")
+    return None
+
+
+def check_one_recipe(runs: list[Path]) -> None:
+    """Refuse runs that differ in more than masking rate and seed: one table, one recipe."""
+    if not runs:
+        return
+    first = recipe_identity(read_run_config(runs[0]).get("recipe", {}))
+    for run in runs[1:]:
+        diff = fingerprint_diff(first, recipe_identity(read_run_config(run).get("recipe", {})), shared_keys_only=True)
+        if diff:
+            raise ValueError(f"{run} was trained with another recipe than {runs[0]} (differs in {diff}): one "
+                             "sweep directory holds one recipe's runs; move it out, or report it as its own sweep")
+
+
+def recipe_identity(recipe: dict) -> dict:
+    """A saved recipe less what may differ between the runs of one sweep: rate, seed, and what
+    :func:`run_fingerprint` leaves out."""
+    d = run_fingerprint_of(recipe)
+    d["masking"] = {k: v for k, v in d.get("masking", {}).items() if k != "rate"}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k != "seed"}
+    return d
 
 
 def partial_dir(final: Path) -> Path:
@@ -84,12 +142,18 @@ def has_results(path: Path) -> bool:
 
 def is_complete(path: Path) -> bool:
     """A finished run: both JSON files parse and every weight file it recorded is there, whole."""
+    return incomplete_because(path) is None
+
+
+def incomplete_because(path: Path) -> str | None:
+    """Why the run in ``path`` is not finished (a file missing, damaged or cut short), or None if it is."""
     try:
         read_metrics(path)
         config = read_run_config(path)
-    except (OSError, ValueError):
-        return False
-    return not weight_problems(path, config, digests=False)
+    except (OSError, ValueError) as e:
+        return str(e)
+    problems = weight_problems(path, config, digests=False)
+    return "; ".join(problems) if problems else None
 
 
 # ---- the weights a run holds -------------------------------------------------------------------
@@ -125,8 +189,29 @@ def weight_problems(run: Path, config: dict, digests: bool = True) -> list[str]:
     return problems
 
 
+MEANING_KEYS = ("task", "labels", "mask_token", "method")
+"""What gives a run's weights their meaning: label i is output i, the mask id a trained row. (The base's
+path is not here: a base moved elsewhere is checked by its identity instead.)"""
+
+
+def meaning_digest(config: dict) -> str:
+    """SHA-256 of the :data:`MEANING_KEYS` of a run config, recorded beside them when the weights are saved."""
+    record = {key: config.get(key) for key in MEANING_KEYS}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def with_meaning(config: dict) -> dict:
+    """``config`` with the digest that binds its labels, task, mask token and method to its weights."""
+    return {**config, "meaning_sha256": meaning_digest(config)}
+
+
 def verify_weights(run: Path, config: dict) -> None:
-    """Refuse a run whose weights are missing, truncated or corrupted, naming each file."""
+    """Refuse a run whose weights are missing, truncated or corrupted, naming each file, or whose config
+    no longer says what its weights mean (labels, task, mask token or method edited after training)."""
+    recorded = config.get("meaning_sha256")
+    if recorded is not None and recorded != meaning_digest(config):
+        raise ValueError(f"{Path(run) / TOKMASK_CONFIG}: its {', '.join(MEANING_KEYS)} are not those the weights "
+                         "were saved with (the file was edited?); restore the file or retrain the run")
     problems = weight_problems(Path(run), config)
     if problems:
         raise ValueError("; ".join(problems) + ". Retrain the run or restore the file from a copy")
@@ -169,9 +254,13 @@ def read_metrics(run: str | Path) -> dict:
 
 def run_fingerprint(recipe) -> dict:
     """What must match for a checkpoint to be resumed into (everything but where and how fast it is written)."""
-    d = recipe.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
-    d.pop("sweep", None)
+    return run_fingerprint_of(recipe.to_dict())
+
+
+def run_fingerprint_of(recipe: dict) -> dict:
+    """:func:`run_fingerprint` of a recipe as a dict (as ``tokmask_config.json`` saves it)."""
+    d = {k: dict(v) for k, v in recipe.items() if k != "sweep"}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in UNFINGERPRINTED_TRAIN_KEYS}
     return d
 
 
@@ -210,12 +299,17 @@ class Predictions:
 
 
 def load_predictions(path: Path) -> dict[str, Predictions]:
-    """``predictions.npz`` of one run: every evaluation set it was scored on, by name."""
-    with np.load(path) as data:
-        names = sorted({key.split("/")[0] for key in data.files})
-        return {name: Predictions(data[f"{name}/example"], data[f"{name}/gold"], data[f"{name}/pred"],
-                                  data[f"{name}/probs"] if f"{name}/probs" in data.files else None)
-                for name in names}
+    """``predictions.npz`` of one run: every evaluation set it was scored on, by name; a damaged or cut
+    file is an error naming it."""
+    try:
+        with np.load(path) as data:
+            names = sorted({key.split("/")[0] for key in data.files})
+            return {name: Predictions(data[f"{name}/example"], data[f"{name}/gold"], data[f"{name}/pred"],
+                                      data[f"{name}/probs"] if f"{name}/probs" in data.files else None)
+                    for name in names}
+    except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is damaged or cut short ({type(e).__name__}: {e}); retrain the run, or delete the "
+                         "file to judge it from its best metrics alone") from None
 
 
 def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:

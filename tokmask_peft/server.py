@@ -15,6 +15,8 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -88,12 +90,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def check_api_key(key: str | None) -> str | None:
+    """The key a server asks for, or None (open). An empty key would turn authentication off without a
+    word, and a non-ASCII one could never match (HTTP headers carry ASCII): both are refused."""
+    if key is None:
+        return None
+    if not key.strip():
+        raise ValueError("the API key is empty: give a key, or none to serve without one (on loopback only)")
+    if not key.isascii() or not key.isprintable():
+        raise ValueError("the API key must be printable ASCII: HTTP headers carry nothing else")
+    return key
+
+
 def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
     """(payload, texts, whether ``inputs`` was a single string), or a RequestError saying what is wrong."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(400, f"request body is not valid JSON: {e}", "Malformed") from None
+    except RecursionError:
+        raise RequestError(400, "request body is JSON nested too deeply", "Malformed") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise RequestError(422, 'the body must be a JSON object with "inputs": a string or a list of strings')
     inputs = payload["inputs"]
@@ -108,6 +124,10 @@ def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
                                "(text pairs are not supported)")
         if not text.strip():
             raise RequestError(422, f"inputs[{i}] is empty", "Empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, f"inputs[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
     if len(texts) > max_inputs:
         raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs} (--max-inputs)")
     for flag in ("raw_scores", "truncate"):
@@ -124,7 +144,7 @@ def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max
         try:
             payload, texts, single = parse_predict(await read_body(request, max_body_bytes), max_inputs)
             served = pool.resolve(payload.get("adapter"))
-            cut = too_long(served, texts)
+            cut = await run_in_threadpool(too_long, served, texts)  # seconds for a long text: off the loop
             if cut and not payload.get("truncate", False):
                 limit = served.config["max_length"]
                 raise RequestError(413, f"inputs {cut} are longer than the model's max_length ({limit} tokens); "
@@ -149,6 +169,7 @@ def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max
 def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
                max_body_bytes: int = 1 << 20, api_key: str | None = None):
     """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
+    api_key = check_api_key(api_key)
     for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -179,6 +200,11 @@ def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0,
         yield
         await batcher.stop()
 
+    async def http_error(request: Request, e: HTTPException) -> Response:  # the router's 404 / 405, as JSON
+        return error(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                     {404: "NotFound", 405: "MethodNotAllowed"}.get(e.status_code, "Http"))
+
     app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/adapters", adapters),
-                            Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan)
+                            Route("/health", health), Route("/metrics", metrics)], lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
     return Guard(app, api_key, telemetry)

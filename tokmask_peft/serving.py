@@ -87,6 +87,13 @@ def runs_of(path: Path, seed: int) -> tuple[dict[str, Path], str]:
     return runs, best_rate_name(path, runs, DEFAULT_METRIC)
 
 
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return math.inf
+
+
 class AdapterPool:
     """Every adapter named on the command line, by public name, on as few bases as compatibility allows.
 
@@ -150,7 +157,10 @@ class AdapterPool:
             if name not in self.served:
                 raise RequestError(404, f"no adapter {wanted!r}; served: {sorted(self.served)}", "NotFound")
             return self.served[name]
-        matches = [s for s in self.served.values() if math.isclose(s.config["masking"]["rate"], wanted)]
+        if not math.isfinite(rate := _as_float(wanted)):
+            raise RequestError(422, f"\"adapter\" {str(wanted)[:40]}… is not a masking rate (a number from 0 to 1) "
+                               "nor a name")
+        matches = [s for s in self.served.values() if math.isclose(s.config["masking"]["rate"], rate)]
         if len(matches) != 1:
             found = "none has" if not matches else f"{[s.name for s in matches]} all have"
             raise RequestError(404 if not matches else 422, f"adapter rate {wanted}: {found} that masking rate; "
@@ -165,12 +175,22 @@ class AdapterPool:
         return clf.logits(texts, batch_size=max(1, len(texts)))
 
 
+SPECIALS_AT_MOST = 4
+"""More than any tokenizer adds around a text (CLS/SEP, BOS/EOS, SentencePiece's leading piece)."""
+
+
 def too_long(served: Served, texts: list[str]) -> list[int]:
-    """Indices of the texts ``max_length`` would cut short (tokenised here, before the model is touched)."""
+    """Indices of the texts ``max_length`` would cut short, before the model is touched. A text of few
+    bytes cannot be cut (no tokenizer makes more tokens than bytes), so only longer ones are tokenised;
+    the server calls this off its event loop, as tokenising a long text takes seconds."""
+    limit = served.config["max_length"] - SPECIALS_AT_MOST
+    long = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) > limit]
+    if not long:
+        return []
     task = served.config["task"]
-    examples = as_examples(texts, task)
+    examples = as_examples([texts[i] for i in long], task)
     features = encode(examples, served.classifier.tokenizer, task, None, served.config["max_length"])
-    return [i for i, (f, e) in enumerate(zip(features, examples)) if was_truncated(f, e)]
+    return [i for i, f, e in zip(long, features, examples) if was_truncated(f, e)]
 
 
 def scored(logits: torch.Tensor, text: str, served: Served, raw_scores: bool) -> list[dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,9 @@ from accelerate import PartialState
 from .config import Recipe
 from .recipe_setup import Setup
 from .reporting import report, update_cards
-from .runs import is_complete, partial_dir, promote, read_metrics, refuse_other_recipe, run_dir
+from .console import TokmaskWarning
+from .runs import (CHECKPOINT_DIR, METRICS_FILE, incomplete_because, is_complete, partial_dir, promote, read_metrics,
+                   read_run_config, refuse_other_recipe, run_dir, run_dirs)
 from .storage import atomic_write_text, hold
 from .training import check_side_by_side, train, train_side_by_side
 
@@ -54,7 +57,7 @@ def sweep(recipe: Recipe, out: str | Path | None = None, executor: str = "local"
     with hold(out, "sweep"):  # a second sweep on this directory is refused at once, naming this one
         check_finished_runs(recipe, out)
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        todo = pending(recipe, out)
+        todo = pending(recipe, out, warn=True)
         if executor == "local":
             setup = Setup.from_recipe(recipe) if todo else None
             for rates, seed in groups(todo, recipe.sweep.side_by_side):
@@ -80,20 +83,30 @@ def run_recipe(recipe: Recipe, rate: float, seed: int) -> Recipe:
     return recipe.with_overrides([f"masking.rate={rate}", f"train.seed={seed}"])
 
 
-def pending(recipe: Recipe, out: Path) -> list[tuple[float, int]]:
-    """The (rate, seed) pairs whose run directory is not complete yet."""
-    return [(rate, seed) for rate, seed in grid(recipe) if not is_complete(run_dir(out, rate, seed))]
+def pending(recipe: Recipe, out: Path, warn: bool = False) -> list[tuple[float, int]]:
+    """The (rate, seed) pairs whose run directory is not complete yet; with ``warn``, a run directory that
+    is there but not whole (damaged, cut short) is named before it is trained again."""
+    todo = []
+    for rate, seed in grid(recipe):
+        path = run_dir(out, rate, seed)
+        why = incomplete_because(path)
+        if why is None:
+            continue
+        if warn and path.exists():
+            warnings.warn(f"{path} is not a whole run ({why}); training it again", TokmaskWarning, stacklevel=2)
+        todo.append((rate, seed))
+    return todo
 
 
 def check_finished_runs(recipe: Recipe, out: Path) -> None:
-    """Refuse to extend a sweep whose finished runs were trained with another recipe: the table
-    would mix the two, and ``recipe.yaml`` would describe only one of them. New rates and seeds
-    are fine; output paths, logging and workers may differ."""
-    for rate, seed in grid(recipe):
-        path = run_dir(out, rate, seed)
-        if is_complete(path):
-            refuse_other_recipe(path, run_recipe(recipe, rate, seed),
-                                "sweep into another output directory, or delete the runs to retrain them")
+    """Refuse to extend a sweep whose finished runs were trained with another recipe: every finished run
+    in the directory, not only the new grid's points (a new rate or seed under another recipe would mix
+    the two in one table, and ``recipe.yaml`` would describe only one of them). Output paths, logging
+    and workers may differ."""
+    for path in run_dirs(out, warn=False):
+        config = read_run_config(path)
+        refuse_other_recipe(path, run_recipe(recipe, config["masking"]["rate"], config["seed"]),
+                            "sweep into another output directory, or delete the runs to retrain them")
 
 
 # ---- the local executor --------------------------------------------------------------------------
@@ -107,8 +120,10 @@ def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | 
     """
     final = run_dir(out, rate, seed)
     partial = partial_dir(final)
-    # A whole partial run crashed before the rename: only the rename is left.
-    if not is_complete(partial):
+    # A whole partial run crashed before the rename: only the rename is left, if this recipe trained it.
+    if is_complete(partial):
+        refuse_other_recipe(partial, run_recipe(recipe, rate, seed), f"delete {partial} to train it again")
+    else:
         train(run_recipe(recipe, rate, seed), setup=setup, output_dir=partial)
     state = PartialState()
     state.wait_for_everyone()
@@ -131,9 +146,20 @@ def groups(todo: list[tuple[float, int]], size: int) -> list[tuple[list[float], 
 
 def train_group(recipe: Recipe, rates: list[float], seed: int, out: Path, setup: Setup) -> list[Path]:
     """Train the grid points ``rates`` × ``seed`` side by side, each into its ``.partial`` directory,
-    renamed once complete; one point left is trained alone."""
+    renamed once complete; one point left is trained alone.
+
+    A group killed while it wrote its runs' results resumes whole from its checkpoint: the runs it had
+    finished are finished again from the same state (identical files), so no run is retrained alone."""
     finals = [run_dir(out, rate, seed) for rate in rates]
-    todo = [(rate, partial_dir(final)) for rate, final in zip(rates, finals) if not is_complete(partial_dir(final))]
+    partials = [partial_dir(final) for final in finals]
+    for rate, partial in zip(rates, partials):
+        if is_complete(partial):
+            refuse_other_recipe(partial, run_recipe(recipe, rate, seed), f"delete {partial} to train it again")
+    checkpoint = group_dir(out, rates, seed)
+    if (checkpoint / CHECKPOINT_DIR / "recipe.json").is_file():
+        for partial in partials:
+            (partial / METRICS_FILE).unlink(missing_ok=True)  # finished again from the group's checkpoint
+    todo = [(rate, partial) for rate, partial in zip(rates, partials) if not is_complete(partial)]
     checkpoint = group_dir(out, [rate for rate, _ in todo], seed)
     if len(todo) > 1:
         train_side_by_side([run_recipe(recipe, rate, seed) for rate, _ in todo], [partial for _, partial in todo],

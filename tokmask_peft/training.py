@@ -49,7 +49,7 @@ from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
 from .robustness import CORRUPTIONS
 from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, is_complete, run_config,
-                   run_fingerprint, save_predictions, weight_record)
+                   run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
 
 __all__ = ["train", "train_side_by_side", "check_side_by_side"]
@@ -529,9 +529,9 @@ def save_run(loop: Loop, slot: Slot) -> None:
         move_files_in(saved, slot.out)
         if saved != scratch:
             move_files_in(scratch, slot.out)  # PEFT's README.md, written beside the adapter's folder
-        write_json(slot.out / TOKMASK_CONFIG, {**run_config(recipe, setup.labels, setup.mask_token),
-                                               "base_identity": setup.base_identity, "weights": weights,
-                                               "command": training_command()})
+        write_json(slot.out / TOKMASK_CONFIG, with_meaning({**run_config(recipe, setup.labels, setup.mask_token),
+                                                            "base_identity": setup.base_identity, "weights": weights,
+                                                            "command": training_command()}))
     accelerator.wait_for_everyone()
 
 
