@@ -91,3 +91,27 @@ def test_kept_in_writes_the_blocks_notices_to_the_runs_log_and_only_then(restore
     with pytest.raises(RuntimeError), kept_in(tmp_path / "refused"):
         raise RuntimeError("refused before anything was said")
     assert not (tmp_path / "refused" / THIRD_PARTY_LOG).exists()
+
+
+LIBRARY_USER = """
+import logging, warnings
+import tokmask_peft
+tokmask_peft.Recipe  # the first heavy name a user touches loads the stack, quiet
+logging.getLogger("transformers.modeling_utils").warning("LOAD REPORT: classifier.weight MISSING")
+logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check for 'x/y'")
+warnings.warn_explicit("old argument", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+logging.getLogger("peft").error("a real error")
+warnings.warn("the user's own warning")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["default", "TOKMASK_VERBOSE"])
+def test_python_users_get_the_clis_quiet_and_keep_their_own_warnings(verbose):
+    import os
+
+    env = {**os.environ, **({"TOKMASK_VERBOSE": "1"} if verbose else {})}
+    env.pop("TOKMASK_VERBOSE", None) if not verbose else None
+    err = subprocess.run([sys.executable, "-c", LIBRARY_USER], capture_output=True, text=True, env=env).stderr
+    assert "a real error" in err and "the user's own warning" in err
+    for noise in ("LOAD REPORT", "publisher trust check", "old argument"):
+        assert (noise in err) == verbose, (noise, err)

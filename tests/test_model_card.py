@@ -30,10 +30,18 @@ def test_card_has_hub_metadata_method_masking_data_and_results():
 
 
 def test_loading_snippets_name_where_a_pkg_base_resolves_and_full_runs_load_alone():
-    config, _ = run_files()
+    import yaml as installed
+
+    from tokmask_peft.config import resolve_path
+
+    config, _ = run_files(base="pkg:yaml")
     snippet = loading_snippet(config)
-    assert "tokmask_peft.config.resolve_path" in snippet and "PeftModel.from_pretrained" in snippet
+    assert f"base = {resolve_path('pkg:yaml')!r}  # pkg:yaml" in snippet and installed.__file__.startswith(
+        resolve_path("pkg:yaml"))  # a folder from_pretrained loads, not a `pkg:` id it would take for a repo
+    assert "PeftModel.from_pretrained" in snippet
     compile(snippet, "snippet", "exec")  # valid Python as printed
+    missing = loading_snippet(run_files(base="pkg:no_such_asset_pkg/model")[0])
+    assert "tokmask_peft.config.resolve_path gives its folder" in missing
     full = loading_snippet(run_files("full", base="bert-base-multilingual-cased")[0])
     assert "PeftModel" not in full and "AutoModelForSequenceClassification.from_pretrained(run)" in full
     assert "QLoRA adapters load the same way" in loading_snippet(run_files("qlora")[0])

@@ -57,3 +57,20 @@ def test_output_rows_carry_fields_through_and_write_as_jsonl_and_csv():
     out = io.StringIO()
     write_jsonl(out, iter(records))
     assert out.getvalue().count("\n") == 2 and '"adapter": "mask_0.10"' in out.getvalue()
+
+
+def test_a_row_short_of_the_text_column_gets_its_own_error_and_the_file_goes_on():
+    rows = rows_of("id,label,text\n1,x,good\n2,y\n3,z,bad\n", "csv")
+    assert [r.text for r in rows] == ["good", None, "bad"]
+    records = list(output_rows(rows, [{"label": "p"}, None, {"label": "n"}], "a", "sequence"))
+    assert records[1] == {"id": "2", "label": None, "error": "no value for column 'text'", "adapter": "a"}
+    assert [r["label"] for r in records] == ["p", None, "n"]
+
+
+def test_bytes_that_are_not_utf8_name_predicts_own_option_and_can_be_replaced():
+    data = "text\ncafé\n".encode("latin-1")
+    with pytest.raises(ValueError, match=r"in.csv:2: bytes that are not UTF-8.*set --encoding-errors=replace"):
+        read_rows(io.BytesIO(data), "in.csv", "csv", "text", "sequence")
+    with pytest.warns(UserWarning, match="--encoding-errors=replace"):
+        rows = read_rows(io.BytesIO(data), "in.csv", "csv", "text", "sequence", encoding_errors="replace")
+    assert rows[0].text == "caf\ufffd"

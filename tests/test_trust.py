@@ -99,7 +99,8 @@ def test_a_seed_twice_is_refused_and_a_damaged_finished_run_is_named_before_retr
         recipe.with_overrides(["sweep.seeds=[0, 0]"])
     weights = out / "mask_0.10" / "seed_0" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.warns(TokmaskWarning, match=r"mask_0.10/seed_0 is not a whole run \(.*truncated.*\); training it again"):
+    damaged = r"mask_0.10/seed_0 is not a whole run \(.*truncated.*\); training it again"
+    with pytest.warns(TokmaskWarning, match=damaged):
         sweep(recipe, out)
     assert load_file(weights)
 
@@ -110,7 +111,8 @@ def test_a_group_killed_while_writing_results_resumes_whole(make_recipe, tmp_pat
     group from its checkpoint (no run retrained alone, no orphaned checkpoint), equal to an uninterrupted one."""
     import tokmask_peft.training as loop
 
-    recipe = make_recipe("llama", train={"epochs": 2}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "side_by_side": 3})
+    recipe = make_recipe("llama", train={"epochs": 2},
+                         sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "side_by_side": 3})
     sweep(recipe, tmp_path / "whole")
     real, calls = loop.write_results, {"n": 0}
 
@@ -156,7 +158,7 @@ def test_numbers_and_seeds_that_cannot_train_are_refused(make_recipe):
     ('{"text": {"a": 1}, "label": "p"}', "sequence", "column 'text' must be a string"),
     ('{"text": "a b", "label": ["p"]}', "sequence", "x.jsonl:2: column 'label' must be one label, got a list"),
     ('{"text": "a b", "label": ["x", "y"]}', "token", "x.jsonl:2: column 'text' must be a list of words"),
-    ('{"text": ["a", "b"], "label": ["x"]}', "token", "x.jsonl:2: column 'label' must be a list of tags, one per word"),
+    ('{"text": ["a", "b"], "label": "x"}', "token", "x.jsonl:2: column 'label' must be a list of tags, one per word"),
 ])
 def test_a_jsonl_text_or_label_of_the_wrong_kind_is_named_by_line(tmp_path, line, task, message):
     from tokmask_peft.data import read_examples
@@ -174,3 +176,60 @@ def test_a_truncated_predictions_file_is_named_in_the_report(copy):
     npz.write_bytes(npz.read_bytes()[:200])
     with pytest.raises(ValueError, match=r"mask_0.10/seed_0/predictions.npz is damaged or cut short"):
         report(out)
+
+
+# ---- what a finished run and a report leave behind ------------------------------------------------------
+
+
+def test_results_honour_the_umask_and_a_promoted_run_holds_nothing_of_its_training(copy, monkeypatch):
+    import os
+
+    recipe, out = copy
+    run = out / "mask_0.10" / "seed_0"
+    partial = run.with_name("seed_0.partial")
+    run.rename(partial)  # finished, then killed before the rename, with what a kill can leave in it
+    for leftover in ("checkpoint", "checkpoint.old", ".saving"):
+        (partial / leftover).mkdir()
+        (partial / leftover / "x.bin").write_bytes(b"x")
+    for leftover in (".metrics.json.a1b2c3.tmp", ".tokmask.lock", ".tokmask.lock.owner"):
+        (partial / leftover).write_text("x")
+    before = sorted(p.name for p in (out / "mask_0.00" / "seed_0").iterdir())
+    old = os.umask(0o022)
+    try:
+        sweep(recipe, out)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in run.iterdir()) == before
+    for name in ("results.csv", "results.md", "results.png", "recipe.yaml"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name  # readable by the group, as a plain write
+
+
+def test_a_sweep_says_which_run_it_is_on_and_about_how_long_the_rest_takes(make_recipe, tmp_path, capsys):
+    sweep(make_recipe("llama", train={"epochs": 1}, sweep={"rates": [0.0, 0.1], "seeds": [0]}), tmp_path / "s")
+    said = capsys.readouterr().out
+    assert "run 1/2: mask_0.00/seed_0\n" in said
+    assert re.search(r"run 2/2: mask_0.10/seed_0 \(about \d+ s left\)", said)
+    assert said.index("run 1/2") < said.index("step ") < said.index("run 2/2")
+
+
+def test_a_dev_set_too_small_to_judge_anything_is_named(make_recipe):
+    from tokmask_peft.recipe_setup import read_splits
+
+    recipe = make_recipe(data={"dev": None, "dev_fraction": 0.1})  # 96 toy tweets: 9 for dev
+    with pytest.warns(TokmaskWarning, match=r"the dev set holds 9 examples.*moves accuracy by 11 points"):
+        read_splits(recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TokmaskWarning)
+        read_splits(make_recipe())  # 32 examples: enough not to be warned about
+
+
+def test_long_csv_fields_are_read_and_lone_carriage_returns_are_named(tmp_path):
+    from tokmask_peft.data import read_examples
+
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "word " * 40_000 + ",p\nshort,n\n")  # a 200 KB text: over csv's 128 KiB
+    assert [len(e.text) for e in read_examples(str(long), "csv", "sequence")] == [200_000, 5]
+    old_mac = tmp_path / "mac.csv"
+    old_mac.write_bytes(b"text,label\rgood,p\rbad,n\r")
+    with pytest.raises(ValueError, match=r"mac.csv:\d+: not valid CSV .*lone carriage return"):
+        read_examples(str(old_mac), "csv", "sequence")

@@ -36,6 +36,10 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
+        from .console import quiet_for_library
+
+        quiet_for_library()  # before the stack imports peft (which imports bitsandbytes, which speaks)
+
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'tokmask_peft' has no attribute {name!r}")
 

@@ -74,7 +74,7 @@ def cmd_predict(args) -> None:
     fmt = files.input_format(args.input, args.format)
     name = "stdin" if args.input == "-" else args.input
     with (sys.stdin.buffer if args.input == "-" else open(args.input, "rb")) as stream:
-        rows = files.read_rows(stream, name, fmt, args.text_column, clf.task)
+        rows = files.read_rows(stream, name, fmt, args.text_column, clf.task, args.encoding_errors)
     results = files.predictions(clf, rows, args.batch_size, args.tta)
     records = files.output_rows(rows, results, clf.active, clf.task, "empty line" if fmt == "text" else "empty text")
     out = io.StringIO()
@@ -168,6 +168,8 @@ def add_predict(sub) -> None:
     p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
                    "token tasks take a list of words there, or a string split on whitespace")
     p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
+    p.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                   help="bytes that are not UTF-8: an error naming the line (strict), or replaced and counted")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: csv for a .csv --output, else jsonl")
     p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
                    "rate best on dev by weighted F1)")

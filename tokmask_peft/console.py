@@ -10,6 +10,10 @@ Every command used to print routine third-party notices as well. These are now k
 - FutureWarnings and other warnings raised inside the libraries.
 
 :func:`quiet` keeps them off the console; errors still show, and ``--verbose`` brings them back.
+:func:`quiet_for_library` is the same policy for Python users, applied once when ``tokmask_peft`` first
+loads its training or inference stack: it leaves Python's warning display alone (a user's own warnings
+still show) and only filters the libraries'; ``TOKMASK_VERBOSE=1`` or a logging setup of the user's own
+turns it off.
 :func:`kept_in` writes them to the run's ``third_party.log`` while it trains. Our own warnings are
 :class:`TokmaskWarning` and always reach the console.
 """
@@ -36,11 +40,35 @@ class TokmaskWarning(UserWarning):
 def quiet(verbose: bool = False) -> None:
     """Third-party log records and warnings reach the console only at ERROR; with ``verbose``, what the
     libraries print by default (warnings, progress bars) shows too."""
+    _third_party_console(logging.WARNING if verbose else logging.ERROR, quiet_bars=not verbose)
+    quiet_for_library.done = True  # the command's choice stands
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("default")  # each warning once per place, as Python's default
+
+
+LIBRARY_WARNINGS = r"(transformers|peft|accelerate|bitsandbytes|kernels|huggingface_hub|torch)(\.|$)"
+"""Modules whose Python warnings :func:`quiet_for_library` keeps off the console."""
+
+
+def quiet_for_library() -> None:
+    """The CLI's quiet for ``from tokmask_peft import ...`` users, applied once: third-party notices off the
+    console (errors still show; a run's ``third_party.log`` still gets them), their warnings filtered, a
+    user's own warnings untouched. Not where the user set logging up (root handlers) or ``TOKMASK_VERBOSE``."""
+    import os
+
+    if os.environ.get("TOKMASK_VERBOSE") or logging.getLogger().handlers or getattr(quiet_for_library, "done", 0):
+        return
+    quiet_for_library.done = True
+    _third_party_console(logging.ERROR, quiet_bars=True)
+    warnings.filterwarnings("ignore", module=LIBRARY_WARNINGS)
+
+
+def _third_party_console(level: int, quiet_bars: bool) -> None:
     import huggingface_hub.utils
     from transformers.utils import logging as transformers_logging
 
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if verbose else logging.ERROR)
+    console.setLevel(level)
     console.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
     console.name = CONSOLE_HANDLER
     transformers_logging.disable_default_handler()  # its stderr handler passes warnings; ours decides
@@ -51,11 +79,9 @@ def quiet(verbose: bool = False) -> None:
             logger.removeHandler(old)
         logger.addHandler(console)
         logger.propagate = False
-    if not verbose:
+    if quiet_bars:
         transformers_logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
-    warnings.showwarning = _show_warning
-    warnings.simplefilter("default")  # each warning once per place, as Python's default
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -44,8 +44,10 @@ def decoded_lines(path: str | Path, errors: str = "strict") -> Iterator[tuple[in
         yield from decode_lines(f, str(path), errors)
 
 
-def decode_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> Iterator[tuple[int, str]]:
-    """:func:`decoded_lines` for any stream of byte lines (stdin's buffer, say) called ``name``."""
+def decode_lines(stream: Iterable[bytes], name: str, errors: str = "strict",
+                 option: str = "data.encoding_errors") -> Iterator[tuple[int, str]]:
+    """:func:`decoded_lines` for any stream of byte lines (stdin's buffer, say) called ``name``; ``option``
+    is how the user asks for ``errors="replace"`` where the stream comes from."""
     replaced = 0
     for lineno, raw in enumerate(stream, 1):
         try:
@@ -54,12 +56,12 @@ def decode_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> 
             if errors == "strict":
                 raise ValueError(f"{name}:{lineno}: bytes that are not UTF-8 ({raw[e.start:e.end]!r} at "
                                  f"byte {e.start + 1} of the line); fix the file, or set "
-                                 "data.encoding_errors=replace to replace them (counted in a warning)") from None
+                                 f"{option}=replace to replace them (counted in a warning)") from None
             replaced += 1
             yield lineno, raw.decode("utf-8", errors="replace")
     if replaced:
         warnings.warn(f"{name}: {replaced} line(s) held bytes that are not UTF-8; replaced with U+FFFD "
-                      "(data.encoding_errors=replace)", TokmaskWarning, stacklevel=2)
+                      f"({option}=replace)", TokmaskWarning, stacklevel=2)
 
 
 def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str = "strict") -> list[Example]:
@@ -137,8 +139,7 @@ def read_table(path: str | Path, fmt: str, text_column: str = "text", label_colu
             except json.JSONDecodeError as e:
                 raise ValueError(f"{_where(path, lineno)}: not valid JSON ({e.msg})") from None
     else:
-        reader = csv.DictReader((line for _, line in lines), delimiter="\t" if fmt == "tsv" else ",")
-        rows = [(reader.line_num, row) for row in reader]
+        rows = delimited_rows(lines, str(path), "\t" if fmt == "tsv" else ",")[1]
     if not rows:
         raise ValueError(f"{path}: no rows found (empty file?)")
     examples = []
@@ -154,6 +155,28 @@ def read_table(path: str | Path, fmt: str, text_column: str = "text", label_colu
         examples.append(Example(row[text_column], label if isinstance(label, list) else str(label),
                                 _where(path, lineno)))
     return examples
+
+
+CSV_FIELD_LIMIT = 1 << 26
+"""The longest CSV/TSV field read (64 MiB): the csv module's own default, 128 KiB, refuses long texts."""
+
+
+def delimited_rows(lines: Iterable[tuple[int, str]], name: str,
+                   delimiter: str) -> tuple[list[str] | None, list[tuple[int, dict]]]:
+    """(header, [(line, row)]) of a CSV/TSV file's decoded lines; a malformed file is an error naming its line."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.DictReader((line for _, line in lines), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+        header = reader.fieldnames
+    except csv.Error as e:
+        kind, hint = ("TSV" if delimiter == "\t" else "CSV"), ""
+        if "new-line character" in str(e):
+            hint = "; its lines end with a lone carriage return (old Mac style): convert them to newlines"
+        raise ValueError(f"{name}:{reader.line_num + 1}: not valid {kind} ({e}){hint}") from None
+    return header, rows
 
 
 def read_hf(name: str, split: str, text_column: str, label_column: str) -> list[Example]:
@@ -187,7 +210,7 @@ def check_example_types(examples: list[Example], task: str, text_column: str, la
     for ex in examples:
         if task == "token":
             words_ok = isinstance(ex.text, list) and all(isinstance(w, str) for w in ex.text)
-            labels_ok = isinstance(ex.label, list) and words_ok and len(ex.label) == len(ex.text)
+            labels_ok = isinstance(ex.label, list)  # (a count that differs is named where words meet labels)
             what = (f"column {text_column!r} must be a list of words" if not words_ok else
                     f"column {label_column!r} must be a list of tags, one per word" if not labels_ok else None)
         else:

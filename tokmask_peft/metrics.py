@@ -15,8 +15,8 @@ import numpy as np
 
 from .data import IGNORE_INDEX
 
-__all__ = ["METRICS", "DEFAULT_METRIC", "Metric", "check_metric", "classification_metrics", "compute_metrics", "is_better",
-           "metric_values", "PREDICTION_METRICS"]
+__all__ = ["METRICS", "DEFAULT_METRIC", "PREDICTION_METRICS", "Metric", "check_metric", "classification_metrics",
+           "compute_metrics", "is_better", "metric_values"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,6 +85,19 @@ def masking_line(config: dict, masking: dict) -> str:
             "Evaluation and prediction never mask.")
 
 
+def loadable_base(base: str) -> tuple[str, str]:
+    """(a base ``from_pretrained`` loads, a comment): a ``pkg:`` asset becomes its folder where the package
+    is installed (``pkg:`` itself is ours, and transformers would take it for a malformed hub id)."""
+    if not base.startswith("pkg:"):
+        return base, ""
+    from .config import resolve_path
+
+    try:
+        return resolve_path(base), f"  # {base}"
+    except FileNotFoundError:
+        return base, "  # a tokmask `pkg:` asset: tokmask_peft.config.resolve_path gives its folder"
+
+
 def loading_snippet(config: dict) -> str:
     auto = AUTO_CLASSES[config["task"]]
     if config["method"] == "full":
@@ -92,9 +105,7 @@ def loading_snippet(config: dict) -> str:
                           'run = "."  # this directory', "tokenizer = AutoTokenizer.from_pretrained(run)",
                           f"model = {auto}.from_pretrained(run).eval()"])
     gguf = f", gguf_file={config['gguf_file']!r}" if config.get("gguf_file") else ""
-    base = config["base_model"]
-    note = ("  # a tokmask `pkg:` asset: tokmask_peft.config.resolve_path gives its folder"
-            if base.startswith("pkg:") else "")
+    base, note = loadable_base(config["base_model"])
     return "\n".join([
         "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",
         'run = "."  # this directory', f"base = {base!r}{note}",

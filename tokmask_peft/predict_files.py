@@ -9,13 +9,12 @@ text on whitespace.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 from pathlib import Path
 from typing import IO, Iterator
 
-from .data import Example, decode_lines
+from .data import Example, decode_lines, delimited_rows
 
 INPUT_FORMATS = ("text", "csv", "tsv", "jsonl")
 OUTPUT_FORMATS = ("jsonl", "csv")
@@ -32,10 +31,15 @@ def output_format(path: str, given: str | None) -> str:
     return given or ("csv" if Path(path).suffix.lower() == ".csv" else "jsonl")
 
 
-def read_rows(stream: IO[bytes], name: str, fmt: str, text_column: str, task: str) -> list[Example]:
+NO_VALUE = "no value for column"
+
+
+def read_rows(stream: IO[bytes], name: str, fmt: str, text_column: str, task: str,
+              encoding_errors: str = "strict") -> list[Example]:
     """One Example per input row, in order: ``text`` is the text (or word list), ``label`` holds the
-    row's fields to carry through, ``source`` is ``file:line``. Blank text gives ``text=None``."""
-    lines = decode_lines(stream, name)
+    row's fields to carry through, ``source`` is ``file:line``. Blank text, or a CSV row short of the text
+    column, gives ``text=None`` (the row is answered with an error, never skipped)."""
+    lines = decode_lines(stream, name, encoding_errors, option="--encoding-errors")
     if fmt == "text":
         key = "words" if task == "token" else "text"
         return [_example(line.rstrip("\r\n"), {key: None}, key, task, f"{name}:{n}") for n, line in lines]
@@ -72,17 +76,18 @@ def _jsonl_rows(lines: Iterator[tuple[int, str]], name: str, column: str, task: 
 
 
 def _delimited_rows(lines, name: str, delimiter: str, column: str, task: str) -> Iterator[Example]:
-    text = io.StringIO("".join(line for _, line in lines))
-    reader = csv.DictReader(text, delimiter=delimiter)
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        raise ValueError(f"{name}:1: no column '{column}' (columns: {reader.fieldnames or 'none'}); "
+    header, rows = delimited_rows(lines, name, delimiter)
+    if header is None or column not in header:
+        raise ValueError(f"{name}:1: no column '{column}' (columns: {header or 'none'}); "
                          "choose the text with --text-column")
-    for row in reader:
-        where = f"{name}:{reader.line_num}"
+    for line, row in rows:
+        where = f"{name}:{line}"
         if None in row:
-            raise ValueError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
-        if row[column] is None:
-            raise ValueError(f"{where}: no value for column '{column}'")
+            raise ValueError(f"{where}: more fields than the header's {len(header)}")
+        if row[column] is None:  # a short row: answered with an error, the rows after it still predicted
+            yield Example(None, {**{k: v for k, v in row.items() if v is not None}, "error": f"{NO_VALUE} '{column}'"},
+                          where)
+            continue
         yield _example(row[column], row, column, task, where)
 
 
@@ -107,7 +112,8 @@ def output_rows(rows: list[Example], results: list[dict | None], adapter: str, t
     """Each input row's fields, then the prediction (or an error saying why there is none)."""
     for row, result in zip(rows, results):
         if result is None:
-            yield {**row.label, "labels" if task == "token" else "label": None, "error": empty, "adapter": adapter}
+            yield {**row.label, "labels" if task == "token" else "label": None, "error": row.label.get("error", empty),
+                   "adapter": adapter}
         else:
             yield {**row.label, **result, "adapter": adapter}
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from .config import TEST_SET, Recipe, resolve_path
+from .console import TokmaskWarning
 from .data import Example, check_labels, encode, label_names, read_examples
 from .masking import MaskToken
 from .modeling import (
@@ -26,6 +28,8 @@ from .robustness import corrupted_features
 TEST_SHUFFLE_SEED = 7
 """The test carve's own shuffle, apart from the seed-0 shuffles of dev_fraction and max_train_examples."""
 COMPUTE_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}
+MIN_DEV_EXAMPLES = 30
+"""Below this a dev set cannot pick an epoch or judge a rate (one example moves accuracy by > 3 points): warned."""
 
 
 def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
@@ -57,6 +61,10 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
     else:
         dev = read(d.dev, "validation")
     dev = dev[: d.max_eval_examples or None]
+    if len(dev) < MIN_DEV_EXAMPLES:
+        warnings.warn(f"the dev set holds {len(dev)} examples: the best epoch and rate are picked on it and the "
+                      f"verdicts judged on it, where one example moves accuracy by {100 / len(dev):.0f} points; give "
+                      "data.dev or a larger data.dev_fraction", TokmaskWarning, stacklevel=3)
     if d.max_train_examples and d.max_train_examples < len(train):
         train = random.Random(0).sample(train, d.max_train_examples)
     extra = {name: read(path, "validation")[: d.max_eval_examples or None] for name, path in d.extra_eval.items()}

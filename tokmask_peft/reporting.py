@@ -26,7 +26,7 @@ from .runs import (
     read_run_config,
     run_dirs,
 )
-from .storage import atomic_write_text
+from .storage import atomic_write_bytes, atomic_write_text
 from .verdicts import (
     Verdict,
     chosen_on_dev,
@@ -172,8 +172,17 @@ def plot(summary: list[dict], path: Path, metric: str = DEFAULT_METRIC) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole or not at all, like every other file a report writes."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---- does masking help? ------------------------------------------------------------------------------
@@ -288,8 +297,7 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("dev weighted F1")
     axes[0][-1].legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- several sweeps on one footing --------------------------------------------------------------------

@@ -100,7 +100,8 @@ def _by_words(change: Callable[[list[Example], float, int], list[Example]]):
 
 CORRUPTIONS: dict[str, Corruption] = {
     "delete": Corruption("words deleted", _by_words(delete_words)),
-    "mask": Corruption("words masked", lambda examples, features, q, seed, _, mask_id: mask_words(features, q, seed, mask_id)),
+    "mask": Corruption("words masked", lambda examples, features, q, seed, _, mask_id: mask_words(features, q, seed,
+                                                                                                  mask_id)),
     "typo": Corruption("words with typos", _by_words(typo_words)),
 }
 ROBUSTNESS_METRIC = "weighted_f1"

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import TEST_SET
 from .console import TokmaskWarning
-from .storage import atomic_write_bytes, file_digest, read_json
+from .storage import LOCK_FILE, OWNER_FILE, atomic_write_bytes, file_digest, read_json
 
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
@@ -33,6 +33,11 @@ PREDICTIONS_FILE = "predictions.npz"
 DEV_SET = "dev"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
+SCRATCH_DIR = ".saving"
+"""Where a run's weights are written whole before they are moved into the run directory."""
+LEFT_BY_TRAINING = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old", SCRATCH_DIR, LOCK_FILE,
+                    OWNER_FILE)
+"""What a run in progress holds (and a kill may leave), never part of a finished run."""
 PARTIAL_SUFFIX = ".partial"
 RUN_NAME = re.compile(r"mask_\d+\.\d\d/seed_\d+")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
@@ -129,10 +134,19 @@ def partial_dir(final: Path) -> Path:
 
 
 def promote(partial: Path, final: Path) -> None:
-    """Rename a complete ``.partial`` run to its final name (replacing a stale one)."""
+    """Rename a complete ``.partial`` run to its final name (replacing a stale one), without what a kill
+    may have left in it: a checkpoint, the weights' scratch folder, temporary files, the writer's lock."""
+    tidy(partial)
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
+
+
+def tidy(run: Path) -> None:
+    """Remove from a finished run what only a run in progress needs."""
+    for path in run.iterdir():
+        if path.name in LEFT_BY_TRAINING or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def has_results(path: Path) -> bool:

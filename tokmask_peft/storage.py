@@ -29,11 +29,24 @@ LOCK_FILE = ".tokmask.lock"
 OWNER_FILE = ".tokmask.lock.owner"
 
 
+def current_umask() -> int:
+    """The process's umask (Linux reports it; elsewhere it is read by setting it and back)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename, directory fsync)."""
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename, directory fsync), with the
+    mode an ordinary write would give it (mkstemp's 0600 would hide a shared sweep's results from others)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

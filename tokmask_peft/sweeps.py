@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -23,11 +24,11 @@ import yaml
 from accelerate import PartialState
 
 from .config import Recipe
+from .console import TokmaskWarning
 from .recipe_setup import Setup
 from .reporting import report, update_cards
-from .console import TokmaskWarning
-from .runs import (CHECKPOINT_DIR, METRICS_FILE, incomplete_because, is_complete, partial_dir, promote, read_metrics,
-                   read_run_config, refuse_other_recipe, run_dir, run_dirs)
+from .runs import (CHECKPOINT_DIR, METRICS_FILE, adapter_name, incomplete_because, is_complete, partial_dir, promote,
+                   read_metrics, read_run_config, refuse_other_recipe, run_dir, run_dirs)
 from .storage import atomic_write_text, hold
 from .training import check_side_by_side, train, train_side_by_side
 
@@ -59,12 +60,7 @@ def sweep(recipe: Recipe, out: str | Path | None = None, executor: str = "local"
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         todo = pending(recipe, out, warn=True)
         if executor == "local":
-            setup = Setup.from_recipe(recipe) if todo else None
-            for rates, seed in groups(todo, recipe.sweep.side_by_side):
-                if len(rates) > 1:
-                    train_group(recipe, rates, seed, out, setup)
-                else:
-                    train_one(recipe, rates[0], seed, out, setup)
+            train_locally(recipe, out, todo)
         else:
             run_on_ray(recipe, out, todo, **executor_options)
         rows = report(out)
@@ -110,6 +106,38 @@ def check_finished_runs(recipe: Recipe, out: Path) -> None:
 
 
 # ---- the local executor --------------------------------------------------------------------------
+
+
+def train_locally(recipe: Recipe, out: Path, todo: list[tuple[float, int]]) -> None:
+    """The pending points one after another (or side by side), on one kept base, each announced with
+    where the sweep stands and, after the first, about how long the rest will take."""
+    setup = Setup.from_recipe(recipe) if todo else None
+    started, done = time.perf_counter(), 0
+    for rates, seed in groups(todo, recipe.sweep.side_by_side):
+        print(progress_line(done, len(todo), rates, seed, time.perf_counter() - started), flush=True)
+        if len(rates) > 1:
+            train_group(recipe, rates, seed, out, setup)
+        else:
+            train_one(recipe, rates[0], seed, out, setup)
+        done += len(rates)
+
+
+def progress_line(done: int, total: int, rates: list[float], seed: int, elapsed_s: float) -> str:
+    """``run 3/6: mask_0.10/seed_1 (about 4 min left)``; a group: ``runs 1-3/6 side by side: …``.
+
+    >>> progress_line(2, 4, [0.1], 1, 120.0)
+    'run 3/4: mask_0.10/seed_1 (about 2 min left)'
+    """
+    names = ", ".join(f"{adapter_name(rate)}/seed_{seed}" for rate in rates)
+    which = (f"run {done + 1}/{total}" if len(rates) == 1 else
+             f"runs {done + 1}-{done + len(rates)}/{total} side by side")
+    left = elapsed_s / done * (total - done) if done else None
+    return f"{which}: {names}" + (f" (about {_duration(left)} left)" if left is not None else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def train_one(recipe: Recipe, rate: float, seed: int, out: Path, setup: Setup | None = None) -> Path:

@@ -48,13 +48,11 @@ from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
 from .robustness import CORRUPTIONS
-from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, TOKMASK_CONFIG, is_complete, run_config,
-                   run_fingerprint, save_predictions, weight_record, with_meaning)
+from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, SCRATCH_DIR, TOKMASK_CONFIG, is_complete,
+                   run_config, run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
 
 __all__ = ["train", "train_side_by_side", "check_side_by_side"]
-SCRATCH_DIR = ".saving"
-"""Where a run's weights are written whole before they are moved into the run directory."""
 LONE = "default"
 """A lone run's adapter: PEFT's own."""
 
