@@ -233,3 +233,14 @@ def test_long_csv_fields_are_read_and_lone_carriage_returns_are_named(tmp_path):
     old_mac.write_bytes(b"text,label\rgood,p\rbad,n\r")
     with pytest.raises(ValueError, match=r"mac.csv:\d+: not valid CSV .*lone carriage return"):
         read_examples(str(old_mac), "csv", "sequence")
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_training(make_recipe, tmp_path):
+    from tokmask_peft.training import train
+
+    with pytest.raises(ValueError, match=r"data.max_length=200 is beyond the 128 positions the model has learned"):
+        train(make_recipe("bert", data={"max_length": 200}), output_dir=tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"beyond the 129 positions"):  # RoBERTa-style: 130 less pad id 0 + 1
+        train(make_recipe("xlmr", data={"max_length": 130}), output_dir=tmp_path / "xlmr")
+    assert not (tmp_path / "bert" / "metrics.json").exists()
+    train(make_recipe("llama", data={"max_length": 200}, train={"epochs": 1}), output_dir=tmp_path / "llama")  # rotary

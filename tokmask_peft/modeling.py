@@ -313,6 +313,24 @@ def build_model(cfg: ModelConfig, labels: list[str], tokenizer, mask_token: Mask
     return add_adapter(model, cfg, mask_token, seed)
 
 
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+"""Models whose position ids start after the pad id: ``pad_token_id + 1`` positions are not usable."""
+
+
+def check_positions(config, max_length: int) -> None:
+    """Refuse a ``data.max_length`` beyond a model's learned (absolute) positions: the first batch that long
+    would fail with an index error deep in the embeddings. Rotary models (Llama, Qwen) extrapolate: not checked."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions or any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_parameters",
+                                                                            "rope_scaling")):
+        return
+    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    if max_length > positions:
+        raise ValueError(f"data.max_length={max_length} is beyond the {positions} positions the model has learned "
+                         f"(config.max_position_embeddings); set data.max_length <= {positions}")
+
+
 def check_checkpoint_covers_body(model, most: float = 0.2) -> None:
     """A checkpoint that lacks much of the model is the wrong one for this architecture; LoRA would
     train those random weights in full (they are new modules). Say so instead."""

@@ -20,6 +20,7 @@ from .modeling import (
     add_adapter,
     base_identity,
     build_model,
+    check_positions,
     prepare_precision,
     prepare_tokenizer,
 )
@@ -141,6 +142,7 @@ class Setup:
                 self.base = model.get_base_model()
         else:
             model = add_adapter(self.base, cfg, self.mask_token, seed)
+        check_positions(model.config, self.recipe.data.max_length)  # before a batch that long fails in training
         if before_precision is not None:
             before_precision(model)
         if prepare_precision(model, cfg.method, compute_dtype, cast_frozen):
