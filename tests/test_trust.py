@@ -244,3 +244,15 @@ def test_a_max_length_beyond_the_models_positions_is_refused_before_training(mak
         train(make_recipe("xlmr", data={"max_length": 130}), output_dir=tmp_path / "xlmr")
     assert not (tmp_path / "bert" / "metrics.json").exists()
     train(make_recipe("llama", data={"max_length": 200}, train={"epochs": 1}), output_dir=tmp_path / "llama")  # rotary
+
+
+def test_a_damaged_adapter_config_is_named_at_load(copy):
+    from tokmask_peft.inference import Classifier
+
+    _, out = copy
+    run = out / "mask_0.10" / "seed_0"
+    for damage, message in (('{"peft_type": "LORA", "r": ', "adapter_config.json: this adapter config is not valid"),
+                            ('{"r": 4}', "adapter_config.json: not a PEFT adapter config")):
+        (run / "adapter_config.json").write_text(damage)
+        with pytest.raises(ValueError, match=message):
+            Classifier.from_run(run, device="cpu")

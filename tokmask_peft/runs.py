@@ -28,6 +28,7 @@ from .storage import LOCK_FILE, OWNER_FILE, atomic_write_bytes, file_digest, rea
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 TOKMASK_CONFIG = "tokmask_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.npz"
 DEV_SET = "dev"
@@ -226,6 +227,11 @@ def verify_weights(run: Path, config: dict) -> None:
     if recorded is not None and recorded != meaning_digest(config):
         raise ValueError(f"{Path(run) / TOKMASK_CONFIG}: its {', '.join(MEANING_KEYS)} are not those the weights "
                          "were saved with (the file was edited?); restore the file or retrain the run")
+    adapter_config = Path(run) / ADAPTER_CONFIG
+    if config.get("method") != "full" and adapter_config.is_file():
+        settings = read_json(adapter_config, "adapter config")  # PEFT's own error would not name the file
+        if not isinstance(settings, dict) or "peft_type" not in settings:
+            raise ValueError(f"{adapter_config}: not a PEFT adapter config (no peft_type); restore it or retrain")
     problems = weight_problems(Path(run), config)
     if problems:
         raise ValueError("; ".join(problems) + ". Retrain the run or restore the file from a copy")
