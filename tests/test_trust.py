@@ -256,3 +256,24 @@ def test_a_damaged_adapter_config_is_named_at_load(copy):
         (run / "adapter_config.json").write_text(damage)
         with pytest.raises(ValueError, match=message):
             Classifier.from_run(run, device="cpu")
+
+
+def test_a_directory_that_cannot_be_written_is_named_and_its_error_is_not_hidden(tmp_path, monkeypatch):
+    """(Run as root, chmod cannot make a directory read-only: the refusals are injected where the OS gives them.)"""
+    from pathlib import Path
+
+    import tokmask_peft.storage as storage
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(storage.FileLock, "acquire", refused)
+        with pytest.raises(PermissionError, match=r"locked is not writable \(Permission denied\): a sweep writes"):
+            with storage.hold(tmp_path / "locked", "sweep"):
+                pass
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", refused)  # the cleanup fails too, as in a read-only directory
+        with pytest.raises(RuntimeError, match="the real error"):
+            with storage.hold(tmp_path / "run", "run"):
+                raise RuntimeError("the real error")

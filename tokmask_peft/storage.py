@@ -120,6 +120,9 @@ def hold(directory: str | Path, what: str = "directory") -> Iterator[None]:
     except Timeout:
         raise DirectoryInUse(f"{directory} is in use by another {what} ({_holder(directory)}); wait for it to "
                              "finish or stop it, or write to another directory") from None
+    except PermissionError as e:
+        raise PermissionError(f"{directory} is not writable ({e.strerror}): a {what} writes its files there; "
+                              "choose a directory you can write to") from None
     try:
         write_json(directory / OWNER_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
                                             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -129,9 +132,10 @@ def hold(directory: str | Path, what: str = "directory") -> Iterator[None]:
         # Unlinked while still held: filelock (>= 4) checks after each flock that the path still names the
         # locked file, so a process that opened the old one retries instead of sharing it.
         for name in (OWNER_FILE, LOCK_FILE):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone, or a read-only directory: never hide the block's own error
                 (directory / name).unlink()
-        lock.release()
+        with contextlib.suppress(OSError):
+            lock.release()
         if created and not any(directory.iterdir()):
             with contextlib.suppress(OSError):
                 directory.rmdir()  # refused before writing anything: leave no trace of the attempt
