@@ -79,44 +79,45 @@ def run_dirs(out: str | Path, seed: int | None = None, warn: bool = True) -> lis
     run filed under another rate or seed) is left out, and named in a warning unless ``warn`` is off.
     Runs of another recipe would change the table and its verdicts: they are refused, naming the keys.
     """
-    found, left_out = [], []
+    found: dict[Path, dict] = {}
+    left_out = []
     for path in sorted(p for p in Path(out).glob("mask_*/*") if p.is_dir()):
-        why = not_a_run(path)
+        why, config = not_a_run(path)
         if why:
             left_out.append(f"{path} ({why})")
         elif seed is None or path.name == f"seed_{seed}":
-            found.append(path)
+            found[path] = config
     if left_out and warn:
         warnings.warn(f"left out of {out}: " + "; ".join(left_out), TokmaskWarning, stacklevel=2)
     check_one_recipe(found)
-    return found
+    return list(found)
 
 
-def not_a_run(path: Path) -> str | None:
-    """Why ``path`` under a sweep directory is not a finished run it counts, or None if it is one."""
+def not_a_run(path: Path) -> tuple[str | None, dict | None]:
+    """(why ``path`` under a sweep directory is not a finished run it counts, or None; its config if read)."""
     match = RUN_NAME.fullmatch(f"{path.parent.name}/{path.name}")
     if path.name.endswith(PARTIAL_SUFFIX):
-        return "not finished"
+        return "not finished", None
     if not match:
-        return "not named mask_R/seed_N"
+        return "not named mask_R/seed_N", None
     if not has_results(path):
-        return f"no {METRICS_FILE}" if (path / TOKMASK_CONFIG).is_file() else f"no {TOKMASK_CONFIG}"
+        return (f"no {METRICS_FILE}" if (path / TOKMASK_CONFIG).is_file() else f"no {TOKMASK_CONFIG}"), None
     config = read_run_config(path)
     if (adapter_name(config["masking"]["rate"]), f"seed_{config['seed']}") != (path.parent.name, path.name):
         return (f"its config says rate {config['masking']['rate']:g}, seed {config['seed']}: filed under "
-                "another run's name")
-    return None
+                "another run's name"), config
+    return None, config
 
 
-def check_one_recipe(runs: list[Path]) -> None:
-    """Refuse runs that differ in more than masking rate and seed: one table, one recipe."""
-    if not runs:
+def check_one_recipe(configs: dict[Path, dict]) -> None:
+    """Refuse runs (path → run config) that differ in more than masking rate and seed: one table, one recipe."""
+    if not configs:
         return
-    first = recipe_identity(read_run_config(runs[0]).get("recipe", {}))
-    for run in runs[1:]:
-        diff = fingerprint_diff(first, recipe_identity(read_run_config(run).get("recipe", {})), shared_keys_only=True)
+    (first_run, first), *others = ((run, recipe_identity(c.get("recipe", {}))) for run, c in configs.items())
+    for run, identity in others:
+        diff = fingerprint_diff(first, identity, shared_keys_only=True)
         if diff:
-            raise ValueError(f"{run} was trained with another recipe than {runs[0]} (differs in {diff}): one "
+            raise ValueError(f"{run} was trained with another recipe than {first_run} (differs in {diff}): one "
                              "sweep directory holds one recipe's runs; move it out, or report it as its own sweep")
 
 
