@@ -149,6 +149,35 @@ def test_checkpoints_are_swapped_in_whole(make_recipe, tmp_path, monkeypatch):
     assert resumed["best"]["loss"] == pytest.approx(whole["best"]["loss"], rel=1e-5)
 
 
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_the_rerun_resumes(make_recipe, tmp_path,
+                                                                                  monkeypatch):
+    """torch reports a full disk as a C++ enforce failure with a stack trace: the user gets one OSError
+    naming the checkpoint and the free space, the half-written copy is gone, the previous one resumes."""
+    import torch
+
+    import tokmask_peft.training as loop
+
+    recipe = make_recipe("llama", train={"epochs": 2, "checkpoint_every": 2})
+    whole = loop.train(recipe, output_dir=tmp_path / "whole")
+    real_save = torch.save
+
+    def full_disk_after_first_checkpoint(obj, f, *args, **kwargs):
+        if "checkpoint.new" in str(f) and (tmp_path / "full" / "checkpoint" / "recipe.json").exists():
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\n"
+                               "frame #0: c10::ThrowEnforceNotMet(char const*, int, char const*)")
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk_after_first_checkpoint)
+        with pytest.raises(OSError, match=r"could not write the checkpoint .*checkpoint\.new .*unexpected pos "
+                           r"704 vs 598\); \d+ MiB free .*previous checkpoint is kept") as raised:
+            loop.train(recipe, output_dir=tmp_path / "full")
+    assert "frame #0" not in str(raised.value)
+    assert not (tmp_path / "full" / "checkpoint.new").exists()
+    resumed = loop.train(recipe, output_dir=tmp_path / "full")
+    assert resumed["best"]["loss"] == pytest.approx(whole["best"]["loss"], rel=1e-5)
+
+
 # ---- one writer per directory ---------------------------------------------------------------------
 
 

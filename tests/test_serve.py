@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def start_server(specs: list[str], *options: str, env: dict | None = None):
 def server(sweeps):
     specs = [f"sa={sweeps['sa']}", f"lid={sweeps['lid']}", f"broken={sweeps['broken']}"]
     process, url = start_server(specs, "--max-batch", "8", "--max-wait-ms", "50", "--max-inputs", "4",
-                                "--max-body-bytes", "4096", env={"TOKMASK_API_KEY": KEY})
+                                "--max-body-bytes", "4096", "--read-timeout", "1", env={"TOKMASK_API_KEY": KEY})
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         yield client
     process.terminate()
@@ -179,6 +180,31 @@ def test_truncation_on_request_is_reported(server):
     assert response.status_code == 200 and response.headers["x-tokmask-truncated"] == "1"
     words = server.post("/predict", json={"inputs": long, "adapter": "lid", "truncate": True}).json()
     assert len(words) == 40 and words[0]["label"] is not None and words[-1]["label"] is None
+
+
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_and_others_are_served_meanwhile(server):
+    """200 half-sent requests no longer stay open forever: unfinished headers are closed after
+    --read-timeout (1 s here), an unfinished body is answered 408, and /health answers throughout."""
+    host, port = server.base_url.host, server.base_url.port
+    stalled_headers = [socket.create_connection((host, port)) for _ in range(20)]
+    for s in stalled_headers:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    stalled_body = socket.create_connection((host, port))
+    stalled_body.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inp".encode())
+    assert server.get("/health").status_code == 200
+    for s in [*stalled_headers, stalled_body]:
+        s.settimeout(10)
+    answer = b""
+    while b"--read-timeout" not in answer and (chunk := stalled_body.recv(4096)):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"--read-timeout" in answer
+    for s in stalled_headers:
+        assert s.recv(4096) == b""  # closed by the server
+        s.close()
+    stalled_body.close()
+    assert server.post("/predict", json={"inputs": "nice day"}).status_code == 200
 
 
 @pytest.mark.slow

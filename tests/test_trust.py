@@ -277,3 +277,20 @@ def test_a_directory_that_cannot_be_written_is_named_and_its_error_is_not_hidden
         with pytest.raises(RuntimeError, match="the real error"):
             with storage.hold(tmp_path / "run", "run"):
                 raise RuntimeError("the real error")
+
+
+def test_report_on_one_trained_run_prints_its_scores_and_writes_nothing(copy, capsys):
+    from tokmask_peft.cli import main
+
+    recipe, out = copy
+    run = out / "mask_0.10" / "seed_0"
+    before = sorted(p.name for p in run.iterdir())
+    main(["report", str(run)])
+    printed = capsys.readouterr().out
+    assert "one run (masking rate 0.1, seed 0)" in printed and "run `tokmask sweep`" in printed
+    f1 = json.loads((run / "metrics.json").read_text())["best"]["weighted_f1"]
+    assert f"| weighted_f1 | {f1:.4f} |" in printed
+    assert sorted(p.name for p in run.iterdir()) == before
+    (run / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match=r"seed_0 is a single run but not a finished one"):
+        main(["report", str(run)])

@@ -8,6 +8,7 @@ and the fingerprint of the recipe a resume must match.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .runs import CHECKPOINT_DIR, fingerprint_diff
+from .runs import CHECKPOINT_COPIES, fingerprint_diff
 from .storage import atomic_write_text, write_json
 
 __all__ = ["TrainState", "Checkpoints", "only_trainable_in_checkpoints", "drop_log_after", "remove_checkpoint"]
@@ -57,15 +58,10 @@ class TrainState:
             setattr(self, k, v)
 
 
-def _siblings(path: Path) -> tuple[Path, Path, Path]:
-    """The checkpoint, the one being written, and the one being replaced."""
-    return path, path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
-
-
 def remove_checkpoint(folder: Path) -> None:
     """Remove ``folder``'s checkpoint and any half-swapped copy of it."""
-    for path in _siblings(folder / CHECKPOINT_DIR):
-        shutil.rmtree(path, ignore_errors=True)
+    for name in CHECKPOINT_COPIES:
+        shutil.rmtree(folder / name, ignore_errors=True)
 
 
 class Checkpoints:
@@ -73,7 +69,7 @@ class Checkpoints:
 
     def __init__(self, accelerator: Accelerator, folder: Path, fingerprint: dict):
         self.accelerator, self.folder, self.fingerprint = accelerator, folder, {**fingerprint, **FORMAT}
-        self.path, self._new, self._old = _siblings(folder / CHECKPOINT_DIR)
+        self.path, self._new, self._old = (folder / name for name in CHECKPOINT_COPIES)
 
     @property
     def exists(self) -> bool:
@@ -99,18 +95,35 @@ class Checkpoints:
         if main:
             shutil.rmtree(self._new, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(self._new))
-        self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the swap
+        with self._writing():
+            self.accelerator.save_state(str(self._new))
+            self.accelerator.wait_for_everyone()  # every rank's RNG file is in before the swap
+            if main:
+                if best_weights:
+                    torch.save(best_weights, self._new / BEST_WEIGHTS)
+                write_json(self._new / "recipe.json", self.fingerprint)
         if main:
-            if best_weights:
-                torch.save(best_weights, self._new / BEST_WEIGHTS)
-            write_json(self._new / "recipe.json", self.fingerprint)
             shutil.rmtree(self._old, ignore_errors=True)
             if self.path.exists():
                 self.path.rename(self._old)
             self._new.rename(self.path)
             shutil.rmtree(self._old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk: torch reports it as ``RuntimeError: [enforce fail at
+        inline_container.cc] unexpected pos``, with a C++ trace) becomes one OSError naming the
+        checkpoint and the free space; the half-written copy is removed, the previous one kept."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(self._new, ignore_errors=True)
+            free = shutil.disk_usage(self.folder).free / 2**20
+            cause = (str(e).strip().splitlines() or [""])[0]
+            raise OSError(f"could not write the checkpoint {self._new} ({type(e).__name__}: {cause}); "
+                          f"{free:.0f} MiB free on that disk. The previous checkpoint is kept: free some space "
+                          "and rerun the same command to resume from it") from e
 
     def load(self) -> dict[str, dict]:
         """Restore every registered object; returns the best weights saved with them, by adapter name."""

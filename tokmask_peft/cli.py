@@ -45,16 +45,22 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .reporting import COMPARISON_FILE, compare_sweeps, report, update_cards
+    from .reporting import COMPARISON_FILE, compare_sweeps, report, single_run_report, update_cards
+    from .runs import METRICS_FILE, TOKMASK_CONFIG
 
+    sweeps = []
     for out in args.output:
+        if (Path(out) / METRICS_FILE).exists() or (Path(out) / TOKMASK_CONFIG).exists():
+            print(single_run_report(out))  # a `tokmask train` output, not a sweep
+            continue
         update_cards(Path(out), report(out, args.metric), args.metric)
         print((Path(out) / "results.md").read_text())
-    if len(args.output) > 1:
-        table = compare_sweeps(args.output, args.metric)
-        atomic_write_text(Path(args.output[0]) / COMPARISON_FILE, table)
+        sweeps.append(out)
+    if len(sweeps) > 1:
+        table = compare_sweeps(sweeps, args.metric)
+        atomic_write_text(Path(sweeps[0]) / COMPARISON_FILE, table)
         print(table)
-        print(f"comparison: {Path(args.output[0]) / COMPARISON_FILE}")
+        print(f"comparison: {Path(sweeps[0]) / COMPARISON_FILE}")
 
 
 def cmd_predict(args) -> None:
@@ -107,14 +113,15 @@ def cmd_serve(args) -> None:
     try:
         import uvicorn
 
-        from .server import check_api_key, create_app
+        from .server import check_api_key, create_app, header_deadline_protocol
     except ImportError as e:
         raise SystemExit(f"tokmask serve needs {e.name}, which is not installed: pip install 'tokmask-peft[serve]'")
     from .serving import API_KEY_ENV, AdapterPool
 
     api_key = check_api_key(args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     pool = AdapterPool(args.paths, seed=args.seed, device=args.device)
-    app = create_app(pool, args.max_batch, args.max_wait_ms, args.max_inputs, args.max_body_bytes, api_key)
+    app = create_app(pool, args.max_batch, args.max_wait_ms, args.max_inputs, args.max_body_bytes, api_key,
+                     args.read_timeout)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
     # response waits ~40 ms for a delayed ACK (Nagle)
@@ -127,7 +134,8 @@ def cmd_serve(args) -> None:
               f"{API_KEY_ENV}) is set: anyone who can reach it can use it", file=sys.stderr)
     print(f"tokmask serve: {len(pool.served)} adapter(s) on {len(pool.classifiers)} base(s), default "
           f"{pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, http=header_deadline_protocol(args.read_timeout), log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -142,6 +150,17 @@ def cmd_compare(args) -> None:
         overrides.setdefault(method, []).append(assignment)
     rows = compare(_load_recipe(args), args.output, args.methods.split(","), overrides)
     print(compare_table(rows))
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
 
 
 def _count(least: int):
@@ -194,6 +213,8 @@ def add_serve(sub) -> None:
                    "others; 0 batches what queued while the previous batch ran (measured best on CPU)")
     p.add_argument("--max-inputs", type=_count(1), default=64, help="inputs per request")
     p.add_argument("--max-body-bytes", type=_count(1), default=1 << 20)
+    p.add_argument("--read-timeout", type=_seconds, default=10.0, help="seconds a client has to send a "
+                   "request's headers, and again its body (default 10); slower connections are closed / 408")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_serve)

@@ -20,6 +20,7 @@ from .runs import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     fingerprint_diff,
+    incomplete_because,
     held_out_names,
     load_predictions,
     read_metrics,
@@ -113,6 +114,20 @@ def report(out: str | Path, metric: str = DEFAULT_METRIC) -> list[dict]:
     if any(robustness_curves(rows)):
         plot_robustness(rows, out / "results_robustness.png")
     return rows
+
+
+def single_run_report(run: str | Path) -> str:
+    """``tokmask report`` on a ``tokmask train`` output: that run's scores, as markdown. Nothing is judged
+    (a verdict compares rates, which takes a sweep) and nothing is written into the finished run."""
+    run = Path(run)
+    if (why := incomplete_because(run)) is not None:
+        raise ValueError(f"{run} is a single run but not a finished one: {why}")
+    row = run_row(run, run)
+    lines = [f"| {key} | {value:.4f} |" if isinstance(value, float) and key != "rate" else f"| {key} | {value} |"
+             for key, value in row.items() if value is not None and key != "run"]
+    return (f"{run}: one run (masking rate {row['rate']:g}, seed {row['seed']}), dev scores at its best "
+            "checkpoint. A verdict compares rates: run `tokmask sweep` for one.\n\n| field | value |\n|---|---|\n"
+            + "\n".join(lines) + "\n")
 
 
 def update_cards(out: Path, rows: list[dict], metric: str = DEFAULT_METRIC) -> None:

@@ -36,8 +36,9 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 SCRATCH_DIR = ".saving"
 """Where a run's weights are written whole before they are moved into the run directory."""
-LEFT_BY_TRAINING = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old", SCRATCH_DIR, LOCK_FILE,
-                    OWNER_FILE)
+CHECKPOINT_COPIES = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".new", CHECKPOINT_DIR + ".old")
+"""The checkpoint, the one being written, and the one being replaced (``checkpoints.Checkpoints.save``)."""
+LEFT_BY_TRAINING = (*CHECKPOINT_COPIES, SCRATCH_DIR, LOCK_FILE, OWNER_FILE)
 """What a run in progress holds (and a kill may leave), never part of a finished run."""
 PARTIAL_SUFFIX = ".partial"
 RUN_NAME = re.compile(r"mask_\d+\.\d\d/seed_\d+")

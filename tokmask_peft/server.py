@@ -5,9 +5,12 @@ takes ``{"inputs": "…" | ["…", …], "raw_scores": false, "truncate": false}
 a name or a masking rate) and answers ``[{"label", "score"}, …]`` per input, best first; errors are
 ``{"error", "error_type"}``; a key, when set, is required as ``Authorization: Bearer …`` on every
 route but ``/health``. ``GET /adapters`` lists what is served, ``GET /metrics`` is Prometheus text.
+A client gets ``read_timeout`` seconds to send a request's headers and as long again for its body; past
+that its connection is closed (headers) or answered 408 (body), so idle sockets cannot pile up.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -77,17 +80,57 @@ class Guard:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused past ``limit`` bytes without reading the rest."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused past ``limit`` bytes without reading the rest, or when it takes over ``timeout`` s."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} (--max-body-bytes)")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes (--max-body-bytes)")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, f"request body is over the limit of {limit} bytes (--max-body-bytes)")
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
+                           "Timeout") from None
     return bytes(body)
+
+
+def header_deadline_protocol(timeout: float):
+    """uvicorn's h11 protocol with a deadline on request headers, which uvicorn lacks: a connection that
+    opens, or starts a next request, and has not sent whole headers ``timeout`` s later is closed.
+    Relies on uvicorn's ``H11Protocol`` hooks ``connection_made`` / ``data_received`` and its ``cycle``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self.arm()  # bytes of a next request on a kept-alive connection
+
+        def arm(self) -> None:
+            waiting_after = self.cycle
+            self.deadline = self.loop.call_later(timeout, self.expire, waiting_after)
+
+        def expire(self, waiting_after) -> None:
+            self.deadline = None
+            if self.cycle is waiting_after and not self.transport.is_closing():
+                self.transport.close()  # no request began since the deadline was set
+
+        def connection_lost(self, exc):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def check_api_key(key: str | None) -> str | None:
@@ -136,13 +179,14 @@ def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
     return payload, texts, single
 
 
-def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max_inputs: int, max_body_bytes: int):
+def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max_inputs: int, max_body_bytes: int,
+                  read_timeout: float):
     """The POST /predict handler: validate, refuse before the model, batch, answer in TEI's shape."""
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            payload, texts, single = parse_predict(await read_body(request, max_body_bytes), max_inputs)
+            payload, texts, single = parse_predict(await read_body(request, max_body_bytes, read_timeout), max_inputs)
             served = pool.resolve(payload.get("adapter"))
             cut = await run_in_threadpool(too_long, served, texts)  # seconds for a long text: off the loop
             if cut and not payload.get("truncate", False):
@@ -167,7 +211,7 @@ def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max
 
 
 def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
-               max_body_bytes: int = 1 << 20, api_key: str | None = None):
+               max_body_bytes: int = 1 << 20, api_key: str | None = None, read_timeout: float = 10.0):
     """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
     api_key = check_api_key(api_key)
     for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
@@ -175,11 +219,13 @@ def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0,
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if not max_wait_ms >= 0:
         raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    if not 0 < read_timeout < float("inf"):
+        raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
     telemetry = Telemetry()
     batcher = Batcher(lambda name, texts: pool.predict(pool.served[name], texts), max_batch, max_wait_ms / 1000,
                       on_batch=telemetry.batch.observe)
 
-    predict = predict_route(pool, batcher, telemetry, max_inputs, max_body_bytes)
+    predict = predict_route(pool, batcher, telemetry, max_inputs, max_body_bytes, read_timeout)
 
     async def adapters(request: Request) -> Response:
         listing = [{**s.describe(), "base": pool.classifiers.index(s.classifier), "default": name == pool.default}
