@@ -12,7 +12,7 @@ from helpers import shared_path
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["masking_cost", "masking_overhead", "masking_strategies", "throughput", "sweep_cost", "memory",
-           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side"]
+           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side", "tasks"]
 
 
 # throughput runs once, with --compile: that run times every plain setting too.

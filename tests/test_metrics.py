@@ -1,18 +1,25 @@
-"""One metric registry: a run's scores and the verdict bootstrap compute every metric the same way."""
+"""One metric registry: a run's scores and the verdict bootstrap compute every metric the same way, for
+single-label, multi-label and regression (checked against scikit-learn and scipy)."""
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 
 from tokmask_peft.metrics import (METRICS, PREDICTION_METRICS, check_metric, classification_metrics, is_better,
-                                  metric_values)
+                                  metric_values, problem_metrics)
 
 SKLEARN = {"weighted_f1": lambda g, p: f1_score(g, p, average="weighted", zero_division=0),
            "macro_f1": lambda g, p: f1_score(g, p, average="macro", zero_division=0),
            "accuracy": accuracy_score}
+MULTI_LABEL = {**SKLEARN, "micro_f1": lambda g, p: f1_score(g, p, average="micro", zero_division=0),
+               "samples_f1": lambda g, p: f1_score(g, p, average="samples", zero_division=0)}
+REGRESSION = {"pearson": lambda g, p: pearsonr(g, p)[0], "spearman": lambda g, p: spearmanr(g, p)[0],
+              "mse": mean_squared_error}
 
 
 def test_every_prediction_metric_equals_scikit_learn_on_random_labelings():
-    assert set(PREDICTION_METRICS) == set(SKLEARN)
+    assert set(PREDICTION_METRICS) == set(MULTI_LABEL) | set(REGRESSION)
+    assert set(problem_metrics("single_label")) == set(SKLEARN)
     rng = np.random.default_rng(0)
     for _ in range(200):
         k, n = rng.integers(2, 6), rng.integers(1, 80)
@@ -22,29 +29,59 @@ def test_every_prediction_metric_equals_scikit_learn_on_random_labelings():
             assert ours[name] == pytest.approx(sk(gold, pred), abs=1e-12), name
 
 
+def test_multi_label_metrics_equal_scikit_learn_with_empty_labels_and_rows():
+    assert set(problem_metrics("multi_label")) == set(MULTI_LABEL)
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        labels, n = rng.integers(2, 8), rng.integers(1, 60)
+        gold = (rng.random((n, labels)) < 0.3).astype(int)
+        pred = (rng.random((n, labels)) < 0.3).astype(int)
+        gold[:, -1] = 0  # a label nobody has: scikit-learn counts it (F1 0) in the macro average
+        ours = classification_metrics(pred, gold, "multi_label")
+        for name, sk in MULTI_LABEL.items():
+            assert ours[name] == pytest.approx(sk(gold, pred), abs=1e-12), name
+
+
+def test_regression_metrics_equal_scipy_and_resample_as_pairs_with_ties():
+    assert set(problem_metrics("regression")) == set(REGRESSION)
+    rng = np.random.default_rng(3)
+    gold = np.round(rng.uniform(1, 5, 120), 1)  # SICK-like scores: many ties
+    pred = np.round(gold + rng.normal(0, 1, 120), 1)
+    draws = [rng.integers(0, 120, 120) for _ in range(5)]
+    weights = np.stack([np.bincount(d, minlength=120) for d in draws])
+    for name, reference in REGRESSION.items():
+        assert classification_metrics(pred, gold, "regression")[name] == pytest.approx(reference(gold, pred))
+        values = metric_values(weights, gold, pred, 0, name, "regression")
+        for value, draw in zip(values, draws):  # a resample of pairs, the correlation recomputed on it
+            assert value == pytest.approx(reference(gold[draw], pred[draw]), abs=1e-10), name
+
+
 def test_resample_weights_equal_scoring_the_resampled_rows():
     rng = np.random.default_rng(1)
     gold, pred = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
     draw = rng.integers(0, 50, 50)
     weights = np.bincount(draw, minlength=50)[None, :]
-    for name in PREDICTION_METRICS:
+    for name in SKLEARN:
         assert metric_values(weights, gold, pred, 3, name)[0] == pytest.approx(SKLEARN[name](gold[draw], pred[draw]))
 
 
 def test_unknown_names_are_errors_and_loss_has_no_bootstrap():
     assert check_metric("macro_f1", "train.metric") == "macro_f1"
-    with pytest.raises(ValueError, match=r"train.metric must be one of \['weighted_f1', 'macro_f1', 'accuracy', 'loss'\]"):
+    with pytest.raises(ValueError, match=r"train.metric must be one of \['weighted_f1', 'macro_f1', 'micro_f1'"):
         check_metric("f1", "train.metric")
     with pytest.raises(ValueError, match="recomputes it from saved predictions"):
         check_metric("loss", "the verdict's metric", from_predictions=True)
     with pytest.raises(ValueError, match="got 'f1'"):
         metric_values(np.ones((1, 2)), np.array([0, 1]), np.array([0, 1]), 2, "f1")
+    with pytest.raises(ValueError, match=r"train.metric: pearson does not score single_label problems"):
+        check_metric("pearson", "train.metric", problem="single_label")
 
 
 def test_direction_comes_from_the_registry():
     assert is_better("loss", 0.4, 0.5) and not is_better("loss", 0.6, 0.5)
     assert is_better("accuracy", 0.6, 0.5) and is_better("macro_f1", 0.1, None)
-    assert [name for name, m in METRICS.items() if not m.higher_is_better] == ["loss"]
+    assert is_better("mse", 0.4, 0.5) and is_better("pearson", 0.5, 0.4)
+    assert [name for name, m in METRICS.items() if not m.higher_is_better] == ["mse", "loss"]
 
 
 def test_token_positions_labelled_minus_100_are_not_scored():

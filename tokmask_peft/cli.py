@@ -80,7 +80,8 @@ def cmd_predict(args) -> None:
     fmt = files.input_format(args.input, args.format)
     name = "stdin" if args.input == "-" else args.input
     with (sys.stdin.buffer if args.input == "-" else open(args.input, "rb")) as stream:
-        rows = files.read_rows(stream, name, fmt, args.text_column, clf.task, args.encoding_errors)
+        rows = files.read_rows(stream, name, fmt, args.text_column, clf.task, args.encoding_errors,
+                               args.text_pair_column)
     results = files.predictions(clf, rows, args.batch_size, args.tta)
     records = files.output_rows(rows, results, clf.active, clf.task, "empty line" if fmt == "text" else "empty text")
     out = io.StringIO()
@@ -186,12 +187,14 @@ def add_predict(sub) -> None:
                    help="input format (default: from the suffix; stdin and other suffixes: text)")
     p.add_argument("--text-column", default="text", help="the column (CSV/TSV) or field (JSONL) holding the text; "
                    "token tasks take a list of words there, or a string split on whitespace")
+    p.add_argument("--text-pair-column", help="the column (CSV/TSV) or field (JSONL) holding the second text of "
+                   "a sentence pair, for adapters trained on pairs")
     p.add_argument("--output", default="-", help="where results go (default: stdout); written whole or not at all")
     p.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
                    help="bytes that are not UTF-8: an error naming the line (strict), or replaced and counted")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: csv for a .csv --output, else jsonl")
     p.add_argument("--rate", type=float, help="use the adapter of this masking rate (default for a sweep: the "
-                   "rate best on dev by weighted F1)")
+                   "rate best on dev by the sweep's selection metric)")
     p.add_argument("--adapter", help="use the adapter of this name, e.g. mask_0.10")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--tta", type=_count(0), default=0, help="average over K masked copies (test-time masking)")
@@ -221,7 +224,7 @@ def add_serve(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .metrics import DEFAULT_METRIC, PREDICTION_METRICS
+    from .metrics import PREDICTION_METRICS
 
     parser = argparse.ArgumentParser(prog="tokmask", description="Token masking for LoRA/QLoRA text classifiers.")
     common = argparse.ArgumentParser(add_help=False)
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", help="rebuild results.csv/.md/.png from a sweep's run directories; with several "
                        "sweeps, also one table judging each against the first sweep's p = 0")
     p.add_argument("output", nargs="+")
-    p.add_argument("--metric", default=DEFAULT_METRIC, choices=PREDICTION_METRICS)
+    p.add_argument("--metric", default=None, choices=PREDICTION_METRICS,
+                   help="what marks the best rate and what the verdicts judge (default: the sweep's train.metric)")
     p.set_defaults(func=cmd_report)
 
     add_predict(command)

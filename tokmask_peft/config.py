@@ -15,7 +15,8 @@ import yaml
 
 from .console import TokmaskWarning
 from .masking import MASK_POLICIES, RateSchedule, check_rate, check_strategy
-from .metrics import DEFAULT_METRIC, check_metric
+from .data import SEGMENTS, LabelFormat
+from .metrics import DEFAULT_METRICS, PROBLEM_TYPES, check_metric
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
@@ -65,6 +66,9 @@ class ModelConfig:
     """Tokenizer id or directory when it is not beside the weights."""
     task: str = "sequence"
     """``sequence`` (one label per text) or ``token`` (one label per word)."""
+    problem_type: str = "single_label"
+    """single_label (one class per text) | multi_label (any number of labels per text: sigmoid outputs, BCE
+    loss, per-label thresholds tuned on dev) | regression (one score per text: MSE loss). Sequence task only."""
     method: str = "lora"
     """``full`` fine-tuning, ``lora``, or ``qlora`` (bitsandbytes-quantised frozen base)."""
     quant_bits: int = 4
@@ -88,6 +92,10 @@ class ModelConfig:
         if not self.name:
             raise ValueError("model.name is required: a hub id or a local path")
         _choice("model", "task", self.task, TASKS)
+        _choice("model", "problem_type", self.problem_type, PROBLEM_TYPES)
+        if self.task == "token" and self.problem_type != "single_label":
+            raise ValueError(f"model.problem_type {self.problem_type} needs model.task sequence: token tasks "
+                             "label each word with one class")
         _choice("model", "method", self.method, METHODS)
         _choice("model", "quant_bits", self.quant_bits, (4, 8))
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -122,7 +130,14 @@ class DataConfig:
     text_column: str = "text"
     """Column holding the text (csv/tsv/jsonl/hf)."""
     label_column: str = "label"
-    """Column holding the label (csv/tsv/jsonl/hf)."""
+    """Column holding the label (csv/tsv/jsonl/hf): a class, names joined by ``label_separator``
+    (multi-label), or a number (regression)."""
+    text_pair_column: str | None = None
+    """Column holding the second text of a sentence pair (NLI, paraphrase, relevance); None: one text."""
+    label_separator: str = ";"
+    """Multi-label: what joins the label names in ``label_column``."""
+    label_columns: list[str] = dataclasses.field(default_factory=list)
+    """Multi-label: one 0/1 column per label instead of one joined ``label_column``."""
     fold_tags: bool = True
     """LinCE LID: fold tags to the paper's lang1 / lang2 / other; False keeps all tags."""
     max_length: int = 128
@@ -152,9 +167,21 @@ class DataConfig:
             if getattr(self, name) is not None:
                 _positive("data", name, getattr(self, name))
         _positive("data", "test_from_train", self.test_from_train, allow_zero=True)
+        if not isinstance(self.label_separator, str) or not self.label_separator:
+            raise ValueError(f"data.label_separator must be a non-empty string, got {self.label_separator!r}")
+        if not (isinstance(self.label_columns, list) and all(isinstance(c, str) and c for c in self.label_columns)):
+            raise ValueError(f"data.label_columns must be a list of column names, got {self.label_columns!r}")
+        if self.text_pair_column is not None and (not isinstance(self.text_pair_column, str)
+                                                  or self.text_pair_column == self.text_column):
+            raise ValueError(f"data.text_pair_column must name a column other than data.text_column, "
+                             f"got {self.text_pair_column!r}")
         if self.test_from_train and TEST_SET in self.extra_eval:
             raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
                              "rename one")
+
+    def label_format(self, problem: str) -> LabelFormat:
+        """How this data's label fields read for ``problem``."""
+        return LabelFormat(problem, self.label_separator, tuple(self.label_columns))
 
 
 @dataclasses.dataclass
@@ -177,14 +204,23 @@ class MaskingConfig:
     """λ >= 0: add λ · symmetric KL between the masked and a clean pass (R-Drop at rate 0)."""
     consistency_stop_grad: bool = False
     """The clean pass as a fixed target (no gradients, cheaper) instead of gradients through both."""
+    segments: str = "both"
+    """Sentence pairs: mask in both texts, only the first, or only the second; separators never."""
 
     def __post_init__(self):
+        _choice("masking", "segments", self.segments, SEGMENTS)
         try:  # masking owns the checks; its messages name the field, here with its section
             self.to_schedule()
             check_strategy(self.unit, self.replace, self.span_mean, max(self.rate, self.start))
         except ValueError as e:
             raise ValueError(f"masking.{e}") from None
         _positive("masking", "consistency", self.consistency, allow_zero=True)
+
+    @property
+    def needs_word_ids(self) -> bool:
+        """Whether batches must carry word ids: word and span units group by them, and a segment
+        choice leaves the other text's tokens without a word (never masked)."""
+        return self.unit != "token" or self.segments != "both"
 
     def strategy(self) -> dict:
         """The keyword arguments :meth:`TokenMasker.for_tokenizer` takes."""
@@ -221,8 +257,9 @@ class TrainConfig:
     """Focal term: loss = mean((1 - p_t)^gamma * weighted CE); the paper used 1."""
     eval_every: int = 0
     """Evaluate every N optimizer steps; 0 evaluates once per epoch."""
-    metric: str = DEFAULT_METRIC
-    """Dev metric for early stopping and model selection (loss is minimised, others maximised)."""
+    metric: str | None = None
+    """Dev metric for early stopping and model selection (loss and mse are minimised, others maximised);
+    unset: weighted_f1 (single-label), micro_f1 (multi-label), pearson (regression)."""
     patience: int = 0
     """Stop after this many evaluations without improvement; 0 never stops early."""
     seed: int = 0
@@ -264,7 +301,8 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
         _choice("train", "class_weights", self.class_weights, CLASS_WEIGHTS)
-        check_metric(self.metric, "train.metric")
+        if self.metric is not None:
+            check_metric(self.metric, "train.metric")
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         if not isinstance(self.robustness, list):
             raise ValueError(f"train.robustness must be a list of severities, got {self.robustness!r}")
@@ -328,6 +366,26 @@ class Recipe:
     masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
+
+    def __post_init__(self):
+        """What one section's choice rules out in another, named by field."""
+        problem, tc = self.model.problem_type, self.train
+        if tc.metric is None:
+            tc.metric = DEFAULT_METRICS[problem]
+        check_metric(tc.metric, "train.metric", problem=problem)
+        if problem != "single_label" and tc.focal_gamma:
+            raise ValueError(f"train.focal_gamma is for single-label classification; model.problem_type is {problem}")
+        if problem == "regression" and tc.class_weights != "none":
+            raise ValueError("train.class_weights needs classes; model.problem_type is regression")
+        if self.data.label_columns and problem != "multi_label":
+            raise ValueError("data.label_columns (one 0/1 column per label) needs model.problem_type multi_label")
+        if self.data.text_pair_column and self.model.task != "sequence":
+            raise ValueError("data.text_pair_column needs model.task sequence")
+        if problem != "single_label" and self.masking.consistency:
+            raise ValueError(f"masking.consistency compares class distributions (single-label); model.problem_type "
+                             f"is {problem}")
+        if self.masking.segments != "both" and not self.data.text_pair_column:
+            raise ValueError(f"masking.segments {self.masking.segments} needs sentence pairs (data.text_pair_column)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

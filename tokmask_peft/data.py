@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import random
 import warnings
 from pathlib import Path
@@ -22,12 +23,58 @@ PAPER_LID_FOLD = {"lang1": "lang1", "lang2": "lang2"}
 
 @dataclasses.dataclass
 class Example:
-    """One text (a string, or a list of words for token classification) and its label(s)."""
+    """One text (a string, or a list of words for token classification) and its label: a name
+    (single-label), a list of names (multi-label; token tags), or a number (regression)."""
 
     text: str | list[str]
-    label: str | list[str] | None
+    label: str | list[str] | float | None
     source: str = ""
     """``file:line`` where the example starts, for error messages."""
+    pair: str | None = None
+    """The second text of a sentence pair (``data.text_pair_column``), or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelFormat:
+    """How a table's label fields read for a problem type (``model.problem_type``)."""
+
+    problem: str = "single_label"
+    separator: str = ";"
+    """Multi-label: names joined in one column (GoEmotions' ``anger;joy``)."""
+    columns: tuple[str, ...] = ()
+    """Multi-label: one 0/1 column per label, instead of one joined column."""
+
+    def read(self, row: dict, label_column: str, where: str):
+        """The label of one table row, or a ValueError naming where and which column."""
+        if self.problem == "multi_label" and self.columns:
+            return [name for name in self.columns if _flag(row, name, where)]
+        value = row[label_column]
+        if self.problem == "regression":
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if isinstance(value, bool) or not math.isfinite(number):
+                raise ValueError(f"{where}: column {label_column!r} must be a finite number for regression, "
+                                 f"got {value!r}")
+            return number
+        if self.problem == "multi_label":
+            names = value if isinstance(value, list) else str(value).split(self.separator)
+            names = [str(n).strip() for n in names if str(n).strip()]
+            if not names:
+                raise ValueError(f"{where}: column {label_column!r} holds no label (an empty label set); "
+                                 f"multi-label names are joined with {self.separator!r}")
+            return names
+        return value if isinstance(value, list) else str(value)
+
+
+def _flag(row: dict, column: str, where: str) -> bool:
+    value = row.get(column)
+    if value is None:
+        raise ValueError(f"{where}: no value for label column {column!r} (data.label_columns)")
+    if str(value).strip() not in ("0", "1", "0.0", "1.0", "True", "False", "true", "false"):
+        raise ValueError(f"{where}: label column {column!r} must be 0 or 1, got {value!r}")
+    return str(value).strip() in ("1", "1.0", "True", "true")
 
 
 def _where(path: Path, line: int) -> str:
@@ -123,8 +170,10 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str 
 
 
 def read_table(path: str | Path, fmt: str, text_column: str = "text", label_column: str = "label",
-               errors: str = "strict") -> list[Example]:
-    """Read CSV / TSV / JSONL rows; for token classification a row's text and label are lists."""
+               errors: str = "strict", pair_column: str | None = None,
+               labels: LabelFormat = LabelFormat()) -> list[Example]:
+    """Read CSV / TSV / JSONL rows; for token classification a row's text and label are lists. With
+    ``pair_column`` each row is a sentence pair; ``labels`` says how its label fields read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -146,14 +195,17 @@ def read_table(path: str | Path, fmt: str, text_column: str = "text", label_colu
     for lineno, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{_where(path, lineno)}: expected a JSON object per line, got {type(row).__name__}")
-        for column in (text_column, label_column):
+        needed = (text_column, pair_column, *(() if labels.columns else (label_column,)))
+        for column in filter(None, needed):
             if column not in row:
                 raise ValueError(f"{_where(path, lineno)}: no column {column!r} (columns: {sorted(map(str, row))})")
             if row[column] is None:  # a CSV row with fewer fields than the header, or a JSON null
                 raise ValueError(f"{_where(path, lineno)}: no value for column {column!r} (a short row, or null)")
-        label = row[label_column]
-        examples.append(Example(row[text_column], label if isinstance(label, list) else str(label),
-                                _where(path, lineno)))
+        where = _where(path, lineno)
+        pair = row[pair_column] if pair_column else None
+        if pair_column and isinstance(pair, str) and not pair.strip():
+            raise ValueError(f"{where}: column {pair_column!r} is empty (the second text of the pair)")
+        examples.append(Example(row[text_column], labels.read(row, label_column, where), where, pair))
     return examples
 
 
@@ -179,7 +231,8 @@ def delimited_rows(lines: Iterable[tuple[int, str]], name: str,
     return header, rows
 
 
-def read_hf(name: str, split: str, text_column: str, label_column: str) -> list[Example]:
+def read_hf(name: str, split: str, text_column: str, label_column: str, pair_column: str | None = None,
+            labels: LabelFormat = LabelFormat()) -> list[Example]:
     """A Hugging Face dataset (hub id or local directory); needs the ``datasets`` extra."""
     try:
         import datasets
@@ -189,22 +242,35 @@ def read_hf(name: str, split: str, text_column: str, label_column: str) -> list[
     ds = datasets.load_from_disk(str(path))[split] if path.is_dir() and (path / "dataset_dict.json").exists() \
         else datasets.load_dataset(name, split=split)
     feature = ds.features.get(label_column)
-    names = getattr(feature, "names", None)
-    return [Example(r[text_column], names[r[label_column]] if names else str(r[label_column]), f"{name}[{split}][{i}]")
+    names = getattr(feature, "names", None) or getattr(getattr(feature, "feature", None), "names", None)
+
+    def named(value):  # ClassLabel ids (or a list of them) → names
+        if names is None:
+            return value
+        return [names[v] for v in value] if isinstance(value, list) else names[value]
+
+    return [Example(r[text_column], labels.read({**r, label_column: named(r.get(label_column))}, label_column,
+                                                where := f"{name}[{split}][{i}]"), where,
+                    r[pair_column] if pair_column else None)
             for i, r in enumerate(ds)]
 
 
 def read_examples(path: str, fmt: str, task: str, text_column="text", label_column="label", fold_tags=True,
-                  split: str = "train", errors: str = "strict") -> list[Example]:
+                  split: str = "train", errors: str = "strict", pair_column: str | None = None,
+                  labels: LabelFormat = LabelFormat()) -> list[Example]:
     """Dispatch on ``fmt``: lince | csv | tsv | jsonl | hf; ``errors``: what non-UTF-8 bytes do."""
     if fmt == "lince":
+        if pair_column or labels.problem != "single_label":
+            raise ValueError(f"{path}: LinCE files hold one text and one label: sentence pairs, multi-label and "
+                             "regression need csv, tsv, jsonl or hf data")
         return read_lince(path, task, fold_tags, errors)
-    read = read_hf(path, split, text_column, label_column) if fmt == "hf" else read_table(
-        path, fmt, text_column, label_column, errors)
-    return check_example_types(read, task, text_column, label_column)
+    read = read_hf(path, split, text_column, label_column, pair_column, labels) if fmt == "hf" else read_table(
+        path, fmt, text_column, label_column, errors, pair_column, labels)
+    return check_example_types(read, task, text_column, label_column, pair_column)
 
 
-def check_example_types(examples: list[Example], task: str, text_column: str, label_column: str) -> list[Example]:
+def check_example_types(examples: list[Example], task: str, text_column: str, label_column: str,
+                        pair_column: str | None = None) -> list[Example]:
     """Refuse, naming file, line and column, a text or label of the wrong kind for ``task`` (a JSONL text that
     is a number or a list would otherwise be encoded as something else: a two-word list as a sentence pair)."""
     for ex in examples:
@@ -216,7 +282,8 @@ def check_example_types(examples: list[Example], task: str, text_column: str, la
         else:
             what = (f"column {text_column!r} must be a string, got {json.dumps(ex.text)[:40]}"
                     if not isinstance(ex.text, str) else
-                    f"column {label_column!r} must be one label, got a list" if isinstance(ex.label, list) else None)
+                    f"column {pair_column!r} must be a string, got {json.dumps(ex.pair)[:40]}"
+                    if pair_column and not isinstance(ex.pair, str) else None)
         if what:
             raise ValueError(f"{ex.source}: {what}")
     return examples
@@ -244,50 +311,97 @@ def check_labels(examples: Sequence[Example], names: Sequence[str]) -> None:
 # ---- tokenisation ---------------------------------------------------------------------------
 
 
+SEGMENTS = ("both", "first", "second")
+
+
 def encode(examples: Sequence[Example], tokenizer, task: str, label2id: dict[str, int] | None,
-           max_length: int) -> list[dict]:
+           max_length: int, problem: str = "single_label", segments: str = "both") -> list[dict]:
     """Tokenise examples into features (``input_ids``, ``attention_mask``, ``labels``).
 
     Token classification labels only the first sub-word of each word (``-100`` elsewhere and on
     special tokens), so each word is scored once. ``label2id=None`` leaves labels out (prediction).
+    Labels follow ``problem``: a class id, a 0/1 row per label (multi-label) or a float (regression).
     Every feature keeps ``word_ids`` (word and span masking group pieces by them): the fast
     tokenizer's word ids of the given words for token tasks; for raw text, whitespace-separated
     words located through the tokenizer's character offsets (pre-tokenizers disagree on words:
-    Llama's Metaspace treats a whole text as one).
+    Llama's Metaspace treats a whole text as one). A sentence pair is encoded the tokenizer's way
+    (separators between); its second text's words are numbered after the first's, and the words of
+    a segment ``segments`` leaves out get none (-1), which masking never touches.
     """
-    for ex in examples:
-        empty = not ex.text or (isinstance(ex.text, str) and not ex.text.strip())
-        if empty:
-            raise ValueError(f"{ex.source}: empty text")
-        if task == "token" and not isinstance(ex.text, list):
-            raise ValueError(f"{ex.source}: token classification needs a list of words, got {type(ex.text).__name__}")
-        if task == "token" and label2id is not None and len(ex.label) != len(ex.text):
-            raise ValueError(f"{ex.source}: {len(ex.text)} words but {len(ex.label)} labels")
-    room = max_length - tokenizer.num_special_tokens_to_add()
-    if room < 1:
+    check_encodable(examples, task, label2id is not None)
+    paired = any(ex.pair is not None for ex in examples)
+    if paired and (single := next((ex for ex in examples if ex.pair is None), None)):
+        raise ValueError(f"{single.source}: one text where the others are sentence pairs")
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=paired)
+    if room < 1 + paired:
         raise ValueError(f"data.max_length={max_length} leaves no room for text: this tokenizer adds "
-                         f"{tokenizer.num_special_tokens_to_add()} special token(s) to each example")
+                         f"{tokenizer.num_special_tokens_to_add(pair=paired)} special token(s) to each example")
     texts = [ex.text for ex in examples]
-    enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=(task == "token"),
+    # A tokenizer without a pair template (Qwen, Llama) would run the texts together: a newline parts them.
+    joiner = "" if tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add() else "\n"
+    pairs = [joiner + ex.pair for ex in examples] if paired else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, is_split_into_words=(task == "token"),
                     return_offsets_mapping=task == "sequence")
     features = []
     for i, ex in enumerate(examples):
         feature = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        feature["word_ids"] = enc.word_ids(i) if task == "token" else whitespace_word_ids(ex.text, enc["offset_mapping"][i])
         if task == "token":
-            if label2id is not None:
-                feature["labels"] = first_subword_labels(feature["word_ids"], [label2id[t] for t in ex.label])
-        elif label2id is not None:
-            feature["labels"] = label2id[ex.label]
+            feature["word_ids"] = enc.word_ids(i)
+        else:
+            feature["word_ids"] = pair_word_ids(ex.text, pairs and pairs[i], enc["offset_mapping"][i],
+                                                enc.sequence_ids(i), segments)
+        if label2id is not None:
+            feature["labels"] = label_target(ex, task, label2id, problem, feature["word_ids"])
         features.append(feature)
     return features
 
 
+def check_encodable(examples: Sequence[Example], task: str, labelled: bool) -> None:
+    for ex in examples:
+        if not ex.text or (isinstance(ex.text, str) and not ex.text.strip()):
+            raise ValueError(f"{ex.source}: empty text")
+        if ex.pair is not None and not (isinstance(ex.pair, str) and ex.pair.strip()):
+            raise ValueError(f"{ex.source}: empty second text of a sentence pair")
+        if task == "token" and not isinstance(ex.text, list):
+            raise ValueError(f"{ex.source}: token classification needs a list of words, got {type(ex.text).__name__}")
+        if task == "token" and labelled and len(ex.label) != len(ex.text):
+            raise ValueError(f"{ex.source}: {len(ex.text)} words but {len(ex.label)} labels")
+
+
+def label_target(ex: Example, task: str, label2id: dict[str, int], problem: str, word_ids):
+    """What the loss compares the outputs with, for ``ex``'s label."""
+    if task == "token":
+        return first_subword_labels(word_ids, [label2id[t] for t in ex.label])
+    if problem == "regression":
+        return float(ex.label)
+    if problem == "multi_label":
+        row = [0.0] * len(label2id)
+        for name in ex.label:
+            row[label2id[name]] = 1.0
+        return row
+    return label2id[ex.label]
+
+
+def pair_word_ids(text: str, pair: str | None, offsets, sequence_ids, segments: str = "both") -> list[int | None]:
+    """:func:`whitespace_word_ids` over one text or both texts of a pair, the second's numbered on;
+    the words of a segment ``segments`` leaves out get None."""
+    first = [(a, b) if s == 0 else (0, 0) for (a, b), s in zip(offsets, sequence_ids)]
+    ids = whitespace_word_ids(text, first) if segments != "second" else [None] * len(offsets)
+    if pair is not None and segments != "first":
+        after = len(text.split())
+        second = [(a, b) if s == 1 else (0, 0) for (a, b), s in zip(offsets, sequence_ids)]
+        ids = [w if s != 1 else (None if v is None else v + after)
+               for w, v, s in zip(ids, whitespace_word_ids(pair, second), sequence_ids)]
+    return ids
+
+
 def was_truncated(feature: dict, example: Example) -> bool:
-    """True when ``max_length`` cut words off the end of ``example`` (its last word has no token)."""
+    """True when ``max_length`` cut words off the end of ``example`` (the last word of a text, or of either
+    text of a pair, has no token)."""
     words = len(example.text) if isinstance(example.text, list) else len(example.text.split())
-    seen = [w for w in feature["word_ids"] if w is not None and w >= 0]
-    return max(seen, default=-1) < words - 1
+    seen = {w for w in feature["word_ids"] if w is not None and w >= 0}
+    lasts = [words - 1] if example.pair is None else [words - 1, words + len(example.pair.split()) - 1]
+    return any(last not in seen for last in lasts)
 
 
 def whitespace_word_ids(text: str, offsets: Sequence[tuple[int, int]]) -> list[int | None]:

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 
 from .adapter_slots import replicate
 from .data import padding_collator
-from .losses import classification_loss
+from .losses import task_loss
 from .metrics import classification_metrics, is_better
+from .problems import decide
+from .problems import scores as problem_scores
 from .runs import Predictions
 
 __all__ = ["EarlyStopping", "evaluate", "eval_loader"]
@@ -59,12 +61,14 @@ class EarlyStopping:
 
 
 def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, focal_gamma=0.0,
-             keep: bool = False, slots: int = 1) -> list[tuple[dict[str, float], Predictions | None]]:
+             keep: bool = False, slots: int = 1, problem: str = "single_label",
+             thresholds=None) -> list[tuple[dict[str, float], Predictions | None]]:
     """Per adapter run side by side (``slots``; one for a lone run): metrics over all processes
     (``gather_for_metrics`` drops the duplicated tail) and, with ``keep``, every scored unit's prediction
-    (a text, or a labelled word) with its example index and probabilities."""
+    (a text, or a labelled word) with its example index and scores (probabilities, or the predicted value).
+    Multi-label decisions use ``thresholds`` (one per label; 0.5 when None)."""
     model.eval()
-    scores = [Scores(accelerator.device) for _ in range(slots)]
+    scores = [Scores(accelerator.device, problem) for _ in range(slots)]
     # Eager even where train.compile compiled the blocks: a second, no-grad graph would cost another
     # compile for a pass that is a small part of a run (and bitsandbytes' 4-bit ops fail in one on CPU).
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
@@ -73,36 +77,45 @@ def evaluate(model, loader, accelerator: Accelerator, task: str, weights=None, f
             for score, logits in zip(scores, model(**replicate(batch, slots)).logits.chunk(slots)):
                 score.add(logits, labels, example, task, accelerator, weights, focal_gamma)
     model.train()
-    return [score.result(accelerator, keep) for score in scores]
+    return [score.result(accelerator, keep, thresholds) for score in scores]
 
 
 class Scores:
     """One adapter's predictions and loss over an evaluation pass, gathered from every process."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, problem: str = "single_label"):
+        self.problem = problem
         self.rows: dict[str, list] = {"example": [], "gold": [], "probs": []}
         self.loss_sum, self.loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
 
     def add(self, logits, labels, example, task, accelerator, weights, focal_gamma) -> None:
-        n = (labels != -100).sum()
-        self.loss_sum += classification_loss(logits, labels, weights, focal_gamma) * n
+        single = self.problem == "single_label"
+        n = (labels != -100).sum() if single else torch.tensor(labels.shape[0], device=labels.device)
+        self.loss_sum += task_loss(self.problem, logits, labels, weights, focal_gamma) * n
         self.loss_count += n
-        probs = logits.float().softmax(-1)
+        probs = problem_scores(self.problem, logits)
         if task == "token":
             example = example[:, None].expand_as(labels)
             probs, labels, example = (accelerator.pad_across_processes(t, dim=1, pad_index=-100)
                                       for t in (probs, labels, example))
         probs, labels, example = accelerator.gather_for_metrics((probs, labels, example))
-        scored = labels.reshape(-1) != -100
-        self.rows["probs"].append(probs.reshape(-1, probs.shape[-1])[scored].cpu())
-        self.rows["gold"].append(labels.reshape(-1)[scored].cpu())
-        self.rows["example"].append(example.reshape(-1)[scored].cpu())
+        if single:  # one row per labelled unit: a text, or a word's first piece
+            scored = labels.reshape(-1) != -100
+            probs, labels, example = probs.reshape(-1, probs.shape[-1])[scored], labels.reshape(-1)[scored], \
+                example.reshape(-1)[scored]
+        self.rows["probs"].append(probs.cpu())
+        self.rows["gold"].append(labels.cpu())
+        self.rows["example"].append(example.cpu())
 
-    def result(self, accelerator, keep: bool) -> tuple[dict[str, float], Predictions | None]:
+    def result(self, accelerator, keep: bool, thresholds=None) -> tuple[dict[str, float], Predictions | None]:
         loss_sum, loss_count = accelerator.reduce(self.loss_sum), accelerator.reduce(self.loss_count)
         probs, gold = torch.cat(self.rows["probs"]), torch.cat(self.rows["gold"])
-        pred = probs.argmax(-1)
-        metrics = {**classification_metrics(pred.numpy(), gold.numpy()), "loss": float(loss_sum / loss_count)}
+        if self.problem == "multi_label":
+            gold = gold.to(torch.int8)
+        pred = decide(self.problem, probs, thresholds)
+        classes = probs.shape[-1] if self.problem == "single_label" else None
+        metrics = {**classification_metrics(pred.numpy(), gold.numpy(), self.problem, classes),
+                   "loss": float(loss_sum / loss_count)}
         if not keep:
             return metrics, None
         return metrics, Predictions(torch.cat(self.rows["example"]).numpy(), gold.numpy(), pred.numpy(), probs.numpy())

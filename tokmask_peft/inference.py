@@ -22,8 +22,8 @@ from .console import TokmaskWarning
 from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
 from .modeling import base_identity, classifier_on_body, classifier_tokenizer, load_base
-from .metrics import DEFAULT_METRIC
-from .reporting import collect, summarise
+from .problems import decide, scores
+from .reporting import collect, summarise, sweep_metric
 from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, read_run_config, run_dirs, verify_weights, weight_record,
                    with_meaning)
 from .storage import write_json
@@ -109,6 +109,11 @@ class Classifier:
     def labels(self) -> list[str]:
         return self.active_config["labels"]
 
+    @property
+    def problem(self) -> str:
+        """single_label, multi_label or regression (runs saved before problem types: single_label)."""
+        return self.active_config.get("problem_type", "single_label")
+
     # ---- loading --------------------------------------------------------------------------------
 
     @classmethod
@@ -140,7 +145,7 @@ class Classifier:
 
     @classmethod
     def from_sweep(cls, sweep_dir: str | Path, seed: int = 0, device: str | torch.device | None = None,
-                   metric: str = DEFAULT_METRIC, rate: float | None = None):
+                   metric: str | None = None, rate: float | None = None):
         """Load the base once and attach the seed-``seed`` adapter of every rate in a sweep; the
         active one is ``rate``, else the rate the sweep's table calls best on dev by ``metric``
         (mean over seeds). A sweep of fully fine-tuned models loads that one rate's model only."""
@@ -212,12 +217,15 @@ class Classifier:
         """
         return [row for row, _ in self._scored(texts, batch_size, tta, tta_rate, seed)]
 
-    def predict(self, texts: Sequence[str | list[str] | Example], batch_size: int = 32, tta: int = 0,
-                tta_rate: float | None = None) -> list[dict]:
-        """Labels and probabilities, and ``truncated``: whether ``max_length`` cut the text short (token
-        tasks give one label per input word; words past ``max_length`` get ``None``). Texts may be the
-        ``Example``s of any reader (``data.read_examples``, ``predict_files.read_rows``)."""
-        return [{**to_result(row, self.labels, self.task), "truncated": cut}
+    def predict(self, texts: Sequence[str | list[str] | tuple[str, str] | Example], batch_size: int = 32,
+                tta: int = 0, tta_rate: float | None = None) -> list[dict]:
+        """Per text, what the adapter's problem type answers (see :func:`to_result`: a label with class
+        probabilities; every label above its threshold with sigmoid scores; or a score), and
+        ``truncated``: whether ``max_length`` cut the text short (token tasks give one label per input
+        word; words past ``max_length`` get ``None``). A sentence pair is a ``(text, text)`` tuple. Texts
+        may be the ``Example``s of any reader (``data.read_examples``, ``predict_files.read_rows``)."""
+        config = self.active_config
+        return [{**to_result(row, self.labels, self.task, self.problem, config.get("thresholds")), "truncated": cut}
                 for row, cut in self._scored(texts, batch_size, tta, tta_rate)]
 
     def _scored(self, texts, batch_size: int, tta: int, tta_rate: float | None, seed: int = 0):
@@ -225,13 +233,13 @@ class Classifier:
         if batch_size < 1 or tta < 0:
             raise ValueError(f"batch_size must be >= 1 and tta >= 0, got {batch_size} and {tta}")
         masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
-        examples = as_examples(texts, self.task)
+        examples = check_pairs(as_examples(texts, self.task), self.active_config)
         features = encode(examples, self.tokenizer, self.task, None, self.active_config["max_length"])
         collate = padding_collator(self.tokenizer, self.task)
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
-            logits = batch_logits(self.model, batch, masker, tta)
+            logits = batch_logits(self.model, batch, masker, tta, self.problem)
             if not torch.isfinite(logits).all():
                 raise ValueError(f"{self.active} gave non-finite scores (NaN or inf) for inputs {start}.."
                                  f"{start + len(chunk) - 1}: its weights are damaged or overflow in this dtype")
@@ -240,8 +248,10 @@ class Classifier:
                 yield row, was_truncated(feature, example)
 
 
-def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str) -> str:
-    """The adapter name of the rate the sweep's table calls best by ``metric`` (mean over seeds)."""
+def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str | None = None) -> str:
+    """The adapter name of the rate the sweep's table calls best by ``metric`` (mean over seeds; default:
+    the sweep's own selection metric)."""
+    metric = sweep_metric(sweep_dir, metric)
     rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in runs]
     best = [entry for entry in summarise(rows, metric) if entry.get("best")]
     if not best or metric not in best[0]:
@@ -252,12 +262,31 @@ def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str) ->
 # ---- prediction, as functions of a batch --------------------------------------------------------
 
 
-def as_examples(texts: Sequence[str | list[str] | Example], task: str) -> list[Example]:
-    """Token tasks take lists of words, or strings split on whitespace; Examples (any reader's) give
-    their text."""
-    texts = [t.text if isinstance(t, Example) else t for t in texts]
-    return [Example(t if task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]")
-            for i, t in enumerate(texts)]
+def as_examples(texts: Sequence, task: str) -> list[Example]:
+    """Token tasks take lists of words, or strings split on whitespace; sequence tasks a string or a
+    ``(text, text)`` pair; Examples (any reader's) are used as they are."""
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, Example):
+            out.append(t)
+        elif task == "sequence" and isinstance(t, (tuple, list)):
+            if len(t) != 2 or not all(isinstance(x, str) for x in t):
+                raise ValueError(f"input[{i}]: a sentence pair is two strings, got {t!r:.80}")
+            out.append(Example(t[0], None, f"input[{i}]", t[1]))
+        else:
+            out.append(Example(t if task == "sequence" or isinstance(t, list) else t.split(), None, f"input[{i}]"))
+    return out
+
+
+def check_pairs(examples: list[Example], config: dict) -> list[Example]:
+    """Refuse a single text for an adapter trained on sentence pairs, and a pair for one trained on texts."""
+    paired = bool(config.get("text_pair"))
+    wrong = next((ex for ex in examples if (ex.pair is not None) != paired), None)
+    if wrong is not None:
+        raise ValueError(f"{wrong.source}: this adapter was trained on sentence pairs: give each input as two texts"
+                         if paired else
+                         f"{wrong.source}: a sentence pair, but this adapter was trained on single texts")
+    return examples
 
 
 def tta_masker(tokenizer, config: dict, rate: float | None, seed: int) -> TokenMasker:
@@ -266,13 +295,17 @@ def tta_masker(tokenizer, config: dict, rate: float | None, seed: int) -> TokenM
     return TokenMasker.for_tokenizer(tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed)
 
 
-def batch_logits(model, batch: dict, masker: TokenMasker | None, copies: int) -> torch.Tensor:
-    """Float logits on the CPU; with a masker, log of the mean softmax over ``copies`` masked copies."""
+def batch_logits(model, batch: dict, masker: TokenMasker | None, copies: int,
+                 problem: str = "single_label") -> torch.Tensor:
+    """Float logits on the CPU; with a masker, the logits whose scores are the mean over ``copies`` masked
+    copies' scores (log of the mean softmax; the logit of the mean sigmoid; the mean regression output)."""
     if masker is None:
         return model(**batch).logits.float().cpu()
-    probs = sum(model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
-                .logits.float().softmax(-1).cpu() for _ in range(copies))
-    return (probs / copies).log()
+    mean = sum(scores(problem, model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
+                      .logits).cpu() for _ in range(copies)) / copies
+    if problem == "multi_label":
+        return torch.logit(mean, eps=1e-7)
+    return mean[..., None] if problem == "regression" else mean.log()
 
 
 def word_logits(row: torch.Tensor, word_ids: list, n_words: int) -> torch.Tensor:
@@ -287,7 +320,17 @@ def word_logits(row: torch.Tensor, word_ids: list, n_words: int) -> torch.Tensor
     return out
 
 
-def to_result(logits: torch.Tensor, labels: list[str], task: str) -> dict:
+def to_result(logits: torch.Tensor, labels: list[str], task: str, problem: str = "single_label",
+              thresholds: Sequence[float] | None = None) -> dict:
+    """``{"label", "probs"}`` (single-label); ``{"labels": [every label at or above its threshold], "scores":
+    {label: sigmoid}}`` (multi-label); ``{"score"}`` (regression); ``{"labels": [one per word]}`` (token)."""
+    if problem == "regression":
+        return {"score": float(logits[0])}
+    if problem == "multi_label":
+        probs = scores(problem, logits)
+        on = decide(problem, probs, thresholds)
+        return {"labels": [lab for lab, flag in zip(labels, on) if flag],
+                "scores": {lab: round(float(p), 6) for lab, p in zip(labels, probs)}}
     probs = logits.softmax(-1)
     if task == "sequence":
         return {"label": labels[int(probs.argmax())],

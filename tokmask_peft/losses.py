@@ -1,6 +1,8 @@
-"""Classification loss: cross-entropy with optional class weights and focal term (the paper's).
+"""The training loss per problem type: cross-entropy with optional class weights and focal term (the
+paper's) for single-label, binary cross-entropy per label for multi-label, mean squared error for
+regression.
 
-Works for both tasks: token-classification logits are flattened and ``-100`` labels ignored.
+Single-label works for both tasks: token-classification logits are flattened and ``-100`` labels ignored.
 """
 from __future__ import annotations
 
@@ -32,6 +34,45 @@ def class_weights(counts: Sequence[int], kind: str) -> torch.Tensor | None:
     elif kind != "inverse":
         raise ValueError(f"class weights must be none, paper or inverse, got {kind!r}")
     return (raw * k / raw.sum()).float()
+
+
+def positive_weights(positives: Sequence[int], rows: int, kind: str) -> torch.Tensor | None:
+    """Multi-label: BCE's ``pos_weight`` per label from how often it is on: negatives / positives
+    (``inverse``) or its square root (``paper``); ``none``: None. A label never on gets 1.
+
+    >>> positive_weights([10, 50], 100, "inverse")
+    tensor([9., 1.])
+    """
+    if kind == "none":
+        return None
+    pos = torch.tensor(positives, dtype=torch.float64)
+    ratio = torch.where(pos > 0, (rows - pos) / pos.clamp(min=1), torch.ones_like(pos))
+    if kind == "paper":
+        ratio = ratio.sqrt()
+    elif kind != "inverse":
+        raise ValueError(f"class weights must be none, paper or inverse, got {kind!r}")
+    return ratio.float()
+
+
+def loss_weights(features: Sequence[dict], num_labels: int, kind: str, problem: str) -> torch.Tensor | None:
+    """``train.class_weights`` for ``problem`` from the training features' labels."""
+    if problem == "multi_label":
+        positives = torch.tensor([f["labels"] for f in features]).sum(0).tolist()
+        return positive_weights(positives, len(features), kind)
+    if problem == "regression":
+        return None
+    return class_weights(label_counts(features, num_labels), kind)
+
+
+def task_loss(problem: str, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+              focal_gamma: float = 0.0) -> torch.Tensor:
+    """The loss for ``problem`` (``weights``: class weights, or BCE's positive weights for multi-label)."""
+    if problem == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=None if weights is None
+                                                  else weights.to(logits.device))
+    if problem == "regression":
+        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
+    return classification_loss(logits, labels, weights, focal_gamma)
 
 
 def label_counts(features: Sequence[dict], num_labels: int) -> list[int]:

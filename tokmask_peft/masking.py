@@ -111,6 +111,8 @@ def choose_positions(input_ids: torch.Tensor, rate: float, protected: torch.Tens
     check_strategy(unit, "mask", span_mean, rate)
     if unit == "token":
         chosen = _uniform(input_ids.shape, generator, input_ids.device) < rate
+        if word_ids is not None:  # given: a token of no word (a segment left unmasked) is never chosen
+            chosen &= word_ids.to(input_ids.device) >= 0
     else:
         if word_ids is None:
             raise ValueError(NEEDS_WORD_IDS.format(unit=unit))

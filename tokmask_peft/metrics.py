@@ -1,30 +1,52 @@
-"""The metrics, in one registry: what each is called, which way is better, and how it is computed.
+"""The metrics, in one registry: what each is called, which way is better, which problem types it
+scores, and how it is computed.
 
-One implementation serves a run's scores and the verdict bootstrap: a metric is computed from
-per-class counts of weighted rows, so a single pass computes it for thousands of resamples
-(weights = how often each row is drawn) and a run's own score is the case of all weights 1.
-Offline by design: ``evaluate.load('f1')`` fetches a script from the hub. Weighted and macro F1
-follow scikit-learn's ``average='weighted'`` / ``'macro'`` with ``zero_division=0`` (tested against it).
+One implementation serves a run's scores and the verdict bootstrap: a metric is computed from rows
+under weights (how often each row is drawn, one row of weights per resample), so a single pass computes
+it for thousands of resamples and a run's own score is the case of all weights 1. Classification
+metrics work on label indicators ((rows, labels) 0/1; a single-label class is a one-hot row), so one
+F1 serves single- and multi-label; regression metrics on the gold and predicted scores.
+Offline by design: ``evaluate.load('f1')`` fetches a script from the hub. The F1s follow scikit-learn
+(``zero_division=0``), the correlations scipy's (tested against both).
 """
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .data import IGNORE_INDEX
 
-__all__ = ["METRICS", "DEFAULT_METRIC", "PREDICTION_METRICS", "Metric", "check_metric", "classification_metrics",
-           "compute_metrics", "is_better", "metric_values"]
+__all__ = ["METRICS", "DEFAULT_METRIC", "DEFAULT_METRICS", "PREDICTION_METRICS", "PROBLEM_TYPES", "Metric",
+           "check_metric", "classification_metrics", "compute_metrics", "is_better", "metric_values",
+           "problem_metrics"]
+
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+CLASSIFICATION = ("single_label", "multi_label")
 
 
-@dataclasses.dataclass(frozen=True)
-class Metric:
-    higher_is_better: bool
-    from_counts: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
-    """``(support, predicted, hits)`` per class, one row per replicate → the metric per replicate; None
-    for a metric that predictions alone cannot give (the loss), which no verdict can bootstrap."""
+class Rows:
+    """Gold and predicted rows under each replicate's weights: the sums every metric is made of."""
+
+    def __init__(self, weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, problem: str):
+        self.weights, self.gold, self.pred, self.problem = weights, gold, pred, problem
+
+    @cached_property
+    def support(self):  # (replicates, labels): weighted count of gold positives per label
+        return self.weights @ self.gold
+
+    @cached_property
+    def predicted(self):
+        return self.weights @ self.pred
+
+    @cached_property
+    def hits(self):
+        return self.weights @ (self.gold * self.pred)
+
+    def mean(self, per_row: np.ndarray) -> np.ndarray:
+        return (self.weights @ per_row) / self.weights.sum(1)
 
 
 def _f1(support, predicted, hits):
@@ -32,38 +54,107 @@ def _f1(support, predicted, hits):
     return np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0), denominator > 0
 
 
-def _weighted_f1(support, predicted, hits):
-    return (_f1(support, predicted, hits)[0] * support).sum(1) / support.sum(1)
+def _weighted_f1(r: Rows):
+    return (_f1(r.support, r.predicted, r.hits)[0] * r.support).sum(1) / np.maximum(r.support.sum(1), 1e-12)
 
 
-def _macro_f1(support, predicted, hits):
-    f1, present = _f1(support, predicted, hits)  # classes in gold or predictions, as scikit-learn counts them
-    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+def _macro_f1(r: Rows):
+    f1, present = _f1(r.support, r.predicted, r.hits)
+    if r.problem == "multi_label":  # scikit-learn averages over every label of an indicator matrix
+        return f1.mean(1)
+    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)  # classes in gold or predictions
 
 
-def _accuracy(support, predicted, hits):
-    return hits.sum(1) / support.sum(1)
+def _micro_f1(r: Rows):
+    denominator = r.support.sum(1) + r.predicted.sum(1)
+    return np.divide(2 * r.hits.sum(1), denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def _samples_f1(r: Rows):
+    both = r.gold.sum(1) + r.pred.sum(1)
+    per_row = np.divide(2 * (r.gold * r.pred).sum(1), both, out=np.zeros(len(both)), where=both > 0)
+    return r.mean(per_row)
+
+
+def _accuracy(r: Rows):  # single-label: accuracy; multi-label: every label right (subset accuracy)
+    return r.mean((r.gold == r.pred).all(1).astype(np.float64))
+
+
+def _mse(r: Rows):
+    return r.mean((r.gold - r.pred) ** 2)
+
+
+def _pearson(r: Rows, gold=None, pred=None):
+    """Weighted Pearson correlation; ``gold``/``pred`` may be per replicate ((replicates, rows): ranks)."""
+    gold = r.gold if gold is None else gold
+    pred = r.pred if pred is None else pred
+    w = r.weights / r.weights.sum(1, keepdims=True)
+    mean_gold, mean_pred = (w * gold).sum(1, keepdims=True), (w * pred).sum(1, keepdims=True)
+    cov = (w * (gold - mean_gold) * (pred - mean_pred)).sum(1)
+    scale = np.sqrt((w * (gold - mean_gold) ** 2).sum(1) * (w * (pred - mean_pred) ** 2).sum(1))
+    return np.divide(cov, scale, out=np.zeros_like(cov), where=scale > 1e-12)
+
+
+def _midranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(replicates, rows): each row's rank within its replicate's resample, ties averaged (scipy's
+    ``rankdata``), where row i appears ``weights[:, i]`` times. One sort serves every replicate."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
+    counts = np.add.reduceat(weights[:, order], np.flatnonzero(new_value), axis=1)  # (replicates, distinct values)
+    midrank = np.cumsum(counts, 1) - counts + (counts + 1) / 2
+    group = np.empty(len(values), dtype=np.int64)
+    group[order] = np.cumsum(new_value) - 1
+    return midrank[:, group]
+
+
+def _spearman(r: Rows):
+    return _pearson(r, _midranks(r.gold, r.weights), _midranks(r.pred, r.weights))
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    higher_is_better: bool
+    compute: Callable[[Rows], np.ndarray] | None = None
+    """Rows under weights → the metric per replicate; None for a metric predictions alone cannot give
+    (the loss), which no verdict can bootstrap."""
+    problems: tuple[str, ...] = CLASSIFICATION
 
 
 METRICS: dict[str, Metric] = {
     "weighted_f1": Metric(True, _weighted_f1),  # the paper's metric
     "macro_f1": Metric(True, _macro_f1),
+    "micro_f1": Metric(True, _micro_f1, ("multi_label",)),  # single-label: equals accuracy
+    "samples_f1": Metric(True, _samples_f1, ("multi_label",)),
     "accuracy": Metric(True, _accuracy),
-    "loss": Metric(False),
+    "pearson": Metric(True, _pearson, ("regression",)),
+    "spearman": Metric(True, _spearman, ("regression",)),
+    "mse": Metric(False, _mse, ("regression",)),
+    "loss": Metric(False, None, PROBLEM_TYPES),
 }
-DEFAULT_METRIC = "weighted_f1"
-"""What selects the best epoch and rate, and what verdicts judge, unless a recipe or command says otherwise."""
-PREDICTION_METRICS = tuple(name for name, m in METRICS.items() if m.from_counts is not None)
+DEFAULT_METRICS = {"single_label": "weighted_f1", "multi_label": "micro_f1", "regression": "pearson"}
+"""What selects the best epoch and rate, and what verdicts judge, per problem type, unless a recipe or
+command says otherwise."""
+DEFAULT_METRIC = DEFAULT_METRICS["single_label"]
+PREDICTION_METRICS = tuple(name for name, m in METRICS.items() if m.compute is not None)
 """The metrics predictions give, so a verdict can bootstrap them."""
 
 
-def check_metric(name: str, field: str, from_predictions: bool = False) -> str:
-    """``name`` if the registry knows it (and, with ``from_predictions``, predictions can recompute it);
-    else a ValueError naming ``field``."""
+def problem_metrics(problem: str) -> tuple[str, ...]:
+    """The metrics predictions give for ``problem``, the ones a run reports."""
+    return tuple(name for name in PREDICTION_METRICS if problem in METRICS[name].problems)
+
+
+def check_metric(name: str, field: str, from_predictions: bool = False, problem: str | None = None) -> str:
+    """``name`` if the registry knows it (with ``from_predictions``: predictions can recompute it; with
+    ``problem``: it scores that problem type); else a ValueError naming ``field``."""
     known = PREDICTION_METRICS if from_predictions else tuple(METRICS)
     if name not in known:
         why = " (a verdict recomputes it from saved predictions)" if from_predictions and name in METRICS else ""
         raise ValueError(f"{field} must be one of {list(known)}{why}, got {name!r}")
+    if problem is not None and problem not in METRICS[name].problems:
+        fits = [m for m in known if problem in METRICS[m].problems]
+        raise ValueError(f"{field}: {name} does not score {problem} problems; use one of {fits}")
     return name
 
 
@@ -74,33 +165,39 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
 
 
 def metric_values(weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, classes: int,
-                  metric: str = DEFAULT_METRIC) -> np.ndarray:
-    """``metric`` for each row of ``weights`` ((replicates, rows) counts of how often each row is drawn)."""
-    from_counts = METRICS[check_metric(metric, "metric", from_predictions=True)].from_counts
+                  metric: str = DEFAULT_METRIC, problem: str = "single_label") -> np.ndarray:
+    """``metric`` for each row of ``weights`` ((replicates, rows) counts of how often each row is drawn).
+    ``gold``/``pred``: class ids (single-label), 0/1 rows (multi-label) or scores (regression)."""
+    compute = METRICS[check_metric(metric, "metric", from_predictions=True, problem=problem)].compute
     weights = np.atleast_2d(weights).astype(np.float64)
-    onehot_gold, onehot_pred = np.eye(classes)[gold], np.eye(classes)[pred]
-    return from_counts(weights @ onehot_gold, weights @ onehot_pred, weights @ (onehot_gold * onehot_pred))
+    if problem == "single_label":
+        gold, pred = np.eye(classes)[gold], np.eye(classes)[pred]
+    return compute(Rows(weights, np.asarray(gold, np.float64), np.asarray(pred, np.float64), problem))
 
 
-def classification_metrics(predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
-    """Every metric predictions give, over labelled positions (``-100`` is skipped).
+def classification_metrics(predictions: Sequence, references: Sequence, problem: str = "single_label",
+                           classes: int | None = None) -> dict[str, float]:
+    """Every metric predictions give for ``problem``; single-label skips ``-100`` (unlabelled positions).
 
     >>> classification_metrics([0, 1, 1, -100], [0, 1, 0, -100])["accuracy"]
     0.6666666666666666
     """
-    pred = np.asarray(predictions).reshape(-1)
-    ref = np.asarray(references).reshape(-1)
-    keep = ref != IGNORE_INDEX
-    pred, ref = pred[keep], ref[keep]
-    if ref.size == 0:
+    pred, ref = np.asarray(predictions), np.asarray(references)
+    if problem == "single_label":
+        pred, ref = pred.reshape(-1), ref.reshape(-1)
+        keep = ref != IGNORE_INDEX
+        pred, ref = pred[keep], ref[keep]
+    if len(ref) == 0:
         raise ValueError("no labelled positions to score")
-    classes = int(max(pred.max(), ref.max())) + 1
-    ones = np.ones((1, ref.size))
-    return {name: float(metric_values(ones, ref, pred, classes, name)[0]) for name in PREDICTION_METRICS}
+    if problem == "single_label":
+        classes = max(classes or 0, int(max(pred.max(), ref.max())) + 1)
+    ones = np.ones((1, len(ref)))
+    return {name: float(metric_values(ones, ref, pred, classes or 0, name, problem)[0])
+            for name in problem_metrics(problem)}
 
 
 def compute_metrics(eval_prediction) -> dict[str, float]:
-    """Drop-in ``compute_metrics`` for the HF ``Trainer`` (sequence or token classification)."""
+    """Drop-in ``compute_metrics`` for the HF ``Trainer`` (single-label sequence or token classification)."""
     logits, labels = eval_prediction.predictions, eval_prediction.label_ids
     if isinstance(logits, tuple):
         logits = logits[0]

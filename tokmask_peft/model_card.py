@@ -15,6 +15,8 @@ import yaml
 
 CARD = "README.md"
 PIPELINES = {"sequence": "text-classification", "token": "token-classification"}
+PROBLEM_LINES = {"single_label": "Labels, one per text", "multi_label": "Labels, any number per text (a sigmoid "
+                 "each; thresholds tuned on dev in tokmask_config.json)", "regression": "One score per text"}
 AUTO_CLASSES = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
 
 
@@ -47,24 +49,41 @@ def card(config: dict, metrics: dict, command: str, verdict: str | None = None) 
     best = metrics["best"]
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# {config['task'].capitalize()} classifier: {config['base_model']} + {method_line(config, model)}", "",
-             f"Labels ({len(config['labels'])}): {', '.join(config['labels'])}.", "",
+             f"{PROBLEM_LINES[config.get('problem_type', 'single_label')]} ({len(config['labels'])}): "
+             f"{', '.join(config['labels'])}.", "",
              "## Masking", "", masking_line(config, masking), "",
              "## Data", "",
              f"- train: `{data['train']}` ({metrics['train_examples']} examples used)",
              f"- dev: `{data['dev'] or 'carved from train'}` ({metrics['dev_examples']} examples; it picked the best "
              "epoch)",
              *[f"- {name}: held out, scored once with the best weights" for name in metrics.get("extra_eval", {})],
-             "", "## Results", "", "| set | weighted F1 | macro F1 | accuracy |", "|---|---|---|---|",
-             f"| dev (step {best['step']}, epoch {best['epoch']}) | {best['weighted_f1']:.4f} | "
-             f"{best['macro_f1']:.4f} | {best['accuracy']:.4f} |",
-             *[f"| {name} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | {m['accuracy']:.4f} |"
-               for name, m in metrics.get("extra_eval", {}).items()], ""]
+             "", "## Results", "", *results_table(config, metrics), ""]
     if verdict:
         lines += ["Sweep verdict (this rate against p = 0, over seeds):", "", verdict, ""]
     lines += ["## Trained with", "", "```bash", command, "```", "",
               f"Seed {config['seed']}; versions: " + ", ".join(f"{k} {v}" for k, v in config["versions"].items()), "",
               "## Load it", "", "```python", loading_snippet(config), "```", ""]
     return "\n".join(lines)
+
+
+CARD_METRICS = {"single_label": ("weighted_f1", "macro_f1", "accuracy"),
+                "multi_label": ("micro_f1", "macro_f1", "samples_f1", "tuned_micro_f1", "tuned_macro_f1"),
+                "regression": ("pearson", "spearman", "mse")}
+
+
+def results_table(config: dict, metrics: dict) -> list[str]:
+    """Dev at the best checkpoint and each held-out set, in the problem type's metrics (multi-label:
+    ``tuned_*`` at the per-label thresholds tuned on dev, which inference uses)."""
+    problem = config.get("problem_type", "single_label")
+    names = CARD_METRICS[problem]
+    best = {**metrics["best"], **metrics.get("dev_tuned", {})}
+
+    def cells(values: dict) -> str:
+        return " | ".join(f"{values[m]:.4f}" if isinstance(values.get(m), float) else "–" for m in names)
+
+    return [f"| set | {' | '.join(m.replace('_', ' ') for m in names)} |", "|---" * (len(names) + 1) + "|",
+            f"| dev (step {best['step']}, epoch {best['epoch']}) | {cells(best)} |",
+            *[f"| {name} | {cells(m)} |" for name, m in metrics.get("extra_eval", {}).items()]]
 
 
 def method_line(config: dict, model: dict) -> str:
@@ -98,6 +117,15 @@ def loadable_base(base: str) -> tuple[str, str]:
         return base, "  # a tokmask `pkg:` asset: tokmask_peft.config.resolve_path gives its folder"
 
 
+def problem_argument(config: dict) -> str:
+    problem = config.get("problem_type", "single_label")
+    if problem == "single_label":
+        return ""
+    from .problems import HF_PROBLEM_TYPES
+
+    return f", problem_type={HF_PROBLEM_TYPES[problem]!r}"
+
+
 def loading_snippet(config: dict) -> str:
     auto = AUTO_CLASSES[config["task"]]
     if config["method"] == "full":
@@ -111,7 +139,7 @@ def loading_snippet(config: dict) -> str:
         'run = "."  # this directory', f"base = {base!r}{note}",
         "tokenizer = AutoTokenizer.from_pretrained(run)",
         f"model = {auto}.from_pretrained(base{gguf}, num_labels={len(config['labels'])},",
-        f"    id2label={dict(enumerate(config['labels']))!r})",
+        f"    id2label={dict(enumerate(config['labels']))!r}{problem_argument(config)})",
         "model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool the last non-pad token",
         "if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an added <mask> row",
         "    model.resize_token_embeddings(len(tokenizer))",

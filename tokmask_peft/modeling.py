@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 
 from .config import ModelConfig, resolve_path
 from .masking import MaskToken, resolve_mask_token
+from .problems import HF_PROBLEM_TYPES
 
 HEAD_NAMES = ("score", "classifier")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,6 +213,8 @@ def load_base(cfg: ModelConfig, labels: list[str], tokenizer, seed: int, device:
     auto = AutoModelForTokenClassification if cfg.task == "token" else AutoModelForSequenceClassification
     kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                   label2id={label: i for i, label in enumerate(labels)}, dtype=DTYPES[cfg.dtype])
+    if cfg.task == "sequence":  # so transformers' own loss, and a plain reload, treat the outputs alike
+        kwargs["problem_type"] = HF_PROBLEM_TYPES[cfg.problem_type]
     if cfg.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg)
         if device is not None and device.type != "cpu":
@@ -249,6 +252,7 @@ def classifier_on_body(model, cfg: ModelConfig, labels: list[str], tokenizer, se
     config = copy.deepcopy(base.config)
     config.num_labels = len(labels)
     config.id2label, config.label2id = dict(enumerate(labels)), {label: i for i, label in enumerate(labels)}
+    config.problem_type = HF_PROBLEM_TYPES[cfg.problem_type] if cfg.task == "sequence" else None
     auto = AutoModelForTokenClassification if cfg.task == "token" else AutoModelForSequenceClassification
     with torch.device("meta"):
         shell = auto.from_config(config)

@@ -35,17 +35,32 @@ NO_VALUE = "no value for column"
 
 
 def read_rows(stream: IO[bytes], name: str, fmt: str, text_column: str, task: str,
-              encoding_errors: str = "strict") -> list[Example]:
-    """One Example per input row, in order: ``text`` is the text (or word list), ``label`` holds the
-    row's fields to carry through, ``source`` is ``file:line``. Blank text, or a CSV row short of the text
-    column, gives ``text=None`` (the row is answered with an error, never skipped)."""
+              encoding_errors: str = "strict", pair_column: str | None = None) -> list[Example]:
+    """One Example per input row, in order: ``text`` is the text (or word list), ``pair`` the second text
+    of a sentence pair (``pair_column``), ``label`` holds the row's fields to carry through, ``source`` is
+    ``file:line``. Blank text, or a CSV row short of a text column, gives ``text=None`` (the row is answered
+    with an error, never skipped)."""
     lines = decode_lines(stream, name, encoding_errors, option="--encoding-errors")
     if fmt == "text":
+        if pair_column:
+            raise ValueError(f"{name}: plain text holds one text per line; sentence pairs need csv, tsv or jsonl "
+                             "input (--text-column and --text-pair-column)")
         key = "words" if task == "token" else "text"
         return [_example(line.rstrip("\r\n"), {key: None}, key, task, f"{name}:{n}") for n, line in lines]
-    if fmt == "jsonl":
-        return list(_jsonl_rows(lines, name, text_column, task))
-    return list(_delimited_rows(lines, name, "\t" if fmt == "tsv" else ",", text_column, task))
+    rows = (_jsonl_rows(lines, name, text_column, task) if fmt == "jsonl"
+            else _delimited_rows(lines, name, "\t" if fmt == "tsv" else ",", text_column, task))
+    return [with_pair(row, pair_column) if pair_column else row for row in rows]
+
+
+def with_pair(row: Example, column: str) -> Example:
+    """``row`` with its second text from ``column``; a row without one is answered with an error."""
+    second = row.label.get(column)
+    if row.text is None:
+        return row
+    if not isinstance(second, str) or not second.strip():
+        why = f"{NO_VALUE} '{column}'" if second is None else f"column '{column}' holds no text"
+        return Example(None, {**row.label, "error": why}, row.source)
+    return Example(row.text, row.label, row.source, second)
 
 
 def _example(text, fields: dict, key: str, task: str, where: str) -> Example:
@@ -129,7 +144,11 @@ def write_csv(out: IO[str], records: list[dict], labels: list[str]) -> None:
     for record in records:
         record = dict(record)
         probs = record.pop("probs", None) or {}
-        if isinstance(record.get("labels"), list):  # token task: one label per word, space-separated
+        scores = record.pop("scores", None)
+        if scores is not None:  # multi-label: the labels on, ';'-joined, and a score column per label
+            record["labels"] = ";".join(record["labels"])
+            record.update({f"score_{lab}": scores.get(lab) for lab in labels})
+        elif isinstance(record.get("labels"), list):  # token task: one label per word, space-separated
             record["labels"] = " ".join(str(lab) for lab in record["labels"])
         for key, value in record.items():
             if isinstance(value, list):

@@ -24,6 +24,7 @@ from .modeling import (
     prepare_precision,
     prepare_tokenizer,
 )
+from .problems import output_names
 from .robustness import corrupted_features
 
 TEST_SHUFFLE_SEED = 7
@@ -33,8 +34,10 @@ MIN_DEV_EXAMPLES = 30
 """Below this a dev set cannot pick an epoch or judge a rate (one example moves accuracy by > 3 points): warned."""
 
 
-def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
-    """Train, dev and extra evaluation examples, with the recipe's subsets taken.
+def read_splits(recipe: Recipe, whole_train: bool = False
+                ) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """Train, dev and extra evaluation examples, with the recipe's subsets taken (``whole_train``: the
+    training file as read, only).
 
     Shuffles are fixed (seed 0): every rate and seed of a sweep sees the same split and subset.
     """
@@ -42,9 +45,11 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
 
     def read(path, split):
         return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split,
-                             d.encoding_errors)
+                             d.encoding_errors, d.text_pair_column, d.label_format(recipe.model.problem_type))
 
     train = read(d.train, "train")
+    if whole_train:
+        return train, [], {}
     held_out = {}
     if d.test_from_train:
         if d.test_from_train >= len(train):
@@ -73,7 +78,7 @@ def read_splits(recipe: Recipe) -> tuple[list[Example], list[Example], dict[str,
 
 
 def _key(example: Example):
-    return tuple(example.text) if isinstance(example.text, list) else example.text
+    return (tuple(example.text) if isinstance(example.text, list) else example.text), example.pair
 
 
 @dataclasses.dataclass
@@ -102,15 +107,21 @@ class Setup:
     def from_recipe(cls, recipe: Recipe) -> "Setup":
         tokenizer, mask_token = prepare_tokenizer(recipe.model)
         train, dev, extra = read_splits(recipe)
-        labels = label_names(train)
-        if len(labels) < 2:
+        problem = recipe.model.problem_type
+        # Multi-label: every label of the training file, so a rare one missing from a subset still has its
+        # output (trained as a negative on every example) and a dev row that has it is scored, not refused.
+        names = label_names(read_splits(recipe, whole_train=True)[0] if problem == "multi_label" else train)
+        labels = output_names(problem, names if problem != "regression" else [])
+        if problem != "regression" and len(labels) < 2:
             raise ValueError(f"{recipe.data.train}: training data has {len(labels)} label(s) {labels}; need at least 2")
-        for examples in (dev, *extra.values()):
-            check_labels(examples, labels)
+        if problem != "regression":
+            for examples in (dev, *extra.values()):
+                check_labels(examples, labels)
         label2id = {label: i for i, label in enumerate(labels)}
 
         def enc(examples):
-            return encode(examples, tokenizer, recipe.model.task, label2id, recipe.data.max_length)
+            return encode(examples, tokenizer, recipe.model.task, label2id, recipe.data.max_length, problem,
+                          recipe.masking.segments)
 
         return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
                    {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev,
@@ -120,7 +131,7 @@ class Setup:
         """Dev under corruption ``kind`` at severity ``q``: the same copy for every run and rate."""
         return corrupted_features(self.dev_examples, self.dev_features, kind, q, self.tokenizer,
                                   self.recipe.model.task, {label: i for i, label in enumerate(self.labels)},
-                                  self.recipe.data.max_length, self.mask_token.id)
+                                  self.recipe.data.max_length, self.mask_token.id, self.recipe.model.problem_type)
 
     def model_for(self, seed: int, device: torch.device | None = None, mixed_precision: str = "no",
                   cast_frozen: bool = True, before_precision: Callable[[Any], None] | None = None):

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
-from .metrics import DEFAULT_METRIC, METRICS
+from .metrics import DEFAULT_METRIC, DEFAULT_METRICS, METRICS, PREDICTION_METRICS
 from .model_card import CARD, write_card
 from .robustness import CORRUPTIONS, ROBUSTNESS_METRIC, parse_robustness_column, robustness_column
 from .runs import (
@@ -42,6 +42,25 @@ COMPARISON_FILE = "comparison.md"
 """What ``tokmask report A B`` and ``compare`` write: one table of several sweeps or methods."""
 
 
+HELD_OUT_COLUMNS = {"single_label": ("weighted_f1", "macro_f1"),
+                    "multi_label": ("micro_f1", "macro_f1", "samples_f1", "tuned_micro_f1", "tuned_macro_f1"),
+                    "regression": ("pearson", "spearman", "mse")}
+"""The metrics of each held-out set the results table shows, per problem type."""
+
+
+def sweep_metric(out: str | Path, metric: str | None = None) -> str:
+    """``metric``, or where None the one a sweep is judged on: its recipe's ``train.metric`` where saved
+    predictions can recompute it, else its problem type's default."""
+    if metric is not None:
+        return verdict_metric(metric)
+    runs = run_dirs(out, warn=False)
+    if not runs:
+        return DEFAULT_METRIC
+    config = read_run_config(runs[0])
+    chosen = config["recipe"]["train"].get("metric", DEFAULT_METRIC)
+    return chosen if chosen in PREDICTION_METRICS else DEFAULT_METRICS[config.get("problem_type", "single_label")]
+
+
 def run_row(path: Path, out: Path) -> dict:
     """One results-table row from a finished run's two files."""
     metrics, config = read_metrics(path), read_run_config(path)
@@ -57,9 +76,10 @@ def run_row(path: Path, out: Path) -> dict:
         "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
         "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
         **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
-           for m in ("weighted_f1", "macro_f1")},
+           for m in HELD_OUT_COLUMNS[config.get("problem_type", "single_label")] if m in values},
         **{robustness_column(kind, q): values[ROBUSTNESS_METRIC]
-           for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()},
+           for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()
+           if ROBUSTNESS_METRIC in values},
         "run": str(path.relative_to(out)),
     }
 
@@ -75,7 +95,8 @@ def summarise(rows: Iterable[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
     by_rate: dict[float, list[dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], []).append(row)
-    columns = list(METRICS) + sorted({k for r in rows for k in r if k.endswith("_f1")} - set(METRICS))
+    suffixes = ("_f1", "_pearson", "_spearman", "_mse")
+    columns = list(METRICS) + sorted({k for r in rows for k in r if k.endswith(suffixes)} - set(METRICS))
     summary = []
     for rate, group in sorted(by_rate.items()):
         entry = {"rate": rate, "seeds": len(group)}
@@ -86,18 +107,18 @@ def summarise(rows: Iterable[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
                 entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(entry)
     if summary:
-        pick = min if metric == "loss" else max
+        pick = max if METRICS[metric].higher_is_better else min
         best = pick(summary, key=lambda e: e.get(metric, float("nan")))
         for entry in summary:
             entry["best"] = entry is best
     return summary
 
 
-def report(out: str | Path, metric: str = DEFAULT_METRIC) -> list[dict]:
+def report(out: str | Path, metric: str | None = None) -> list[dict]:
     """Rebuild ``results.csv``, ``results.md`` and ``results.png`` from the run directories; ``metric``
     marks the best rate and is the verdicts' (one that saved predictions can recompute)."""
     out = Path(out)
-    verdict_metric(metric)
+    metric = sweep_metric(out, metric)
     rows = collect(out)
     if not rows:
         raise FileNotFoundError(f"no finished runs under {out} (expected mask_*/seed_*/{METRICS_FILE})")
@@ -130,9 +151,9 @@ def single_run_report(run: str | Path) -> str:
             + "\n".join(lines) + "\n")
 
 
-def update_cards(out: Path, rows: list[dict], metric: str = DEFAULT_METRIC) -> None:
+def update_cards(out: Path, rows: list[dict], metric: str | None = None) -> None:
     """Each run's model card (where the run wrote one) gains its rate's verdict against p = 0."""
-    metric = verdict_metric(metric)
+    metric = sweep_metric(out, metric)
     if not any(r["rate"] == 0.0 for r in rows) or not any((out / r["run"] / CARD).is_file() for r in rows):
         return
     dev = {v.rate: v for v in set_verdicts(out, rows, DEV_SET, metric)}
@@ -224,7 +245,8 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
     for row in rows:
         by_rate.setdefault(row["rate"], {})[row["seed"]] = row
     base = {r["seed"]: r for r in base_rows if r["rate"] == 0.0}
-    classes = len(read_run_config(base_out / next(iter(base.values()))["run"])["labels"])
+    base_config = read_run_config(base_out / next(iter(base.values()))["run"])
+    classes, problem = len(base_config["labels"]), base_config.get("problem_type", "single_label")
     files = PredictionFiles() if files is None else files
 
     def predictions(root: Path, row: dict):
@@ -238,21 +260,21 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
         kept = {s: (predictions(out, runs[s]), predictions(base_out, base[s])) for s in seeds}
         if seeds and all(a is not None and b is not None for a, b in kept.values()):
             verdicts.append(paired_verdict(rate, {s: a for s, (a, _) in kept.items()},
-                                           {s: b for s, (_, b) in kept.items()}, classes, metric))
+                                           {s: b for s, (_, b) in kept.items()}, classes, metric, problem=problem))
             continue
         key = metric if name == DEV_SET else f"{name}_{metric}"
         if seeds and all(runs[s].get(key) is not None and base[s].get(key) is not None for s in seeds):
             verdicts.append(seed_level_verdict(rate, {s: runs[s][key] for s in seeds},
-                                               {s: base[s][key] for s in seeds}))
+                                               {s: base[s][key] for s in seeds}, METRICS[metric].higher_is_better))
     return verdicts
 
 
-def verdict_section(out: Path, rows: list[dict], metric: str = DEFAULT_METRIC) -> str:
+def verdict_section(out: Path, rows: list[dict], metric: str | None = None) -> str:
     """The verdict per rate on dev, the recommendation, and the rate chosen on dev judged on each
     held-out (``extra_eval``) set, where selection on dev cannot flatter it."""
     if not any(r["rate"] == 0.0 for r in rows):
         return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
-    metric = verdict_metric(metric)
+    metric = sweep_metric(out, metric)
     files = PredictionFiles()
     dev = set_verdicts(out, rows, DEV_SET, metric, files=files)
     if not dev:
@@ -281,6 +303,8 @@ def robustness_curves(rows: list[dict]) -> dict[str, dict[float, list[tuple[floa
     """corruption -> training rate -> [(q, mean weighted F1 over seeds)], q = 0 being the clean dev score."""
     severities = sorted({parsed[1] for r in rows for k in r if (parsed := parse_robustness_column(k))})
     curves: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    if not severities:
+        return curves
     for kind in CORRUPTIONS:
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
@@ -335,14 +359,14 @@ class Pick:
         return next((v for set_name, v in self.judged if set_name == name), None)
 
 
-def compare_picks(outs: list[str | Path], metric: str = DEFAULT_METRIC) -> list[Pick]:
+def compare_picks(outs: list[str | Path], metric: str | None = None) -> list[Pick]:
     """Across sweeps of one base model and data (say ``unit: token`` vs ``word`` vs a consistency
     term): each sweep's rate picked on dev (recommended, else its largest Δ) against the p = 0 runs of
     the first sweep, so every strategy is judged against the same baseline; then the same pick judged
     on each held-out set, where the choice on dev cannot flatter it. A later sweep's own p = 0 runs
     (R-Drop, NEFTune: p = 0 of another recipe) are judged too."""
     outs = [Path(o) for o in outs]
-    metric = verdict_metric(metric)
+    metric = sweep_metric(outs[0], metric)
     base_rows = collect(outs[0])
     if not any(r["rate"] == 0.0 for r in base_rows):
         raise ValueError(f"{outs[0]} has no p = 0 runs: the first sweep gives the shared baseline")
@@ -361,10 +385,10 @@ def compare_picks(outs: list[str | Path], metric: str = DEFAULT_METRIC) -> list[
     return picks
 
 
-def compare_sweeps(outs: list[str | Path], metric: str = DEFAULT_METRIC) -> str:
+def compare_sweeps(outs: list[str | Path], metric: str | None = None) -> str:
     """``compare_picks`` as the markdown table ``tokmask report A B ...`` writes to ``COMPARISON_FILE``."""
+    metric = sweep_metric(outs[0], metric)
     picks = compare_picks(outs, metric)
-    metric = verdict_metric(metric)
     held_out = list(dict.fromkeys(name for p in picks for name, _ in p.judged if name != DEV_SET))
     lines = [f"Sweeps against the p = 0 runs of {picks[0].out} ({metric.replace('_', ' ')}); each sweep's rate "
              "picked on dev (recommended, else its largest Δ)" + (f", then judged on {', '.join(held_out)}"

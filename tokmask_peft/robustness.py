@@ -133,10 +133,12 @@ def parse_robustness_column(column: str) -> tuple[str, float] | None:
 
 
 def corrupted_features(examples: list[Example], features: list[dict], kind: str, q: float, tokenizer, task: str,
-                       label2id: dict[str, int], max_length: int, mask_id: int) -> list[dict]:
-    """The evaluation set's features under corruption ``kind`` at severity ``q``."""
+                       label2id: dict[str, int], max_length: int, mask_id: int,
+                       problem: str = "single_label") -> list[dict]:
+    """The evaluation set's features under corruption ``kind`` at severity ``q`` (of a sentence pair, word
+    deletion and typos change the first text; masking, every word)."""
     corruption = check_corruption(kind)
     if q == 0:
         return features
     return corruption.apply(examples, features, q, corruption_seed(kind, q),
-                            lambda changed: encode(changed, tokenizer, task, label2id, max_length), mask_id)
+                            lambda changed: encode(changed, tokenizer, task, label2id, max_length, problem), mask_id)

@@ -209,11 +209,15 @@ def weight_problems(run: Path, config: dict, digests: bool = True) -> list[str]:
 MEANING_KEYS = ("task", "labels", "mask_token", "method")
 """What gives a run's weights their meaning: label i is output i, the mask id a trained row. (The base's
 path is not here: a base moved elsewhere is checked by its identity instead.)"""
+LATER_MEANING_KEYS = ("problem_type", "thresholds")
+"""Bound too where a config holds them (runs saved before they existed do not): deleting one changes the
+digest as editing it does."""
 
 
 def meaning_digest(config: dict) -> str:
     """SHA-256 of the :data:`MEANING_KEYS` of a run config, recorded beside them when the weights are saved."""
     record = {key: config.get(key) for key in MEANING_KEYS}
+    record.update({key: config[key] for key in LATER_MEANING_KEYS if key in config})
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -247,6 +251,7 @@ def run_config(recipe, labels: list[str], mask_token) -> dict:
     m = recipe.model
     return {
         "format": 1, "base_model": m.name, "gguf_file": m.gguf_file, "tokenizer": m.tokenizer, "task": m.task,
+        "problem_type": m.problem_type, "text_pair": bool(recipe.data.text_pair_column),
         "method": m.method, "quant_bits": m.quant_bits if m.method == "qlora" else None, "dtype": m.dtype,
         "labels": labels, "max_length": recipe.data.max_length, "mask_token": mask_token.to_dict(),
         "masking": dataclasses.asdict(recipe.masking), "seed": recipe.train.seed,
@@ -340,8 +345,9 @@ def save_predictions(path: Path, sets: dict[str, Predictions]) -> None:
     for name, p in sets.items():
         if "/" in name:
             raise ValueError(f"evaluation set name {name!r} may not contain '/'")
-        arrays.update({f"{name}/example": p.example.astype(np.int32), f"{name}/gold": p.gold.astype(np.int16),
-                       f"{name}/pred": p.pred.astype(np.int16)})
+        kind = np.float32 if np.issubdtype(p.gold.dtype, np.floating) else np.int16  # regression: scores
+        arrays.update({f"{name}/example": p.example.astype(np.int32), f"{name}/gold": p.gold.astype(kind),
+                       f"{name}/pred": p.pred.astype(kind)})
         if p.probs is not None:
             arrays[f"{name}/probs"] = p.probs.astype(np.float16)
     buffer = io.BytesIO()

@@ -145,8 +145,10 @@ def check_api_key(key: str | None) -> str | None:
     return key
 
 
-def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
-    """(payload, texts, whether ``inputs`` was a single string), or a RequestError saying what is wrong."""
+def parse_predict(body: bytes, max_inputs: int, paired=False) -> tuple[dict, list, bool]:
+    """(payload, inputs, whether ``inputs`` was a single one), or a RequestError saying what is wrong.
+    ``paired``: whether the requested adapter takes sentence pairs (or a function of the payload saying so);
+    then ``["a", "b"]`` is one pair and ``[["a", "b"], …]`` a batch of them, as in text-embeddings-inference."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -155,28 +157,42 @@ def parse_predict(body: bytes, max_inputs: int) -> tuple[dict, list[str], bool]:
         raise RequestError(400, "request body is JSON nested too deeply", "Malformed") from None
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise RequestError(422, 'the body must be a JSON object with "inputs": a string or a list of strings')
+    paired = paired(payload) if callable(paired) else paired
     inputs = payload["inputs"]
-    single = isinstance(inputs, str)
+    single = isinstance(inputs, str) or (paired and _is_pair(inputs))
     texts = [inputs] if single else inputs
     if not isinstance(texts, list) or not texts:
         raise RequestError(422, '"inputs" must be a string or a non-empty list of strings')
-    texts = [t[0] if isinstance(t, list) and len(t) == 1 else t for t in texts]  # TEI's [["…"], …] batch form
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(422, f"inputs[{i}] is {json.dumps(text)[:80]}: each input must be one string "
-                               "(text pairs are not supported)")
-        if not text.strip():
-            raise RequestError(422, f"inputs[{i}] is empty", "Empty")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(422, f"inputs[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    if not paired:  # TEI's [["…"], …] batch form
+        texts = [t[0] if isinstance(t, list) and len(t) == 1 else t for t in texts]
+    texts = [check_input(i, text, paired) for i, text in enumerate(texts)]
     if len(texts) > max_inputs:
         raise RequestError(413, f"{len(texts)} inputs in one request; the limit is {max_inputs} (--max-inputs)")
     for flag in ("raw_scores", "truncate"):
         if not isinstance(payload.get(flag, False), bool):
             raise RequestError(422, f'"{flag}" must be true or false')
     return payload, texts, single
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(t, str) for t in value)
+
+
+def check_input(i: int, value, paired: bool):
+    """One input as the model takes it (a string, or a pair as a tuple), or a 422 naming it."""
+    if paired != _is_pair(value):
+        what = json.dumps(value)[:80]
+        raise RequestError(422, f"inputs[{i}] is {what}: this adapter takes sentence pairs, each [\"text\", "
+                           "\"text\"]" if paired else f"inputs[{i}] is {what}: each input must be one string (this "
+                           "adapter was trained on single texts, not pairs)")
+    for text in value if paired else [value]:
+        if not text.strip():
+            raise RequestError(422, f"inputs[{i}] is empty", "Empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, f"inputs[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    return tuple(value) if paired else value
 
 
 def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max_inputs: int, max_body_bytes: int,
@@ -186,7 +202,8 @@ def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            payload, texts, single = parse_predict(await read_body(request, max_body_bytes, read_timeout), max_inputs)
+            body = await read_body(request, max_body_bytes, read_timeout)
+            payload, texts, single = parse_predict(body, max_inputs, lambda p: pool.resolve(p.get("adapter")).paired)
             served = pool.resolve(payload.get("adapter"))
             cut = await run_in_threadpool(too_long, served, texts)  # seconds for a long text: off the loop
             if cut and not payload.get("truncate", False):

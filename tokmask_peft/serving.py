@@ -25,8 +25,9 @@ from typing import Any, Callable
 import torch
 
 from .data import encode, was_truncated
+from .problems import decide
+from .problems import scores as problem_scores
 from .inference import Classifier, as_examples, best_rate_name, check_compatible, default_name
-from .metrics import DEFAULT_METRIC
 from .runs import METRICS_FILE, TOKMASK_CONFIG, read_run_config, run_dirs
 from .storage import read_json
 
@@ -54,11 +55,18 @@ class Served:
     config: dict
     best_of_sweep: bool = False
 
+    @property
+    def paired(self) -> bool:
+        """Whether it takes sentence pairs."""
+        return bool(self.config.get("text_pair"))
+
     def describe(self) -> dict:
         metrics = self.run_dir / METRICS_FILE
         best = read_json(metrics, "metrics file")["best"] if metrics.is_file() else {}
         masking = self.config["masking"]
         return {"name": self.name, "task": self.config["task"], "labels": self.config["labels"],
+                "problem_type": self.config.get("problem_type", "single_label"), "pairs": self.paired,
+                **({"thresholds": self.config["thresholds"]} if self.config.get("thresholds") else {}),
                 "method": self.config["method"], "base_model": self.config["base_model"],
                 "rate": masking["rate"], "unit": masking.get("unit", "token"), "run": str(self.run_dir),
                 "dev": {k: v for k, v in best.items() if k not in ("step", "epoch")},
@@ -75,7 +83,7 @@ def parse_spec(spec: str) -> tuple[str | None, Path]:
 
 def runs_of(path: Path, seed: int) -> tuple[dict[str, Path], str]:
     """A run → ``{its name: it}``; a sweep → every rate's seed-``seed`` run, by adapter name. Also
-    the name to serve by default: the run, or the rate best on dev by weighted F1."""
+    the name to serve by default: the run, or the rate best on dev by the sweep's selection metric."""
     if (path / TOKMASK_CONFIG).is_file():
         name = default_name(read_run_config(path))
         return {name: path}, name
@@ -84,7 +92,7 @@ def runs_of(path: Path, seed: int) -> tuple[dict[str, Path], str]:
     runs = {default_name(read_run_config(p)): p for p in run_dirs(path, seed)}
     if not runs:
         raise FileNotFoundError(f"{path} holds no finished runs (mask_*/seed_{seed}): not a run or a sweep")
-    return runs, best_rate_name(path, runs, DEFAULT_METRIC)
+    return runs, best_rate_name(path, runs)
 
 
 def _as_float(value: int | float) -> float:
@@ -184,7 +192,8 @@ def too_long(served: Served, texts: list[str]) -> list[int]:
     bytes cannot be cut (no tokenizer makes more tokens than bytes), so only longer ones are tokenised;
     the server calls this off its event loop, as tokenising a long text takes seconds."""
     limit = served.config["max_length"] - SPECIALS_AT_MOST
-    long = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) > limit]
+    long = [i for i, text in enumerate(texts)
+            if sum(len(t.encode("utf-8")) for t in (text if isinstance(text, tuple) else [text])) > limit]
     if not long:
         return []
     task = served.config["task"]
@@ -193,13 +202,18 @@ def too_long(served: Served, texts: list[str]) -> list[int]:
     return [i for i, f, e in zip(long, features, examples) if was_truncated(f, e)]
 
 
-def scored(logits: torch.Tensor, text: str, served: Served, raw_scores: bool) -> list[dict]:
-    """text-embeddings-inference's shape: ``[{"label", "score"}]`` best first; per word for token tasks."""
-    labels = served.config["labels"]
+def scored(logits: torch.Tensor, text, served: Served, raw_scores: bool) -> list[dict]:
+    """text-embeddings-inference's shape: ``[{"label", "score"}]`` best first; per word for token tasks.
+    Multi-label scores are a sigmoid per label (TEI would softmax them), each marked ``"predicted"`` when at
+    or above the label's threshold; a regression answers ``[{"label": "score", "score": value}]``."""
+    labels, problem = served.config["labels"], served.config.get("problem_type", "single_label")
     if served.config["task"] == "sequence":
-        scores = logits if raw_scores else logits.softmax(-1)
-        ranked = sorted(zip(labels, scores.tolist()), key=lambda pair: -pair[1])
-        return [{"label": label, "score": score} for label, score in ranked]
+        scores = logits if raw_scores or problem == "regression" else problem_scores(problem, logits)
+        ranked = sorted(zip(labels, scores.tolist(), range(len(labels))), key=lambda row: -row[1])
+        if problem != "multi_label":
+            return [{"label": label, "score": score} for label, score, _ in ranked]
+        on = decide(problem, problem_scores(problem, logits), served.config.get("thresholds")).tolist()
+        return [{"label": label, "score": score, "predicted": bool(on[i])} for label, score, i in ranked]
     out = []
     for word, row in zip(text.split(), logits):
         if torch.isnan(row).any():  # past max_length, sent with "truncate": true

@@ -41,7 +41,9 @@ from .config import Recipe
 from .console import TokmaskWarning, kept_in
 from .data import LengthGroupedBatches, padding_collator
 from .evaluation import EarlyStopping, eval_loader, evaluate
-from .losses import class_weights, classification_loss, label_counts
+from .losses import loss_weights, task_loss
+from .metrics import classification_metrics
+from .problems import decide, tune_thresholds
 from .masking import RateSchedule, TokenMasker, attach_masking, clean_view, symmetric_kl
 from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
@@ -143,7 +145,7 @@ class Loop:
 
     def evaluate(self, loader, keep: bool = False, slots: int = 1):
         return evaluate(self.model, loader, self.accelerator, self.recipe.model.task, self.class_weights,
-                        self.recipe.train.focal_gamma, keep, slots)
+                        self.recipe.train.focal_gamma, keep, slots, self.recipe.model.problem_type)
 
 
 # ---- entry points --------------------------------------------------------------------------------
@@ -321,10 +323,11 @@ def build_optimization(loop: Loop) -> None:
     pin = accelerator.device.type == "cuda"
     train_loader = DataLoader(setup.train_features, batch_sampler=loop.sampler, num_workers=tc.num_workers,
                               collate_fn=padding_collator(setup.tokenizer, recipe.model.task,
-                                                          word_ids=recipe.masking.unit != "token"), pin_memory=pin,
+                                                          word_ids=recipe.masking.needs_word_ids), pin_memory=pin,
                               generator=torch.Generator().manual_seed(tc.seed))
     dev_loader = eval_loader(setup.dev_features, setup.tokenizer, recipe.model.task, tc.eval_batch_size, pin)
-    loop.class_weights = class_weights(label_counts(setup.train_features, len(setup.labels)), tc.class_weights)
+    loop.class_weights = loss_weights(setup.train_features, len(setup.labels), tc.class_weights,
+                                      recipe.model.problem_type)
     optimizer = _adamw([p for slot in loop.slots for p in slot.trainable], tc, accelerator.device)
     total = tc.total_updates(len(loop.sampler), accelerator.num_processes)
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_updates(total), total)
@@ -449,7 +452,8 @@ def train_step(loop: Loop, running: list[Slot], batch: dict) -> list[torch.Tenso
         inputs = replicate(batch, k)
         logits = loop.model(**inputs).logits
         logits = (logits,) if k == 1 else logits.chunk(k)
-        losses = [classification_loss(x, labels, loop.class_weights, tc.focal_gamma) for x in logits]
+        problem = loop.recipe.model.problem_type
+        losses = [task_loss(problem, x, labels, loop.class_weights, tc.focal_gamma) for x in logits]
         if masking.consistency:
             clean = clean_view(loop.model, inputs, loop.masker, masking.consistency_stop_grad).chunk(k)
             losses = [loss + masking.consistency * symmetric_kl(x, c, labels)
@@ -560,9 +564,24 @@ def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
             for i in range(k)]
 
 
+def with_tuned_thresholds(scored: dict) -> tuple[list[float], dict]:
+    """Multi-label: per-label thresholds tuned on dev, and each set's metrics gaining ``tuned_*`` F1s at them
+    (on dev they are fitted there, so optimistic; the held-out sets' are the honest figures)."""
+    dev = scored[DEV_SET][1]
+    thresholds = tune_thresholds(dev.probs, dev.gold)
+    out = {}
+    for name, (metrics, kept) in scored.items():
+        tuned = classification_metrics(decide("multi_label", kept.probs, thresholds).numpy(), kept.gold, "multi_label")
+        out[name] = ({**metrics, **{f"tuned_{m}": v for m, v in tuned.items() if m.endswith("_f1")}}, kept)
+    return thresholds, out
+
+
 def write_results(loop: Loop, slot: Slot, scored: dict, robustness: dict) -> dict:
     """``predictions.npz``, the model card and ``metrics.json`` (last: a run with it is complete)."""
     accelerator, setup, stopping = loop.accelerator, loop.setup, slot.stopping
+    thresholds = None
+    if loop.recipe.model.problem_type == "multi_label":
+        thresholds, scored = with_tuned_thresholds(scored)
     extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
     peak_mb, peak_kind = peak_memory_mb(accelerator.device)
     side_by_side = {"side_by_side": {**slot.side_by_side, "rates": [s.recipe.masking.rate for s in loop.slots]}
@@ -573,11 +592,15 @@ def write_results(loop: Loop, slot: Slot, scored: dict, robustness: dict) -> dic
         "steps": stopping.steps, "stopped_early": stopping.stopped,
         "wall_time_s": loop.state.wall_s(), "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,
         "world_size": accelerator.num_processes, **side_by_side,
+        **({"dev_tuned": scored[DEV_SET][0]} if thresholds else {}),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_predictions(slot.out / PREDICTIONS_FILE, {name: kept for name, (_, kept) in scored.items()})
         config = read_json(slot.out / TOKMASK_CONFIG, "run config")  # PEFT's generic README.md → ours
+        if thresholds:  # inference decides with them; bound to the weights like the labels
+            config = with_meaning({**config, "thresholds": thresholds})
+            write_json(slot.out / TOKMASK_CONFIG, config)
         atomic_write_text(slot.out / CARD, card(config, metrics, config.get("command", training_command())))
         write_json(slot.out / METRICS_FILE, metrics)  # last: a run with metrics.json is complete
         remove_checkpoint(slot.out)  # a lone run's own; a stale one from an earlier attempt of a slot

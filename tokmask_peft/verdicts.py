@@ -21,7 +21,7 @@ import statistics
 
 import numpy as np
 
-from .metrics import DEFAULT_METRIC, check_metric, metric_values
+from .metrics import DEFAULT_METRIC, METRICS, check_metric, metric_values
 from .runs import Predictions
 
 BOOTSTRAP_SAMPLES = 2000
@@ -43,12 +43,20 @@ class Verdict:
     level: str
     """What the interval covers: 'seeds and examples', 'examples only (1 seed)', 'seeds only (no saved
     predictions)', or 'none (1 seed, no saved predictions)'."""
+    higher_is_better: bool = True
+    """The metric's direction: for mse a negative Δ is the better one."""
 
     @property
     def word(self) -> str:
         if self.low is None:
             return "no evidence"
-        return "better" if self.low > 0 else "worse" if self.high < 0 else "no evidence"
+        up, down = ("better", "worse") if self.higher_is_better else ("worse", "better")
+        return up if self.low > 0 else down if self.high < 0 else "no evidence"
+
+    @property
+    def gain(self) -> float:
+        """Δ signed so that larger is better, whichever way the metric runs."""
+        return self.delta if self.higher_is_better else -self.delta
 
     @property
     def interval(self) -> str | None:
@@ -68,8 +76,11 @@ def example_weights(examples: int, replicates: int, rng: np.random.Generator) ->
 
 
 def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int, Predictions], classes: int,
-                   metric: str = DEFAULT_METRIC, replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> Verdict:
-    """Δ = metric(rate) − metric(p = 0) over the seeds both have, with the two-level bootstrap interval."""
+                   metric: str = DEFAULT_METRIC, replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0,
+                   problem: str = "single_label") -> Verdict:
+    """Δ = metric(rate) − metric(p = 0) over the seeds both have, with the two-level bootstrap interval
+    (regression: the example pairs are resampled and the correlation recomputed on each resample).
+    For a metric where lower is better (mse), Δ is still rate − p = 0, and "better" means Δ < 0."""
     seeds = sorted(set(runs) & set(baseline))
     if not seeds:
         raise ValueError(f"rate {rate}: no seed shared with p = 0")
@@ -81,25 +92,25 @@ def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int
                 raise ValueError(f"rate {rate}, seed {s}: scored on other examples than p = 0; "
                                  "paired comparison needs the same evaluation set")
     full = np.ones((1, len(first.gold)))
-    delta = statistics.fmean(float(metric_values(full, runs[s].gold, runs[s].pred, classes, metric)[0]
-                                   - metric_values(full, baseline[s].gold, baseline[s].pred, classes, metric)[0])
-                             for s in seeds)
+    def values(weights, p: Predictions):
+        return metric_values(weights, p.gold, p.pred, classes, metric, problem)
+
+    delta = statistics.fmean(float(values(full, runs[s])[0] - values(full, baseline[s])[0]) for s in seeds)
     rng = np.random.default_rng(seed)
     differences = np.empty((replicates, len(seeds)))
     for start in range(0, replicates, 250):  # chunks keep (replicates x rows) small for token tasks
         chunk = example_weights(examples, min(250, replicates - start), rng)[:, first.example]
         for j, s in enumerate(seeds):
-            differences[start:start + len(chunk), j] = (
-                metric_values(chunk, runs[s].gold, runs[s].pred, classes, metric)
-                - metric_values(chunk, baseline[s].gold, baseline[s].pred, classes, metric))
+            differences[start:start + len(chunk), j] = values(chunk, runs[s]) - values(chunk, baseline[s])
     picks = rng.integers(len(seeds), size=(replicates, len(seeds)))  # the seed level, resampled too
     replicate_deltas = np.take_along_axis(differences, picks, axis=1).mean(1)
     low, high = np.percentile(replicate_deltas, [2.5, 97.5])
     level = "seeds and examples" if len(seeds) > 1 else "examples only (1 seed)"
-    return Verdict(rate, delta, float(low), float(high), len(seeds), level)
+    return Verdict(rate, delta, float(low), float(high), len(seeds), level, METRICS[metric].higher_is_better)
 
 
-def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int, float]) -> Verdict:
+def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int, float],
+                       higher_is_better: bool = True) -> Verdict:
     """From best dev metrics alone (no saved predictions): a t interval on the paired differences."""
     seeds = sorted(set(values) & set(baseline))
     if not seeds:
@@ -107,14 +118,15 @@ def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int
     d = [values[s] - baseline[s] for s in seeds]
     mean = statistics.fmean(d)
     if len(d) < 2:
-        return Verdict(rate, mean, None, None, 1, "none (1 seed, no saved predictions)")
+        return Verdict(rate, mean, None, None, 1, "none (1 seed, no saved predictions)", higher_is_better)
     half = T_975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
-    return Verdict(rate, mean, mean - half, mean + half, len(d), "seeds only (no saved predictions)")
+    return Verdict(rate, mean, mean - half, mean + half, len(d), "seeds only (no saved predictions)",
+                   higher_is_better)
 
 
 def recommended(verdicts: list[Verdict]) -> Verdict | None:
     """The rate to use: of those better than p = 0 beyond noise, the largest Δ; None if none is."""
-    return max((v for v in verdicts if v.word == "better"), key=lambda v: v.delta, default=None)
+    return max((v for v in verdicts if v.word == "better"), key=lambda v: v.gain, default=None)
 
 
 def recommendation(verdicts: list[Verdict]) -> str:
@@ -128,4 +140,4 @@ def recommendation(verdicts: list[Verdict]) -> str:
 
 def chosen_on_dev(verdicts: list[Verdict]) -> Verdict | None:
     """The rate a user would pick from the dev table: the largest Δ (its held-out verdict keeps it honest)."""
-    return max(verdicts, key=lambda v: v.delta, default=None)
+    return max(verdicts, key=lambda v: v.gain, default=None)
