@@ -18,8 +18,8 @@ REGRESSION = {"pearson": lambda g, p: pearsonr(g, p)[0], "spearman": lambda g, p
 
 
 def test_every_prediction_metric_equals_scikit_learn_on_random_labelings():
-    assert set(PREDICTION_METRICS) == set(MULTI_LABEL) | set(REGRESSION)
-    assert set(problem_metrics("single_label")) == set(SKLEARN)
+    assert set(PREDICTION_METRICS) == set(MULTI_LABEL) | set(REGRESSION) | {"ece"}
+    assert set(problem_metrics("single_label")) == set(SKLEARN) | {"ece"}
     rng = np.random.default_rng(0)
     for _ in range(200):
         k, n = rng.integers(2, 6), rng.integers(1, 80)
@@ -56,6 +56,26 @@ def test_regression_metrics_equal_scipy_and_resample_as_pairs_with_ties():
             assert value == pytest.approx(reference(gold[draw], pred[draw]), abs=1e-10), name
 
 
+def test_ece_is_the_binned_gap_between_accuracy_and_confidence_and_resamples_like_the_rest():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet([1, 1, 1], 400)
+    pred, gold = probs.argmax(1), rng.integers(0, 3, 400)
+    confidence, correct = probs.max(1), pred == gold
+    bins = np.minimum((confidence * 15).astype(int), 14)
+
+    def by_hand(rows):
+        return sum(abs(correct[rows][bins[rows] == b].sum() - confidence[rows][bins[rows] == b].sum())
+                   for b in range(15)) / len(rows)
+
+    assert classification_metrics(pred, gold, probs=probs)["ece"] == pytest.approx(by_hand(np.arange(400)))
+    draw = rng.integers(0, 400, 400)
+    weights = np.bincount(draw, minlength=400)[None, :]
+    assert metric_values(weights, gold, pred, 3, "ece", probs=probs)[0] == pytest.approx(by_hand(draw))
+    assert "ece" not in classification_metrics(pred, gold)  # no probabilities, no calibration
+    with pytest.raises(ValueError, match="ece needs the predicted probabilities"):
+        metric_values(weights, gold, pred, 3, "ece")
+
+
 def test_resample_weights_equal_scoring_the_resampled_rows():
     rng = np.random.default_rng(1)
     gold, pred = rng.integers(0, 3, 50), rng.integers(0, 3, 50)
@@ -81,7 +101,7 @@ def test_direction_comes_from_the_registry():
     assert is_better("loss", 0.4, 0.5) and not is_better("loss", 0.6, 0.5)
     assert is_better("accuracy", 0.6, 0.5) and is_better("macro_f1", 0.1, None)
     assert is_better("mse", 0.4, 0.5) and is_better("pearson", 0.5, 0.4)
-    assert [name for name, m in METRICS.items() if not m.higher_is_better] == ["mse", "loss"]
+    assert [name for name, m in METRICS.items() if not m.higher_is_better] == ["ece", "mse", "loss"]
 
 
 def test_token_positions_labelled_minus_100_are_not_scored():

@@ -203,6 +203,11 @@ def test_a_pair_adapter_refuses_single_texts_and_file_prediction_reads_the_pair_
         clf.predict(["one text"])
     assert set(clf.predict([("a dog runs", "an animal moves")])[0]["probs"]) == {"CONTRADICTION", "ENTAILMENT",
                                                                                "NEUTRAL"}
+    from tokmask_peft.inference import tta_masker
+
+    assert tta_masker(clf.tokenizer, clf.active_config, None, 0).unit == "word"  # its own unit, words of both texts
+    assert clf.predict([("a dog runs", "an animal moves")], tta=3) == clf.predict([("a dog runs", "an animal moves")],
+                                                                                 tta=3)
     main(["predict", str(run), "--input", str(slices["sick_dev"]), "--text-column", "sentence1",
           "--text-pair-column", "sentence2"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

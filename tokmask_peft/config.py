@@ -17,6 +17,7 @@ from .console import TokmaskWarning
 from .masking import MASK_POLICIES, RateSchedule, check_rate, check_strategy
 from .data import SEGMENTS, LabelFormat
 from .metrics import DEFAULT_METRICS, PROBLEM_TYPES, check_metric
+from .robustness import CORRUPTIONS, GRADED_DEFAULT, check_corruption, condition_name, conditions
 
 TASKS = ("sequence", "token")
 METHODS = ("full", "lora", "qlora")
@@ -175,6 +176,10 @@ class DataConfig:
                                                   or self.text_pair_column == self.text_column):
             raise ValueError(f"data.text_pair_column must name a column other than data.text_column, "
                              f"got {self.text_pair_column!r}")
+        for name in self.extra_eval:
+            if not name or any(c in name for c in ":/@"):
+                raise ValueError(f"data.extra_eval name {name!r} may not be empty or hold ':', '/' or '@' "
+                                 "(they name shifted copies and saved predictions)")
         if self.test_from_train and TEST_SET in self.extra_eval:
             raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
                              "rename one")
@@ -283,8 +288,12 @@ class TrainConfig:
     """NEFTune (arXiv 2310.05914): uniform noise of scale alpha / sqrt(length * width) on the input
     embeddings while training, through transformers' own hook; 0 turns it off. Combines with masking."""
     robustness: list[float] = dataclasses.field(default_factory=list)
-    """Severities q at which the best weights are also scored on corrupted dev copies (word
-    deletion, words masked, typos), e.g. [0.1, 0.2, 0.3]; empty: none."""
+    """Severities q at which the best weights are also scored on corrupted copies of dev and of every
+    held-out set (word deletion, words masked, typos), e.g. [0.1, 0.2, 0.3]; empty: none."""
+    robustness_conditions: list[str] = dataclasses.field(default_factory=list)
+    """Which shifts to score (``robustness.CORRUPTIONS``): graded ones (delete, mask, typo) at each
+    ``robustness`` severity, entity redactions (entities_mask, entities_placeholder, entities_delete;
+    LinCE tags) once; empty: delete, mask and typo when ``robustness`` is set."""
     report_to: list[str] = dataclasses.field(default_factory=list)
     """Experiment trackers, through Accelerate: tensorboard, wandb, mlflow, aim, comet_ml, ...; empty: none
     (``log.jsonl`` is always written)."""
@@ -308,6 +317,10 @@ class TrainConfig:
             raise ValueError(f"train.robustness must be a list of severities, got {self.robustness!r}")
         for q in self.robustness:
             check_rate(q, "train.robustness entry")
+        if not isinstance(self.robustness_conditions, list):
+            raise ValueError(f"train.robustness_conditions must be a list of names, got {self.robustness_conditions!r}")
+        for name in self.robustness_conditions:
+            check_corruption(name, "train.robustness_conditions entry")
         from .tracking import check_trackers
 
         check_trackers(self.report_to)
@@ -342,6 +355,11 @@ class SweepConfig:
     the shared base per batch (LoRA/QLoRA, local executor, one process); 0 or 1: one run after another.
     Pays on a GPU, where a small LoRA step is launch-bound; on a CPU it is slower. Each run is still its
     own directory. (Was ``sweep.pack``, still read with a warning.)"""
+
+    objective: str = "clean"
+    """What the recommendation is for: ``clean`` accuracy, or a scored shift (``mask@0.2``,
+    ``entities_placeholder``): the rate is picked on dev under it, judged on the held-out copies, and never
+    one whose clean verdict is worse."""
 
     def __post_init__(self):
         if not self.rates or not self.seeds:
@@ -384,8 +402,29 @@ class Recipe:
         if problem != "single_label" and self.masking.consistency:
             raise ValueError(f"masking.consistency compares class distributions (single-label); model.problem_type "
                              f"is {problem}")
+        self.check_shifts()
         if self.masking.segments != "both" and not self.data.text_pair_column:
             raise ValueError(f"masking.segments {self.masking.segments} needs sentence pairs (data.text_pair_column)")
+
+    def scored_conditions(self) -> list[str]:
+        """The names of the shifted conditions a run of this recipe is scored under (``mask@0.2``, …)."""
+        tc = self.train
+        kinds = tc.robustness_conditions or (list(GRADED_DEFAULT) if tc.robustness else [])
+        return [condition_name(kind, q) for kind, q in conditions(kinds, tc.robustness)]
+
+    def check_shifts(self) -> None:
+        tc = self.train
+        for kind in tc.robustness_conditions:
+            if CORRUPTIONS[kind].graded and not tc.robustness:
+                raise ValueError(f"train.robustness_conditions entry {kind} takes severities: set train.robustness, "
+                                 "e.g. [0.2]")
+            if CORRUPTIONS[kind].needs_tags and self.data.format != "lince":
+                raise ValueError(f"train.robustness_conditions entry {kind} needs word tags (LinCE's ne); "
+                                 f"data.format {self.data.format} has none")
+        scored = self.scored_conditions()
+        if self.sweep.objective != "clean" and self.sweep.objective not in scored:
+            raise ValueError(f"sweep.objective {self.sweep.objective!r} is not a condition this recipe scores: "
+                             f"'clean' or one of {scored} (train.robustness, train.robustness_conditions)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

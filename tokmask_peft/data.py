@@ -32,6 +32,9 @@ class Example:
     """``file:line`` where the example starts, for error messages."""
     pair: str | None = None
     """The second text of a sentence pair (``data.text_pair_column``), or None."""
+    tags: list[str] | None = None
+    """Each word's tag as the file has it (LinCE: lang1, lang2, ne, …, unfolded), where the file tags words:
+    entity redaction (``robustness``) reads the ``ne`` ones."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,23 +127,24 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str 
     examples: list[Example] = []
     words: list[str] = []
     tags: list[str] = []
+    raw_tags: list[str] = []
     header_label: str | None = None
     header_line: int | None = None  # where the current sentence's header was
     start = 0
 
     def flush():
-        nonlocal words, tags, header_label, header_line
+        nonlocal words, tags, raw_tags, header_label, header_line
         if words:
             if task == "sequence":
                 if header_label is None:
                     raise ValueError(f"{_where(path, start)}: sentence has no label in its '# sent_enum' header "
                                      "(is this a sentiment file?)")
-                examples.append(Example(" ".join(words), header_label, _where(path, start)))
+                examples.append(Example(" ".join(words), header_label, _where(path, start), tags=raw_tags))
             else:
-                examples.append(Example(words, tags, _where(path, start)))
+                examples.append(Example(words, tags, _where(path, start), tags=raw_tags))
         elif header_label is not None:
             raise ValueError(f"{_where(path, start)}: sentence header with no tokens")
-        words, tags, header_label, header_line = [], [], None, None
+        words, tags, raw_tags, header_label, header_line = [], [], [], None, None
 
     for lineno, raw in decoded_lines(path, errors):
         line = raw.rstrip("\n").rstrip("\r")
@@ -162,6 +166,7 @@ def read_lince(path: str | Path, task: str, fold_tags: bool = True, errors: str 
             start = lineno
         tag = fields[1].strip()
         words.append(fields[0])
+        raw_tags.append(tag)
         tags.append(PAPER_LID_FOLD.get(tag, "other") if fold_tags else tag)
     flush()
     if not examples:

@@ -114,7 +114,8 @@ class Scores:
             gold = gold.to(torch.int8)
         pred = decide(self.problem, probs, thresholds)
         classes = probs.shape[-1] if self.problem == "single_label" else None
-        metrics = {**classification_metrics(pred.numpy(), gold.numpy(), self.problem, classes),
+        metrics = {**classification_metrics(pred.numpy(), gold.numpy(), self.problem, classes,
+                                            probs.numpy() if self.problem == "single_label" else None),
                    "loss": float(loss_sum / loss_count)}
         if not keep:
             return metrics, None

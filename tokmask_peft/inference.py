@@ -235,7 +235,7 @@ class Classifier:
         masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
         examples = check_pairs(as_examples(texts, self.task), self.active_config)
         features = encode(examples, self.tokenizer, self.task, None, self.active_config["max_length"])
-        collate = padding_collator(self.tokenizer, self.task)
+        collate = padding_collator(self.tokenizer, self.task, word_ids=masker is not None and masker.unit != "token")
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]
             batch = {k: v.to(self.device) for k, v in collate(chunk).items()}
@@ -290,19 +290,25 @@ def check_pairs(examples: list[Example], config: dict) -> list[Example]:
 
 
 def tta_masker(tokenizer, config: dict, rate: float | None, seed: int) -> TokenMasker:
-    """The masker of test-time masking: the adapter's own mask token, at its training rate by default."""
-    rate = config["masking"]["rate"] if rate is None else rate
-    return TokenMasker.for_tokenizer(tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed)
+    """The masker of test-time masking: the adapter's own mask token, unit and replacement (runs saved
+    before strategies existed: token masking), at its training rate by default."""
+    masking = config["masking"]
+    rate = masking["rate"] if rate is None else rate
+    strategy = {"unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
+                "span_mean": masking.get("span_mean", 3.0)}
+    return TokenMasker.for_tokenizer(tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed, **strategy)
 
 
 def batch_logits(model, batch: dict, masker: TokenMasker | None, copies: int,
                  problem: str = "single_label") -> torch.Tensor:
     """Float logits on the CPU; with a masker, the logits whose scores are the mean over ``copies`` masked
     copies' scores (log of the mean softmax; the logit of the mean sigmoid; the mean regression output)."""
+    word_ids = batch.pop("word_ids", None)  # word and span units draw by word; the model takes none
     if masker is None:
         return model(**batch).logits.float().cpu()
-    mean = sum(scores(problem, model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"])})
-                      .logits).cpu() for _ in range(copies)) / copies
+    mean = sum(scores(problem, model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"],
+                                                                      word_ids)}).logits).cpu()
+               for _ in range(copies)) / copies
     if problem == "multi_label":
         return torch.logit(mean, eps=1e-7)
     return mean[..., None] if problem == "regression" else mean.log()

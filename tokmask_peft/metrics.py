@@ -30,8 +30,9 @@ CLASSIFICATION = ("single_label", "multi_label")
 class Rows:
     """Gold and predicted rows under each replicate's weights: the sums every metric is made of."""
 
-    def __init__(self, weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, problem: str):
-        self.weights, self.gold, self.pred, self.problem = weights, gold, pred, problem
+    def __init__(self, weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, problem: str,
+                 probs: np.ndarray | None = None):
+        self.weights, self.gold, self.pred, self.problem, self.probs = weights, gold, pred, problem, probs
 
     @cached_property
     def support(self):  # (replicates, labels): weighted count of gold positives per label
@@ -78,6 +79,21 @@ def _samples_f1(r: Rows):
 
 def _accuracy(r: Rows):  # single-label: accuracy; multi-label: every label right (subset accuracy)
     return r.mean((r.gold == r.pred).all(1).astype(np.float64))
+
+
+ECE_BINS = 15
+
+
+def _ece(r: Rows):
+    """Expected calibration error (15 equal-width bins of the top probability): the weighted mean gap
+    between each bin's accuracy and its mean confidence."""
+    if r.probs is None:
+        raise ValueError("ece needs the predicted probabilities (runs saved without them cannot recompute it)")
+    confidence = r.probs.max(1)
+    bins = np.eye(ECE_BINS)[np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)]  # (rows, bins)
+    correct = (r.gold == r.pred).all(1).astype(np.float64)
+    gap = r.weights @ (bins * correct[:, None]) - r.weights @ (bins * confidence[:, None])
+    return np.abs(gap).sum(1) / r.weights.sum(1)
 
 
 def _mse(r: Rows):
@@ -127,6 +143,7 @@ METRICS: dict[str, Metric] = {
     "micro_f1": Metric(True, _micro_f1, ("multi_label",)),  # single-label: equals accuracy
     "samples_f1": Metric(True, _samples_f1, ("multi_label",)),
     "accuracy": Metric(True, _accuracy),
+    "ece": Metric(False, _ece, ("single_label",)),  # calibration: lower is better
     "pearson": Metric(True, _pearson, ("regression",)),
     "spearman": Metric(True, _spearman, ("regression",)),
     "mse": Metric(False, _mse, ("regression",)),
@@ -138,6 +155,9 @@ command says otherwise."""
 DEFAULT_METRIC = DEFAULT_METRICS["single_label"]
 PREDICTION_METRICS = tuple(name for name, m in METRICS.items() if m.compute is not None)
 """The metrics predictions give, so a verdict can bootstrap them."""
+
+
+NEEDS_PROBABILITIES = ("ece",)
 
 
 def problem_metrics(problem: str) -> tuple[str, ...]:
@@ -165,19 +185,23 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
 
 
 def metric_values(weights: np.ndarray, gold: np.ndarray, pred: np.ndarray, classes: int,
-                  metric: str = DEFAULT_METRIC, problem: str = "single_label") -> np.ndarray:
+                  metric: str = DEFAULT_METRIC, problem: str = "single_label",
+                  probs: np.ndarray | None = None) -> np.ndarray:
     """``metric`` for each row of ``weights`` ((replicates, rows) counts of how often each row is drawn).
-    ``gold``/``pred``: class ids (single-label), 0/1 rows (multi-label) or scores (regression)."""
+    ``gold``/``pred``: class ids (single-label), 0/1 rows (multi-label) or scores (regression);
+    ``probs``: the class probabilities (``ece`` needs them)."""
     compute = METRICS[check_metric(metric, "metric", from_predictions=True, problem=problem)].compute
     weights = np.atleast_2d(weights).astype(np.float64)
     if problem == "single_label":
         gold, pred = np.eye(classes)[gold], np.eye(classes)[pred]
-    return compute(Rows(weights, np.asarray(gold, np.float64), np.asarray(pred, np.float64), problem))
+    probs = None if probs is None else np.asarray(probs, np.float64)
+    return compute(Rows(weights, np.asarray(gold, np.float64), np.asarray(pred, np.float64), problem, probs))
 
 
 def classification_metrics(predictions: Sequence, references: Sequence, problem: str = "single_label",
-                           classes: int | None = None) -> dict[str, float]:
-    """Every metric predictions give for ``problem``; single-label skips ``-100`` (unlabelled positions).
+                           classes: int | None = None, probs: np.ndarray | None = None) -> dict[str, float]:
+    """Every metric predictions give for ``problem`` (``ece`` where ``probs`` are given); single-label
+    skips ``-100`` (unlabelled positions).
 
     >>> classification_metrics([0, 1, 1, -100], [0, 1, 0, -100])["accuracy"]
     0.6666666666666666
@@ -187,13 +211,14 @@ def classification_metrics(predictions: Sequence, references: Sequence, problem:
         pred, ref = pred.reshape(-1), ref.reshape(-1)
         keep = ref != IGNORE_INDEX
         pred, ref = pred[keep], ref[keep]
+        probs = None if probs is None else np.asarray(probs).reshape(-1, np.asarray(probs).shape[-1])[keep]
     if len(ref) == 0:
         raise ValueError("no labelled positions to score")
     if problem == "single_label":
         classes = max(classes or 0, int(max(pred.max(), ref.max())) + 1)
     ones = np.ones((1, len(ref)))
-    return {name: float(metric_values(ones, ref, pred, classes or 0, name, problem)[0])
-            for name in problem_metrics(problem)}
+    return {name: float(metric_values(ones, ref, pred, classes or 0, name, problem, probs)[0])
+            for name in problem_metrics(problem) if probs is not None or name not in NEEDS_PROBABILITIES}
 
 
 def compute_metrics(eval_prediction) -> dict[str, float]:

@@ -25,6 +25,7 @@ from .modeling import (
     prepare_tokenizer,
 )
 from .problems import output_names
+from .runs import DEV_SET
 from .robustness import corrupted_features
 
 TEST_SHUFFLE_SEED = 7
@@ -99,7 +100,9 @@ class Setup:
     frozen_dtype: torch.dtype | None = None
     """Set once a run stores the kept base's frozen linears in bf16/fp16: later runs must match it."""
     dev_examples: list = dataclasses.field(default_factory=list)
-    """The dev examples as read, for corrupted copies (``train.robustness``)."""
+    """The dev examples as read, for shifted copies (``train.robustness``)."""
+    extra_examples: dict = dataclasses.field(default_factory=dict)
+    """Each held-out set's examples as read, for shifted copies."""
     base_identity: str | None = None
     """:func:`~tokmask_peft.modeling.base_identity` of the base, recorded with each run's weights."""
 
@@ -124,12 +127,15 @@ class Setup:
                           recipe.masking.segments)
 
         return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
-                   {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev,
+                   {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev, extra_examples=extra,
                    base_identity=base_identity(recipe.model))
 
-    def robustness_features(self, kind: str, q: float) -> list[dict]:
-        """Dev under corruption ``kind`` at severity ``q``: the same copy for every run and rate."""
-        return corrupted_features(self.dev_examples, self.dev_features, kind, q, self.tokenizer,
+    def robustness_features(self, kind: str, q: float | None, evaluation_set: str = DEV_SET) -> list[dict]:
+        """An evaluation set (dev, or a held-out one) under shift ``kind`` at severity ``q`` (None: an
+        ungraded shift): the same copy for every run and rate."""
+        examples, features = ((self.dev_examples, self.dev_features) if evaluation_set == DEV_SET else
+                              (self.extra_examples[evaluation_set], self.extra_features[evaluation_set]))
+        return corrupted_features(examples, features, kind, q, self.tokenizer,
                                   self.recipe.model.task, {label: i for i, label in enumerate(self.labels)},
                                   self.recipe.data.max_length, self.mask_token.id, self.recipe.model.problem_type)
 

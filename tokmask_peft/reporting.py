@@ -14,7 +14,14 @@ from typing import Iterable
 
 from .metrics import DEFAULT_METRIC, DEFAULT_METRICS, METRICS, PREDICTION_METRICS
 from .model_card import CARD, write_card
-from .robustness import CORRUPTIONS, ROBUSTNESS_METRIC, parse_robustness_column, robustness_column
+from .robustness import (
+    CORRUPTIONS,
+    ROBUSTNESS_METRIC,
+    condition_title,
+    parse_robustness_column,
+    robustness_column,
+    shifted_set,
+)
 from .runs import (
     DEV_SET,
     METRICS_FILE,
@@ -34,6 +41,7 @@ from .verdicts import (
     paired_verdict,
     recommendation,
     recommended,
+    recommended_for,
     seed_level_verdict,
     verdict_metric,
 )
@@ -129,9 +137,11 @@ def report(out: str | Path, metric: str | None = None) -> list[dict]:
     writer.writerows(rows)
     atomic_write_text(out / "results.csv", table.getvalue())
     summary = summarise(rows, metric)
+    files = PredictionFiles()
     atomic_write_text(out / "results.md", strategy_line(rows) + markdown_table(summary, metric)
-                      + verdict_section(out, rows, metric))
-    plot(summary, out / "results.png", metric)
+                      + verdict_section(out, rows, metric, files))
+    panels = verdict_panels(out, rows, metric, files)
+    plot_deltas(panels, out / "results.png", metric) if panels else plot(summary, out / "results.png", metric)
     if any(robustness_curves(rows)):
         plot_robustness(rows, out / "results_robustness.png")
     return rows
@@ -211,6 +221,48 @@ def plot(summary: list[dict], path: Path, metric: str = DEFAULT_METRIC) -> None:
     save_figure(fig, path)
 
 
+def verdict_panels(out: Path, rows: list[dict], metric: str, files: PredictionFiles) -> dict[str, list[Verdict]]:
+    """Every set's verdicts (clean dev, each held-out set, each shifted copy), for the plot; empty without p = 0."""
+    if not any(r["rate"] == 0.0 for r in rows):
+        return {}
+    recipe = read_run_config(out / rows[0]["run"])["recipe"]
+    shifted = sorted({name for r in rows for name in read_metrics(out / r["run"]).get("shifted", {})})
+    panels = {name: set_verdicts(out, rows, name, metric, files=files)
+              for name in [DEV_SET, *held_out_names(recipe), *shifted]}
+    return {name: verdicts for name, verdicts in panels.items() if verdicts}
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "no evidence": "tab:gray"}
+
+
+def plot_deltas(panels: dict[str, list[Verdict]], path: Path, metric: str) -> None:
+    """What the tables say, drawn: Δ vs p = 0 with its 95 % interval per evaluation set (clean and shifted)
+    and rate, coloured by verdict, around a zero line (raw means on a tight axis make noise look like a rise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({v.rate for verdicts in panels.values() for v in verdicts})
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(panels) * max(1, len(rates)) ** 0.5 + 2), 3.8), dpi=120)
+    width = 0.8 / max(1, len(rates))
+    for i, (name, verdicts) in enumerate(panels.items()):
+        for v in verdicts:
+            x = i + (rates.index(v.rate) - (len(rates) - 1) / 2) * width
+            err = None if v.low is None else [[v.delta - v.low], [v.high - v.delta]]
+            ax.errorbar([x], [v.delta], yerr=err, fmt="o", capsize=3, color=VERDICT_COLOURS[v.word])
+            ax.annotate(f"{v.rate:g}", (x, v.delta), textcoords="offset points", xytext=(4, 2), fontsize=6)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(panels)), [n.replace(":", "\n") for n in panels], fontsize=7)
+    ax.set_ylabel(f"Δ {metric.replace('_', ' ')} vs p = 0")
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=w) for w, c in VERDICT_COLOURS.items()]
+    ax.legend(handles=handles, loc="best", fontsize=7)
+    ax.set_title("each rate against p = 0, 95 % interval (labels: the rate)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path: Path) -> None:
     """A PNG written whole or not at all, like every other file a report writes."""
     import matplotlib.pyplot as plt
@@ -225,7 +277,12 @@ def save_figure(fig, path: Path) -> None:
 
 
 class PredictionFiles(dict):
-    """Each run's ``predictions.npz``, read once per report whatever the number of evaluation sets."""
+    """Each run's ``predictions.npz``, read once per report whatever the number of evaluation sets; and
+    each set's verdicts, bootstrapped once per report (the table and the plot share them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.verdicts: dict[tuple, list[Verdict]] = {}
 
     def get_set(self, run: Path, name: str):
         if run not in self:
@@ -240,6 +297,15 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
     """Each rate against p = 0 on evaluation set ``name``: from saved predictions where every run of
     the pair has them (seeds and examples), else from the runs' best metrics (seeds only).
     ``baseline``: another sweep's directory and rows whose p = 0 runs to compare against."""
+    files = PredictionFiles() if files is None else files
+    key = (str(out), name, metric, str(baseline[0]) if baseline else None, len(rows))
+    if key not in files.verdicts:
+        files.verdicts[key] = _set_verdicts(out, rows, name, metric, baseline, files)
+    return files.verdicts[key]
+
+
+def _set_verdicts(out: Path, rows: list[dict], name: str, metric: str, baseline, files: PredictionFiles
+                  ) -> list[Verdict]:
     base_out, base_rows = baseline or (out, rows)
     by_rate: dict[float, dict[int, dict]] = {}
     for row in rows:
@@ -247,8 +313,6 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
     base = {r["seed"]: r for r in base_rows if r["rate"] == 0.0}
     base_config = read_run_config(base_out / next(iter(base.values()))["run"])
     classes, problem = len(base_config["labels"]), base_config.get("problem_type", "single_label")
-    files = PredictionFiles() if files is None else files
-
     def predictions(root: Path, row: dict):
         return files.get_set(root / row["run"], name)
 
@@ -269,13 +333,15 @@ def set_verdicts(out: Path, rows: list[dict], name: str, metric: str,
     return verdicts
 
 
-def verdict_section(out: Path, rows: list[dict], metric: str | None = None) -> str:
-    """The verdict per rate on dev, the recommendation, and the rate chosen on dev judged on each
-    held-out (``extra_eval``) set, where selection on dev cannot flatter it."""
+def verdict_section(out: Path, rows: list[dict], metric: str | None = None,
+                    files: PredictionFiles | None = None) -> str:
+    """The verdict per rate on dev, the recommendation (for ``sweep.objective``), the chosen rate judged on
+    each held-out (``extra_eval``) set, where selection on dev cannot flatter it, and every rate under
+    each shift."""
     if not any(r["rate"] == 0.0 for r in rows):
         return "\nNo p = 0 runs in this sweep: no paired verdict (add rate 0 to the grid).\n"
     metric = sweep_metric(out, metric)
-    files = PredictionFiles()
+    files = PredictionFiles() if files is None else files
     dev = set_verdicts(out, rows, DEV_SET, metric, files=files)
     if not dev:
         return "\nOnly p = 0 in this sweep: nothing to compare.\n"
@@ -285,14 +351,58 @@ def verdict_section(out: Path, rows: list[dict], metric: str | None = None) -> s
     for v in dev:
         lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {v.interval or 'none'} | {v.word} | {v.level}, "
                      f"{v.seeds} seed(s) |")
-    lines += ["", recommendation(dev)]
-    chosen = chosen_on_dev(dev)
     # A sweep's runs share one recipe (sweeps refuse to mix them): one config names its held-out sets.
-    for name in held_out_names(read_run_config(out / rows[0]["run"])["recipe"]):
-        held = [v for v in set_verdicts(out, rows, name, metric, files=files) if v.rate == chosen.rate]
-        if held:
-            lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
-                         f"{held[0].describe()}: {held[0].word}.")
+    recipe = read_run_config(out / rows[0]["run"])["recipe"]
+    objective = recipe.get("sweep", {}).get("objective", "clean")
+    if objective == "clean":
+        lines += ["", recommendation(dev)]
+        chosen = chosen_on_dev(dev)
+        for name in held_out_names(recipe):
+            held = [v for v in set_verdicts(out, rows, name, metric, files=files) if v.rate == chosen.rate]
+            if held:
+                lines.append(f"Held out ({name}): p = {chosen.rate:g}, the rate with the largest Δ on dev, "
+                             f"{held[0].describe()}: {held[0].word}.")
+    else:
+        lines += ["", *objective_lines(out, rows, metric, objective, dev, held_out_names(recipe), files)]
+    return "\n".join(lines) + "\n" + shift_section(out, rows, metric, files)
+
+
+def objective_lines(out: Path, rows: list[dict], metric: str, objective: str, dev: list[Verdict],
+                    held_out: list[str], files: PredictionFiles) -> list[str]:
+    """``sweep.objective`` a shift: the rate picked on dev under it (never one whose clean dev verdict is
+    worse), then its Δ under the shift and on clean data on each held-out set, where the pick cannot flatter."""
+    shifted = set_verdicts(out, rows, shifted_set(DEV_SET, objective), metric, files=files)
+    best, refused = recommended_for(shifted, dev)
+    note = f" (p = {', '.join(f'{r:g}' for r in refused)} refused: worse on clean dev)" if refused else ""
+    if best is None:
+        seeds = max((v.seeds for v in shifted), default=0)
+        return [f"Recommendation for the objective {objective}: no rate beats p = 0 beyond noise on dev under "
+                f"{objective}{note} ({seeds} seeds); use p = 0 or add seeds."]
+    lines = [f"Recommendation for the objective {objective}: use p = {best.rate:g}: on dev under {objective} "
+             f"{best.describe()}{note}."]
+    for name in held_out:
+        for label, set_name in ((objective, shifted_set(name, objective)), ("clean", name)):
+            held = [v for v in set_verdicts(out, rows, set_name, metric, files=files) if v.rate == best.rate]
+            if held:
+                lines.append(f"Held out ({name}, {label}): p = {best.rate:g} {held[0].describe()}: {held[0].word}.")
+    return lines
+
+
+def shift_section(out: Path, rows: list[dict], metric: str, files: PredictionFiles) -> str:
+    """Every shifted copy the runs were scored on (``train.robustness``): each rate against p = 0 there,
+    with the same paired bootstrap and verdict word as the clean metric."""
+    names = sorted({name for r in rows for name in read_metrics(out / r["run"]).get("shifted", {})},
+                   key=lambda n: (n.split(":")[1], n.split(":")[0] != DEV_SET, n))
+    table = [(name, v) for name in names for v in set_verdicts(out, rows, name, metric, files=files)]
+    if not table:
+        return ""
+    lines = ["", f"Under shifts: each rate against p = 0 on shifted copies ({metric.replace('_', ' ')}; dev copies "
+             "saw the rate picked, held-out ones did not).", "",
+             "| condition | set | mask rate p | Δ vs p = 0 | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
+    for name, v in table:
+        evaluation_set, condition = name.split(":", 1)
+        lines.append(f"| {condition_title(condition)} | {evaluation_set} | {v.rate:.2f} | {v.delta:+.4f} | "
+                     f"{v.interval or 'none'} | {v.word} |")
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +436,7 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = robustness_curves(rows)
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), dpi=120, squeeze=False, sharey=True)
     for ax, (kind, by_rate) in zip(axes[0], curves.items()):
         for rate, points in by_rate.items():
             ax.plot(*zip(*points), marker="o", label=f"trained at p = {rate:g}")

@@ -1,18 +1,24 @@
-"""Robustness: corrupted copies of an evaluation set at severity q, the same for every run and rate.
+"""Robustness: shifted copies of an evaluation set (corrupted at severity q, or redacted), the same for
+every run and rate.
 
-The corruptions are one registry, :data:`CORRUPTIONS` (name → title and function): scoring, the
-results columns, the report's titles and plots all read it, so a new corruption is one entry and its
-function. Three today, each drawn with a fixed seed from (corruption, q) alone, so every run of every
-sweep is scored on identical copies:
+The shifts are one registry, :data:`CORRUPTIONS` (name → title, function, whether it takes a severity,
+whether it needs word tags): scoring, condition names, the results columns, the report's titles and
+plots all read it, so a new shift is one entry and its function. Each graded one is drawn with a fixed
+seed from (corruption, q) alone, so every run of every sweep is scored on identical copies:
 
 - ``delete``: each word is dropped with probability q (a text keeps at least one word; token
   tasks drop the word's label with it);
 - ``mask``: each word is replaced, all of its sub-word pieces, by the mask token (through
   :func:`~tokmask_peft.masking.mask_tokens` with ``unit='word'``: special tokens and padding stay);
 - ``typo``: each word of two or more characters gets one typo with probability q: two adjacent
-  characters swapped, one deleted, or a letter inserted.
+  characters swapped, one deleted, or a letter inserted;
+- ``entities_mask`` / ``entities_placeholder`` / ``entities_delete``: every word tagged ``ne`` (LinCE's
+  named entities) masked (all its pieces), replaced by the literal ``[NAME]`` that PII scrubbers write
+  (tokenised as text: the model never saw it), or deleted (a text keeps at least one word). No severity;
+  data without word tags is refused.
 
-q = 0 returns the clean set itself.
+q = 0 returns the clean set itself. A *condition* is a shift with its severity: ``mask@0.2``,
+``entities_placeholder`` (:func:`condition_name`).
 """
 from __future__ import annotations
 
@@ -92,6 +98,47 @@ class Corruption:
     """How the report names it: "words deleted"."""
     apply: Callable[[list[Example], list[dict], float, int, Callable, int], list[dict]]
     """``(examples, features, q, seed, encode, mask_id)`` → the corrupted set's features."""
+    graded: bool = True
+    """Takes a severity q (``train.robustness``); an ungraded shift is applied whole."""
+    needs_tags: bool = False
+    """Reads per-word tags (LinCE's ``ne``): refused on data without them."""
+
+
+ENTITY_TAG = "ne"
+PLACEHOLDER = "[NAME]"
+
+
+def entity_words(example: Example) -> list[bool]:
+    if example.tags is None:
+        raise ValueError(f"{example.source}: no word tags: entity redaction needs LinCE-tagged data")
+    return [tag == ENTITY_TAG for tag in example.tags]
+
+
+def redact_entities(examples: list[Example], how: str) -> list[Example]:
+    """Every ``ne`` word replaced by :data:`PLACEHOLDER` (``how='placeholder'``) or dropped (``'delete'``;
+    a text of entities alone keeps its first word); token tasks keep their labels aligned."""
+    out = []
+    for ex in examples:
+        words, labels = _words(ex)
+        entity = entity_words(ex)
+        if how == "placeholder":
+            out.append(_rebuild(ex, [PLACEHOLDER if e else w for w, e in zip(words, entity)], labels))
+            continue
+        keep = [i for i, e in enumerate(entity) if not e] or [0]
+        out.append(dataclasses.replace(_rebuild(ex, [words[i] for i in keep], [labels[i] for i in keep] if labels
+                                                else None), tags=[ex.tags[i] for i in keep]))
+    return out
+
+
+def mask_entities(examples: list[Example], features: list[dict], mask_id: int) -> list[dict]:
+    """Encoded features with every piece of every ``ne`` word replaced by ``mask_id``."""
+    out = []
+    for ex, f in zip(examples, features):
+        entity = entity_words(ex)
+        ids = [mask_id if w is not None and w < len(entity) and entity[w] else t
+               for t, w in zip(f["input_ids"], f["word_ids"])]
+        out.append({**f, "input_ids": ids})
+    return out
 
 
 def _by_words(change: Callable[[list[Example], float, int], list[Example]]):
@@ -103,15 +150,47 @@ CORRUPTIONS: dict[str, Corruption] = {
     "mask": Corruption("words masked", lambda examples, features, q, seed, _, mask_id: mask_words(features, q, seed,
                                                                                                   mask_id)),
     "typo": Corruption("words with typos", _by_words(typo_words)),
+    "entities_mask": Corruption("named entities masked", lambda examples, features, q, seed, _, mask_id:
+                                mask_entities(examples, features, mask_id), graded=False, needs_tags=True),
+    "entities_placeholder": Corruption(f"named entities replaced by {PLACEHOLDER}", lambda examples, features, q,
+                                       seed, encode_examples, mask_id: encode_examples(
+                                           redact_entities(examples, "placeholder")), graded=False, needs_tags=True),
+    "entities_delete": Corruption("named entities deleted", lambda examples, features, q, seed, encode_examples,
+                                  mask_id: encode_examples(redact_entities(examples, "delete")), graded=False,
+                                  needs_tags=True),
 }
+GRADED_DEFAULT = ("delete", "mask", "typo")
+"""The shifts ``train.robustness`` scores when ``train.robustness_conditions`` names none."""
 ROBUSTNESS_METRIC = "weighted_f1"
 """The metric a results row carries for each corruption and severity."""
 
 
-def check_corruption(kind: str) -> Corruption:
+def check_corruption(kind: str, field: str = "corruption") -> Corruption:
     if kind not in CORRUPTIONS:
-        raise ValueError(f"corruption must be one of {list(CORRUPTIONS)}, got {kind!r}")
+        raise ValueError(f"{field} must be one of {list(CORRUPTIONS)}, got {kind!r}")
     return CORRUPTIONS[kind]
+
+
+def condition_name(kind: str, q: float | None = None) -> str:
+    """``mask@0.2`` for a graded shift at severity q; the shift's own name for an ungraded one."""
+    return kind if q is None else f"{kind}@{q:g}"
+
+
+def conditions(kinds: list[str], severities: list[float]) -> list[tuple[str, float | None]]:
+    """Every (shift, severity) a run is scored under: graded shifts at each severity, the others once."""
+    return [(kind, q) for kind in kinds for q in (severities if CORRUPTIONS[kind].graded else [None])]
+
+
+def condition_title(condition: str) -> str:
+    """``mask@0.2`` → "words masked (q = 0.2)"; an ungraded shift → its title."""
+    kind, _, q = condition.partition("@")
+    title = CORRUPTIONS[kind].title if kind in CORRUPTIONS else kind
+    return f"{title} (q = {q})" if q else title
+
+
+def shifted_set(evaluation_set: str, condition: str) -> str:
+    """The name a condition's copy of an evaluation set is saved under: ``test:mask@0.2``."""
+    return f"{evaluation_set}:{condition}"
 
 
 def robustness_column(kind: str, q: float | str) -> str:
@@ -138,7 +217,7 @@ def corrupted_features(examples: list[Example], features: list[dict], kind: str,
     """The evaluation set's features under corruption ``kind`` at severity ``q`` (of a sentence pair, word
     deletion and typos change the first text; masking, every word)."""
     corruption = check_corruption(kind)
-    if q == 0:
+    if q == 0 and corruption.graded:
         return features
-    return corruption.apply(examples, features, q, corruption_seed(kind, q),
+    return corruption.apply(examples, features, q, corruption_seed(kind, q or 0.0),
                             lambda changed: encode(changed, tokenizer, task, label2id, max_length, problem), mask_id)

@@ -44,7 +44,8 @@ PARTIAL_SUFFIX = ".partial"
 RUN_NAME = re.compile(r"mask_\d+\.\d\d/seed_\d+")
 VERSIONED = ("tokmask-peft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # What a resume or a reuse need not match: where, how fast and how often a run is written.
-UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness", "report_to",
+UNFINGERPRINTED_TRAIN_KEYS = ("output_dir", "num_workers", "log_every", "compile", "robustness",
+                              "robustness_conditions", "report_to",
                               "run_name", "checkpoint_every")
 
 

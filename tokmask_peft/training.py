@@ -49,7 +49,7 @@ from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
-from .robustness import CORRUPTIONS
+from .robustness import GRADED_DEFAULT, condition_name, conditions, shifted_set
 from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, SCRATCH_DIR, TOKMASK_CONFIG, is_complete,
                    run_config, run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
@@ -551,16 +551,21 @@ def finish(loop: Loop) -> list[dict]:
 
 
 def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
-    """Per slot: ``(scored, robustness)``: dev and every extra set scored with predictions kept, and the
-    corrupted dev copies' metrics (``train.robustness``)."""
+    """Per slot: ``(scored, robustness)``: dev, every extra set and each one's shifted copies
+    (``dev:mask@0.2``, ``test:entities_placeholder``) scored with predictions kept, and the graded shifts'
+    dev metrics by shift and severity (the results table's robustness columns)."""
     setup, tc, k = loop.setup, loop.recipe.train, len(loop.slots)
     sets = {DEV_SET: setup.dev_features, **setup.extra_features}
     per_set = {name: loop.score(features, keep=True, slots=k) for name, features in sets.items()}
-    corrupted = {(kind, q): loop.score(setup.robustness_features(kind, q), slots=k)
-                 for kind in (CORRUPTIONS if tc.robustness else ()) for q in tc.robustness}
-    kinds = list(dict.fromkeys(kind for kind, _ in corrupted))
+    kinds = tc.robustness_conditions or (list(GRADED_DEFAULT) if tc.robustness else [])
+    for kind, q in conditions(kinds, tc.robustness):
+        for name in sets:
+            per_set[shifted_set(name, condition_name(kind, q))] = loop.score(
+                setup.robustness_features(kind, q, name), keep=True, slots=k)
+    graded = [(kind, q) for kind, q in conditions(kinds, tc.robustness) if q is not None]
     return [({name: scores[i] for name, scores in per_set.items()},
-             {kind: {str(q): corrupted[kind, q][i][0] for q in tc.robustness} for kind in kinds})
+             {kind: {str(q): per_set[shifted_set(DEV_SET, condition_name(kind, q))][i][0]
+                     for q in tc.robustness} for kind in dict.fromkeys(kind for kind, _ in graded)})
             for i in range(k)]
 
 
@@ -582,12 +587,14 @@ def write_results(loop: Loop, slot: Slot, scored: dict, robustness: dict) -> dic
     thresholds = None
     if loop.recipe.model.problem_type == "multi_label":
         thresholds, scored = with_tuned_thresholds(scored)
-    extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET}
+    extra = {name: metrics for name, (metrics, _) in scored.items() if name != DEV_SET and ":" not in name}
+    shifted = {name: metrics for name, (metrics, _) in scored.items() if ":" in name}
     peak_mb, peak_kind = peak_memory_mb(accelerator.device)
     side_by_side = {"side_by_side": {**slot.side_by_side, "rates": [s.recipe.masking.rate for s in loop.slots]}
                     } if slot.side_by_side else {}
     metrics = {
         "best": stopping.best, "history": stopping.history, "extra_eval": extra, "robustness": robustness,
+        "shifted": shifted,
         **slot.counts, "train_examples": len(setup.train_features), "dev_examples": len(setup.dev_features),
         "steps": stopping.steps, "stopped_early": stopping.stopped,
         "wall_time_s": loop.state.wall_s(), "peak_memory_mb": peak_mb, "peak_memory_kind": peak_kind,

@@ -93,7 +93,7 @@ def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int
                                  "paired comparison needs the same evaluation set")
     full = np.ones((1, len(first.gold)))
     def values(weights, p: Predictions):
-        return metric_values(weights, p.gold, p.pred, classes, metric, problem)
+        return metric_values(weights, p.gold, p.pred, classes, metric, problem, p.probs)
 
     delta = statistics.fmean(float(values(full, runs[s])[0] - values(full, baseline[s])[0]) for s in seeds)
     rng = np.random.default_rng(seed)
@@ -127,6 +127,14 @@ def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int
 def recommended(verdicts: list[Verdict]) -> Verdict | None:
     """The rate to use: of those better than p = 0 beyond noise, the largest Δ; None if none is."""
     return max((v for v in verdicts if v.word == "better"), key=lambda v: v.gain, default=None)
+
+
+def recommended_for(objective: list[Verdict], clean: list[Verdict]) -> tuple[Verdict | None, list[float]]:
+    """The rate to use for an objective other than clean accuracy: of those better than p = 0 under it,
+    the largest Δ, never one whose clean verdict is worse; and the rates refused for that."""
+    worse = {v.rate for v in clean if v.word == "worse"}
+    return recommended([v for v in objective if v.rate not in worse]), sorted(
+        v.rate for v in objective if v.rate in worse)
 
 
 def recommendation(verdicts: list[Verdict]) -> str:

@@ -1,0 +1,131 @@
+"""Shifts users meet (issue 40): entity redaction from LinCE's own tags, shifted copies of the held-out set
+too, verdicts with intervals under every condition, a recommendation for the user's objective, ECE, and
+test-time masking with the adapter's own strategy."""
+import numpy as np
+import pytest
+from helpers import shared_path
+
+from tokmask_peft.config import Recipe
+from tokmask_peft.data import encode, read_lince
+from tokmask_peft.masking import resolve_mask_token
+from tokmask_peft.modeling import classifier_tokenizer
+from tokmask_peft.robustness import PLACEHOLDER, corrupted_features
+from tokmask_peft.verdicts import Verdict, recommended_for
+
+LABELS = {"negative": 0, "neutral": 1, "positive": 2}
+
+
+def tagged(task: str, n: int = 400):
+    return read_lince(shared_path("data", "lince", "sa_spaeng" if task == "sequence" else "lid_spaeng",
+                                  "dev.conll"), task)[:n]
+
+
+@pytest.mark.parametrize("name", ["bert-uncased", "qwen"])
+def test_entity_redactions_repeat_touch_only_entities_and_never_empty_a_text(name):
+    tok = classifier_tokenizer(shared_path("tokenizers", name))
+    mask = resolve_mask_token(tok)
+    examples = tagged("sequence")
+    assert sum(t == "ne" for e in examples for t in e.tags) > 100
+    features = encode(examples, tok, "sequence", LABELS, 64)
+
+    def copy(kind):
+        return corrupted_features(examples, features, kind, None, tok, "sequence", LABELS, 64, mask.id)
+
+    masked = copy("entities_mask")
+    assert masked == copy("entities_mask")  # the same copy for every run
+    for ex, clean, bad in zip(examples, features, masked):
+        for w, x, y in zip(clean["word_ids"], clean["input_ids"], bad["input_ids"]):
+            is_entity = w is not None and ex.tags[w] == "ne"
+            assert (y == mask.id) == is_entity or x == mask.id  # entities masked, specials and the rest kept
+    placeholder = copy("entities_placeholder")
+    marked = tok(PLACEHOLDER, add_special_tokens=False)["input_ids"]
+    assert mask.id not in marked and len(marked) >= 1  # tokenised as text, not as the mask
+    with_entity = [i for i, e in enumerate(examples) if "ne" in e.tags]
+    shown = [PLACEHOLDER.lower() in tok.decode(placeholder[i]["input_ids"]).replace(" ", "").lower()
+             for i in with_entity]
+    assert sum(shown) >= 0.95 * len(with_entity)  # (a few entities lie past max_length)
+    deleted = copy("entities_delete")
+    for i, (ex, f) in enumerate(zip(examples, deleted)):
+        assert len([w for w in f["word_ids"] if w is not None]) >= 1  # never empty
+        if "ne" in ex.tags and any(t != "ne" for t in ex.tags):
+            assert max(w for w in f["word_ids"] if w is not None) + 1 == sum(t != "ne" for t in ex.tags)
+
+
+def test_entity_deletion_keeps_token_labels_aligned(load_tokenizer):
+    from tokmask_peft.robustness import redact_entities
+
+    examples = [e for e in tagged("token", 600) if "ne" in e.tags and len(e.tags) > 3][:50]
+    for before, after in zip(examples, redact_entities(examples, "delete")):
+        kept = [i for i, t in enumerate(before.tags) if t != "ne"]
+        assert after.text == [before.text[i] for i in kept] and after.label == [before.label[i] for i in kept]
+
+
+def test_conditions_and_objective_are_checked_by_name_before_anything_trains():
+    base = {"model": {"name": "m"}, "data": {"train": "t", "dev": "d"}}
+
+    def recipe(**train):
+        objective = train.pop("objective", "clean")
+        fmt = train.pop("format", "lince")
+        return Recipe.from_dict({**base, "data": {**base["data"], "format": fmt}, "train": train,
+                                 "sweep": {"objective": objective}})
+
+    r = recipe(robustness=[0.2], robustness_conditions=["mask", "entities_placeholder"], objective="mask@0.2")
+    assert r.scored_conditions() == ["mask@0.2", "entities_placeholder"]
+    assert recipe(robustness=[0.1]).scored_conditions() == ["delete@0.1", "mask@0.1", "typo@0.1"]
+    with pytest.raises(ValueError, match=r"train.robustness_conditions entry must be one of .*got 'blur'"):
+        recipe(robustness_conditions=["blur"])
+    with pytest.raises(ValueError, match=r"entry entities_mask needs word tags .* data.format csv has none"):
+        recipe(robustness_conditions=["entities_mask"], format="csv")
+    with pytest.raises(ValueError, match=r"entry typo takes severities: set train.robustness"):
+        recipe(robustness_conditions=["typo"])
+    with pytest.raises(ValueError, match=r"sweep.objective 'mask@0.3' is not a condition this recipe scores"):
+        recipe(robustness=[0.2], objective="mask@0.3")
+
+
+def test_the_objective_changes_the_recommendation_and_a_worse_clean_rate_is_refused():
+    def v(rate, low, high):
+        return Verdict(rate, (low + high) / 2, low, high, 3, "seeds and examples")
+
+    clean = [v(0.1, -0.01, 0.02), v(0.3, -0.05, -0.01)]
+    masked = [v(0.1, 0.01, 0.05), v(0.3, 0.04, 0.09)]
+    assert recommended_for(clean, clean) == (None, [0.3])  # clean objective: nothing beats p = 0
+    best, refused = recommended_for(masked, clean)
+    assert best.rate == 0.1 and refused == [0.3]  # 0.3 gains more under masking but is worse on clean dev
+    assert recommended_for(masked, [v(0.1, -0.01, 0.02), v(0.3, -0.02, 0.01)])[0].rate == 0.3
+
+
+@pytest.mark.slow
+def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_for_its_objective(
+        tiny_model, tmp_path):
+    from tokmask_peft.reporting import set_verdicts, collect
+    from tokmask_peft.runs import load_predictions
+    from tokmask_peft.sweeps import sweep
+    from tokmask_peft.verdicts import paired_verdict
+
+    lince = shared_path("data", "lince", "sa_spaeng")
+    small = tmp_path / "train.conll"
+    small.write_text("\n\n".join((lince / "train.conll").read_text(encoding="utf-8").split("\n\n")[:360]) + "\n",
+                     encoding="utf-8")
+    out = tmp_path / "sweep"
+    recipe = Recipe.from_dict({
+        "model": {"name": tiny_model("llama"), "lora_r": 4, "lora_alpha": 8},
+        "data": {"train": str(small), "dev_fraction": 0.25, "test_from_train": 80, "max_length": 32},
+        "masking": {"unit": "word"},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "output_dir": str(out), "robustness": [0.3],
+                  "robustness_conditions": ["mask", "entities_placeholder"]},
+        "sweep": {"rates": [0.0, 0.3], "seeds": [0, 1], "objective": "mask@0.3"}})
+    sweep(recipe)
+    run = out / "mask_0.30" / "seed_0"
+    saved = load_predictions(run / "predictions.npz")
+    assert {"dev", "test", "dev:mask@0.3", "test:mask@0.3", "dev:entities_placeholder",
+            "test:entities_placeholder"} <= set(saved)
+    text = (out / "results.md").read_text()
+    assert "Recommendation for the objective mask@0.3" in text and "| words masked (q = 0.3) | test | 0.30 |" in text
+    assert "| named entities replaced by [NAME] | dev | 0.30 |" in text
+    rows = collect(out)
+    [ours] = set_verdicts(out, rows, "test:entities_placeholder", "weighted_f1")
+    by_hand = paired_verdict(0.3, {s: load_predictions(out / f"mask_0.30/seed_{s}/predictions.npz")[
+        "test:entities_placeholder"] for s in (0, 1)}, {s: load_predictions(out / f"mask_0.00/seed_{s}/predictions.npz")[
+            "test:entities_placeholder"] for s in (0, 1)}, 3, "weighted_f1")
+    assert (ours.delta, ours.low, ours.high) == (by_hand.delta, by_hand.low, by_hand.high)
+    assert np.isfinite(ours.delta) and (out / "results.png").stat().st_size > 0
