@@ -3,9 +3,9 @@
     python benchmarks/masking_strategies.py [--shape medium] [--repeats 15] [--tiny]
 
 One LoRA model, one batch of the longest LinCE SA tweets (with word ids), p = 0.15. Each repetition
-runs every variant once, alternating: token (the reference), word, span, bert (80/10/10), and
-token masking plus the consistency term with gradients through both passes and with the clean
-pass as a stop-gradient target. Targets: word/span/bert <= 1.02x, consistency <= 1.6x.
+runs every variant once, alternating: token (the reference), word, span, bert (80/10/10), deletion
+(token and whole-word: the chosen units dropped, the rows shortened), and token masking plus the consistency term with gradients through both passes and with the clean
+pass as a stop-gradient target. Targets: word/span/bert/delete <= 1.02x, consistency <= 1.6x.
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from tokmask_peft.masking import TokenMasker, attach_masking, consistency_term  
 
 VARIANTS = {  # name: (strategy, consistency: None | "both" | "stop_grad")
     "token": ({}, None), "word": ({"unit": "word"}, None), "span": ({"unit": "span"}, None),
-    "bert": ({"replace": "bert"}, None), "consistency": ({}, "both"), "consistency_stop_grad": ({}, "stop_grad"),
+    "bert": ({"replace": "bert"}, None), "delete": ({"replace": "delete"}, None),
+    "word_delete": ({"unit": "word", "replace": "delete"}, None),
+    "consistency": ({}, "both"), "consistency_stop_grad": ({}, "stop_grad"),
 }
-TARGETS = {"word": 1.02, "span": 1.02, "bert": 1.02, "consistency": 1.6}
+TARGETS = {"word": 1.02, "span": 1.02, "bert": 1.02, "delete": 1.02, "word_delete": 1.02, "consistency": 1.6}
 
 
 def main(argv=None) -> dict:

@@ -129,3 +129,50 @@ def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_f
             "test:entities_placeholder"] for s in (0, 1)}, 3, "weighted_f1")
     assert (ours.delta, ours.low, ours.high) == (by_hand.delta, by_hand.low, by_hand.high)
     assert np.isfinite(ours.delta) and (out / "results.png").stat().st_size > 0
+
+
+# ---- masking.replace: delete -------------------------------------------------------------------------
+
+
+def test_deletion_drops_chosen_units_keeps_specials_labels_aligned_and_never_empties(load_tokenizer):
+    import torch
+
+    from tokmask_peft.data import padding_collator
+    from tokmask_peft.masking import TokenMasker
+
+    tok = load_tokenizer("bert-uncased")
+    examples = tagged("token", 64)
+    features = encode(examples, tok, "token", {"lang1": 0, "lang2": 1, "other": 2}, 32)
+    batch = padding_collator(tok, "token", word_ids=True)(features)
+    ids = batch["input_ids"]  # text tokens made unique, so where each kept one came from is unambiguous
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    batch["input_ids"] = torch.where(special, ids, 50_000 + torch.arange(ids.numel()).reshape(ids.shape))
+    for unit, rate in (("token", 0.3), ("word", 0.3), ("word", 0.99)):
+        masker = TokenMasker.for_tokenizer(tok, resolve_mask_token(tok), rate=rate, seed=1, unit=unit,
+                                           replace="delete")
+        out = masker.apply(batch)
+        assert out["input_ids"].shape == batch["input_ids"].shape and "word_ids" not in out
+        for row in range(len(features)):
+            before = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
+            after = out["input_ids"][row][out["attention_mask"][row] == 1].tolist()
+            assert after[0] == tok.cls_token_id and after[-1] == tok.sep_token_id  # specials kept
+            assert len(after) >= 3  # at least one text token
+            it = iter(range(len(before)))  # the kept tokens are a subsequence, each with its own label
+            positions = [next(i for i in it if before[i] == token) for token in after]
+            assert len(positions) == len(after)
+            assert out["labels"][row][:len(after)].tolist() == batch["labels"][row][positions].tolist()
+            assert (out["input_ids"][row][len(after):] == tok.pad_token_id).all()
+        followed = masker.follow(batch["labels"], batch["attention_mask"])
+        assert torch.equal(followed, out["labels"])  # our loop's labels move with their words
+
+
+@pytest.mark.slow
+def test_delete_trains_token_and_sequence_tasks_and_refuses_what_cannot_follow_it(make_recipe, tmp_path):
+    from tokmask_peft.training import train
+
+    for task in ("token", "sequence"):
+        metrics = train(make_recipe("bert", task=task, masking={"rate": 0.3, "unit": "word", "replace": "delete"}),
+                        output_dir=tmp_path / task)
+        assert np.isfinite(metrics["best"]["loss"])
+    with pytest.raises(ValueError, match="replace delete on a token task .* sweep.side_by_side"):
+        make_recipe("bert", task="token", masking={"replace": "delete"}, sweep={"side_by_side": 2})

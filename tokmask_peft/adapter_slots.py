@@ -170,6 +170,16 @@ class SlotMasker:
         split = [t.chunk(k) if t is not None else [None] * k for t in (input_ids, attention_mask, word_ids)]
         return torch.cat([self.maskers[name](*parts) for name, *parts in zip(self.slots.active, *split)])
 
+    def apply(self, batch: dict) -> dict:
+        """:meth:`TokenMasker.apply` slot by slot, each on its own slice of the replicated batch."""
+        k = len(self.slots.active)
+        parts = [{} for _ in range(k)]
+        for key, tensor in batch.items():
+            for part, piece in zip(parts, tensor.chunk(k) if tensor is not None else [None] * k):
+                part[key] = piece
+        done = [self.maskers[name].apply(part) for name, part in zip(self.slots.active, parts)]
+        return {key: torch.cat([d[key] for d in done]) for key in done[0]}
+
     def state_dict(self) -> dict:
         return {name: masker.state_dict() for name, masker in self.maskers.items()}
 

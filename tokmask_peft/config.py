@@ -403,6 +403,10 @@ class Recipe:
             raise ValueError(f"masking.consistency compares class distributions (single-label); model.problem_type "
                              f"is {problem}")
         self.check_shifts()
+        if self.masking.replace == "delete" and self.model.task == "token" and (
+                self.masking.consistency or self.sweep.side_by_side > 1):
+            raise ValueError("masking.replace delete on a token task shortens each run's rows differently: it "
+                             "cannot go with masking.consistency or sweep.side_by_side")
         if self.masking.segments != "both" and not self.data.text_pair_column:
             raise ValueError(f"masking.segments {self.masking.segments} needs sentence pairs (data.text_pair_column)")
 

@@ -294,6 +294,9 @@ def tta_masker(tokenizer, config: dict, rate: float | None, seed: int) -> TokenM
     before strategies existed: token masking), at its training rate by default."""
     masking = config["masking"]
     rate = masking["rate"] if rate is None else rate
+    if masking.get("replace") == "delete" and config["task"] == "token":
+        raise ValueError("test-time masking with replace 'delete' would shift a token task's words off their "
+                         "outputs: use tta only with adapters that replace")
     strategy = {"unit": masking.get("unit", "token"), "replace": masking.get("replace", "mask"),
                 "span_mean": masking.get("span_mean", 3.0)}
     return TokenMasker.for_tokenizer(tokenizer, MaskToken.from_dict(config["mask_token"]), rate, seed, **strategy)
@@ -306,8 +309,7 @@ def batch_logits(model, batch: dict, masker: TokenMasker | None, copies: int,
     word_ids = batch.pop("word_ids", None)  # word and span units draw by word; the model takes none
     if masker is None:
         return model(**batch).logits.float().cpu()
-    mean = sum(scores(problem, model(**{**batch, "input_ids": masker(batch["input_ids"], batch["attention_mask"],
-                                                                      word_ids)}).logits).cpu()
+    mean = sum(scores(problem, model(**masker.apply({**batch, "word_ids": word_ids})).logits).cpu()
                for _ in range(copies)) / copies
     if problem == "multi_label":
         return torch.logit(mean, eps=1e-7)

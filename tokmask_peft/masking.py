@@ -6,8 +6,9 @@ users of the HF ``Trainer``) goes through :func:`mask_tokens`, either by the
 pre-hook that masks only while ``model.training`` is true.
 
 A strategy is three choices: which positions (``unit``: each token, each whole word, or spans of
-whole words), what replaces them (``replace``: the mask token, a random ordinary token, or BERT's
-80/10/10), and whether a consistency term ties the masked view to the clean one
+whole words), what replaces them (``replace``: the mask token, a random ordinary token, BERT's
+80/10/10, or nothing: ``delete`` drops them, see :func:`delete_positions`), and whether a consistency
+term ties the masked view to the clean one
 (:func:`consistency_term`). Word units need the fast tokenizer's word ids in the batch
 (``word_ids``: -1 for special tokens and padding).
 """
@@ -23,7 +24,8 @@ import torch
 MASK_POLICIES = ("auto", "mask", "unk", "new")
 NEW_MASK_TOKEN = "<mask>"
 UNITS = ("token", "word", "span")
-REPLACEMENTS = ("mask", "random", "bert")
+REPLACEMENTS = ("mask", "random", "bert", "delete")
+IGNORE_INDEX = -100
 NEEDS_WORD_IDS = (
     "masking unit {unit!r} needs word ids in the batch ('word_ids': the fast tokenizer's word_ids(), -1 for "
     "special tokens and padding): build features with tokmask_peft.data.encode and batches with "
@@ -148,6 +150,35 @@ def replace_positions(input_ids: torch.Tensor, chosen: torch.Tensor, mask_id: in
         return torch.where(chosen, drawn, input_ids)
     u = _uniform(input_ids.shape, generator, input_ids.device)  # bert: 80 % mask, 10 % random, 10 % kept
     return torch.where(chosen & (u >= 0.8) & (u < 0.9), drawn, torch.where(u < 0.8, masked, input_ids))
+
+
+def keep_one(chosen: torch.Tensor, protected: torch.Tensor | None) -> torch.Tensor:
+    """``chosen`` less, in each row where it would drop every unprotected token, the first of them: a
+    deletion never empties an input."""
+    maskable = ~protected if protected is not None else torch.ones_like(chosen)
+    emptied = maskable.any(1) & ~(maskable & ~chosen).any(1)
+    if emptied.any():
+        chosen = chosen.clone()
+        rows = emptied.nonzero().squeeze(1)
+        chosen[rows, maskable[rows].int().argmax(1)] = False
+    return chosen
+
+
+def delete_positions(batch: dict, chosen: torch.Tensor, pad_id: int) -> dict:
+    """``batch`` with the ``chosen`` positions dropped from each row (fairseq's WordDropout without a blank,
+    OpenNMT's token drop): what is kept moves left in order and the row is padded at its end, the shape
+    unchanged. Every per-token tensor moves alike: input ids (padded with ``pad_id``), attention (0),
+    token type ids (0), token-task labels (-100), so labels stay aligned with their words."""
+    ids, attention = batch["input_ids"], batch.get("attention_mask")
+    drop = chosen if attention is None else chosen | (attention == 0)
+    order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)
+    tail = torch.arange(ids.shape[1], device=ids.device)[None, :] >= (~drop).sum(1, keepdim=True)
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+    out = dict(batch)
+    for key, tensor in batch.items():
+        if torch.is_tensor(tensor) and tensor.dim() == 2 and tensor.shape == ids.shape:
+            out[key] = tensor.gather(1, order).masked_fill(tail, fill.get(key, 0))
+    return out
 
 
 def _uniform(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -320,15 +351,19 @@ class TokenMasker:
 
     def __init__(self, mask_id: int, special_ids: Iterable[int], rate: float = 0.1, seed: int = 0,
                  unit: str = "token", replace: str = "mask", span_mean: float = 3.0,
-                 random_ids: Sequence[int] | torch.Tensor | None = None):
+                 random_ids: Sequence[int] | torch.Tensor | None = None, pad_id: int | None = None):
         self.mask_id = int(mask_id)
         self.special_ids = sorted({int(i) for i in special_ids})
         self.rate = check_rate(rate)
         check_strategy(unit, replace, span_mean, self.rate)
         self.unit, self.replace, self.span_mean = unit, replace, float(span_mean)
         self.random_ids = None if random_ids is None else torch.as_tensor(random_ids, dtype=torch.long)
-        if replace != "mask" and (self.random_ids is None or not len(self.random_ids)):
+        if replace in ("random", "bert") and (self.random_ids is None or not len(self.random_ids)):
             raise ValueError(f"replace {replace!r} needs random_ids: build the masker with TokenMasker.for_tokenizer")
+        if replace == "delete" and pad_id is None:
+            raise ValueError("replace 'delete' needs pad_id (what fills a row's end): build the masker with "
+                             "TokenMasker.for_tokenizer")
+        self.pad_id = pad_id
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.paused = False
@@ -343,9 +378,9 @@ class TokenMasker:
         special = set(tokenizer.all_special_ids)
         if tokenizer.pad_token_id is not None:
             special.add(tokenizer.pad_token_id)
-        if strategy.get("replace", "mask") != "mask":
+        if strategy.get("replace", "mask") in ("random", "bert"):
             strategy["random_ids"] = ordinary_ids(tokenizer)
-        return cls(mask_token.id, special, rate=rate, seed=seed, **strategy)
+        return cls(mask_token.id, special, rate=rate, seed=seed, pad_id=tokenizer.pad_token_id, **strategy)
 
     def _sync_worker_generator(self) -> None:
         info = torch.utils.data.get_worker_info()
@@ -355,6 +390,9 @@ class TokenMasker:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  word_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.replace == "delete":
+            raise ValueError("replace 'delete' changes the attention mask and token labels too: call "
+                             "masker.apply(batch), as attach_masking and MaskingCollator do")
         if self.rate == 0.0 or self.paused:
             return input_ids
         self._sync_worker_generator()
@@ -363,6 +401,34 @@ class TokenMasker:
         protected = protected_positions(input_ids, attention_mask, special)
         return mask_tokens(input_ids, self.rate, self.mask_id, protected, self.generator, word_ids=word_ids,
                            unit=self.unit, span_mean=self.span_mean, replace=self.replace, random_ids=random_ids)
+
+    def apply(self, batch: dict) -> dict:
+        """``batch`` (a dict of tensors; its ``word_ids`` taken out) masked: input ids replaced, or with
+        ``replace='delete'`` the chosen units dropped from every per-token tensor alike (labels of a token
+        task included, where the batch carries them)."""
+        batch = dict(batch)
+        word_ids = batch.pop("word_ids", None)
+        if self.replace != "delete":
+            batch["input_ids"] = self(batch["input_ids"], batch.get("attention_mask"), word_ids)
+            return batch
+        if self.rate == 0.0 or self.paused:
+            return batch
+        self._sync_worker_generator()
+        ids = batch["input_ids"]
+        special = self._on(("special", *self.special_ids), lambda: torch.tensor(self.special_ids), ids)
+        protected = protected_positions(ids, batch.get("attention_mask"), special)
+        chosen = choose_positions(ids, self.rate, protected, self.generator, word_ids, self.unit, self.span_mean)
+        self.last_deleted = keep_one(chosen, protected)
+        return delete_positions(batch, self.last_deleted, self.pad_id)
+
+    def follow(self, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A token task's labels moved as the last :meth:`apply` moved its batch (a loop that keeps the labels
+        out of the model call, like tokmask_peft's, aligns them with the shortened rows this way)."""
+        deleted = getattr(self, "last_deleted", None)
+        if deleted is None or self.replace != "delete" or self.rate == 0.0 or self.paused:
+            return labels
+        moved = {"input_ids": labels, "attention_mask": attention_mask, "labels": labels}
+        return delete_positions(moved, deleted.to(labels.device), self.pad_id)["labels"]
 
     def _on(self, name: tuple, make: Callable[[], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         """The tensor ``make`` builds, on ``like``'s device and dtype, copied there once (not once per batch)."""
@@ -401,7 +467,7 @@ class MaskingCollator:
     """Wraps a padding collator and masks ``input_ids`` of each batch it builds.
 
     Use it for training only; evaluation and prediction use the wrapped collator itself.
-    Labels are never touched.
+    Labels never change (``replace='delete'`` moves a token task's labels with their words).
     """
 
     def __init__(self, collator: Callable[[list], dict], masker: TokenMasker):
@@ -409,10 +475,7 @@ class MaskingCollator:
         self.masker = masker
 
     def __call__(self, features: list) -> dict:
-        batch = self.collator(features)
-        word_ids = batch.pop("word_ids", None)  # the model's forward takes no word ids
-        batch["input_ids"] = self.masker(batch["input_ids"], batch.get("attention_mask"), word_ids)
-        return batch
+        return self.masker.apply(self.collator(features))  # (the model's forward takes no word ids)
 
 
 def attach_masking(model: torch.nn.Module, masker: TokenMasker) -> torch.utils.hooks.RemovableHandle:
@@ -421,7 +484,9 @@ def attach_masking(model: torch.nn.Module, masker: TokenMasker) -> torch.utils.h
     For loops you do not own (HF ``Trainer``, TRL, Lightning): they call ``model.train()`` and
     ``model.eval()`` already, so masking follows training and never reaches evaluation. A
     ``word_ids`` keyword (word and span units) is taken out of the call in every mode.
-    Returns the hook handle; ``handle.remove()`` detaches it.
+    With ``replace='delete'`` the hook drops the chosen positions from every per-token tensor of the call
+    (labels too, where the loop passes them in, as the ``Trainer`` does). Returns the hook handle;
+    ``handle.remove()`` detaches it.
     """
 
     def hook(module, args, kwargs):
@@ -433,8 +498,8 @@ def attach_masking(model: torch.nn.Module, masker: TokenMasker) -> torch.utils.h
             return (masker(args[0], attention_mask, word_ids), *args[1:]), kwargs
         if kwargs.get("input_ids") is None:
             return args, kwargs
-        kwargs["input_ids"] = masker(kwargs["input_ids"], kwargs.get("attention_mask"), word_ids)
-        return args, kwargs
+        tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+        return args, {**kwargs, **masker.apply({**tensors, "word_ids": word_ids})}
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 

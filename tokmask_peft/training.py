@@ -451,6 +451,8 @@ def train_step(loop: Loop, running: list[Slot], batch: dict) -> list[torch.Tenso
         labels = batch.pop("labels")
         inputs = replicate(batch, k)
         logits = loop.model(**inputs).logits
+        if loop.recipe.model.task == "token" and masking.replace == "delete":  # (one slot: config refuses more)
+            labels = running[0].masker.follow(labels, inputs["attention_mask"])
         logits = (logits,) if k == 1 else logits.chunk(k)
         problem = loop.recipe.model.problem_type
         losses = [task_loss(problem, x, labels, loop.class_weights, tc.focal_gamma) for x in logits]
