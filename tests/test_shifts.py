@@ -80,6 +80,10 @@ def test_conditions_and_objective_are_checked_by_name_before_anything_trains():
         recipe(robustness_conditions=["typo"])
     with pytest.raises(ValueError, match=r"sweep.objective 'mask@0.3' is not a condition this recipe scores"):
         recipe(robustness=[0.2], objective="mask@0.3")
+    with pytest.raises(ValueError, match=r"data.extra_eval.x must be a path or a mapping of .* with a path"):
+        Recipe.from_dict({**base, "data": {**base["data"], "extra_eval": {"x": {"file": "a.csv"}}}})
+    with pytest.raises(ValueError, match=r"data.extra_eval.x.format must be one of"):
+        Recipe.from_dict({**base, "data": {**base["data"], "extra_eval": {"x": {"path": "a", "format": "xls"}}}})
 
 
 def test_the_objective_changes_the_recommendation_and_a_worse_clean_rate_is_refused():
@@ -107,9 +111,13 @@ def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_f
     small.write_text("\n\n".join((lince / "train.conll").read_text(encoding="utf-8").split("\n\n")[:360]) + "\n",
                      encoding="utf-8")
     out = tmp_path / "sweep"
+    other = tmp_path / "other.csv"  # another corpus, stored otherwise, sorted by label: sampled
+    other.write_text("sentiment,tweet\n" + "".join(f"{lab},so {lab} today {i}\n" for lab in LABELS for i in range(30)))
     recipe = Recipe.from_dict({
         "model": {"name": tiny_model("llama"), "lora_r": 4, "lora_alpha": 8},
-        "data": {"train": str(small), "dev_fraction": 0.25, "test_from_train": 80, "max_length": 32},
+        "data": {"train": str(small), "dev_fraction": 0.25, "test_from_train": 80, "max_length": 32,
+                 "extra_eval": {"other": {"path": str(other), "format": "csv", "text_column": "tweet",
+                                          "label_column": "sentiment", "sample": 40}}},
         "masking": {"unit": "word"},
         "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "output_dir": str(out), "robustness": [0.3],
                   "robustness_conditions": ["mask", "entities_placeholder"]},
@@ -118,7 +126,9 @@ def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_f
     run = out / "mask_0.30" / "seed_0"
     saved = load_predictions(run / "predictions.npz")
     assert {"dev", "test", "dev:mask@0.3", "test:mask@0.3", "dev:entities_placeholder",
-            "test:entities_placeholder"} <= set(saved)
+            "test:entities_placeholder", "other", "other:mask@0.3"} <= set(saved)
+    assert "other:entities_placeholder" not in saved  # no tags in the other corpus: not redacted
+    assert len(np.unique(saved["other"].example)) == 40 and len(set(saved["other"].gold)) == 3
     text = (out / "results.md").read_text()
     assert "Recommendation for the objective mask@0.3" in text and "| words masked (q = 0.3) | test | 0.30 |" in text
     assert "| named entities replaced by [NAME] | dev | 0.30 |" in text

@@ -126,8 +126,11 @@ class DataConfig:
     """With no ``dev`` file: hold out this fraction of ``train`` (fixed shuffle) as dev."""
     format: str = "lince"
     """lince | csv | tsv | jsonl | hf."""
-    extra_eval: dict[str, str] = dataclasses.field(default_factory=dict)
-    """More evaluation sets scored at the end, name -> path (e.g. nep-eng dev for LID transfer)."""
+    extra_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More evaluation sets scored at the end, name -> path (e.g. nep-eng dev for LID transfer), or name ->
+    a mapping with ``path`` and any of ``format``, ``text_column``, ``label_column``, ``encoding_errors``
+    where that set is stored otherwise (another corpus of the same labels: the shift to it), and ``sample``:
+    score a fixed random sample of that many examples (a corpus sorted by label, or too large to score)."""
     text_column: str = "text"
     """Column holding the text (csv/tsv/jsonl/hf)."""
     label_column: str = "label"
@@ -176,10 +179,30 @@ class DataConfig:
                                                   or self.text_pair_column == self.text_column):
             raise ValueError(f"data.text_pair_column must name a column other than data.text_column, "
                              f"got {self.text_pair_column!r}")
-        for name in self.extra_eval:
+        for name, spec in self.extra_eval.items():
             if not name or any(c in name for c in ":/@"):
                 raise ValueError(f"data.extra_eval name {name!r} may not be empty or hold ':', '/' or '@' "
                                  "(they name shifted copies and saved predictions)")
+            self.eval_source(name)  # a malformed entry is named now, not after training
+
+    EVAL_SOURCE_KEYS = ("path", "format", "text_column", "label_column", "encoding_errors", "sample")
+
+    def eval_source(self, name: str) -> dict:
+        """Where extra evaluation set ``name`` lives and how it reads (the data section's own settings unless
+        its entry says otherwise)."""
+        spec = self.extra_eval[name]
+        spec = {"path": spec} if isinstance(spec, str) else spec
+        keys = set(spec) if isinstance(spec, dict) else set()
+        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str) or keys - set(self.EVAL_SOURCE_KEYS):
+            raise ValueError(f"data.extra_eval.{name} must be a path or a mapping of {list(self.EVAL_SOURCE_KEYS)} "
+                             f"with a path, got {spec!r}")
+        source = {"format": self.format, "text_column": self.text_column, "label_column": self.label_column,
+                  "encoding_errors": self.encoding_errors, "sample": None, **spec}
+        if source["sample"] is not None:
+            _positive(f"data.extra_eval.{name}", "sample", source["sample"])
+        _choice(f"data.extra_eval.{name}", "format", source["format"], FORMATS)
+        _choice(f"data.extra_eval.{name}", "encoding_errors", source["encoding_errors"], ENCODING_ERRORS)
+        return source
         if self.test_from_train and TEST_SET in self.extra_eval:
             raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
                              "rename one")

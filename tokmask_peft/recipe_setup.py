@@ -44,9 +44,12 @@ def read_splits(recipe: Recipe, whole_train: bool = False
     """
     d, task = recipe.data, recipe.model.task
 
-    def read(path, split):
-        return read_examples(resolve_path(path), d.format, task, d.text_column, d.label_column, d.fold_tags, split,
-                             d.encoding_errors, d.text_pair_column, d.label_format(recipe.model.problem_type))
+    def read(path, split, source: dict | None = None):
+        s = source or {"format": d.format, "text_column": d.text_column, "label_column": d.label_column,
+                       "encoding_errors": d.encoding_errors}
+        return read_examples(resolve_path(path), s["format"], task, s["text_column"], s["label_column"],
+                             d.fold_tags, split, s["encoding_errors"], d.text_pair_column,
+                             d.label_format(recipe.model.problem_type))
 
     train = read(d.train, "train")
     if whole_train:
@@ -74,8 +77,19 @@ def read_splits(recipe: Recipe, whole_train: bool = False
                       "data.dev or a larger data.dev_fraction", TokmaskWarning, stacklevel=3)
     if d.max_train_examples and d.max_train_examples < len(train):
         train = random.Random(0).sample(train, d.max_train_examples)
-    extra = {name: read(path, "validation")[: d.max_eval_examples or None] for name, path in d.extra_eval.items()}
+    extra = {name: extra_set(read, d.eval_source(name))[: d.max_eval_examples or None] for name in d.extra_eval}
     return train, dev, {**extra, **held_out}
+
+
+def extra_set(read: Callable, source: dict) -> list[Example]:
+    """An extra evaluation set as its entry says: read its own way, a fixed random sample where it asks one."""
+    examples = read(source["path"], "validation", source)
+    if source["sample"] and source["sample"] < len(examples):
+        examples = random.Random(EXTRA_SAMPLE_SEED).sample(examples, int(source["sample"]))
+    return examples
+
+
+EXTRA_SAMPLE_SEED = 11
 
 
 def _key(example: Example):
@@ -129,6 +143,11 @@ class Setup:
         return cls(recipe, tokenizer, mask_token, labels, enc(train), enc(dev),
                    {name: enc(ex) for name, ex in extra.items()}, dev_examples=dev, extra_examples=extra,
                    base_identity=base_identity(recipe.model))
+
+    def tagged(self, evaluation_set: str) -> bool:
+        """Whether every example of an evaluation set carries word tags (entity redaction needs them)."""
+        examples = self.dev_examples if evaluation_set == DEV_SET else self.extra_examples[evaluation_set]
+        return bool(examples) and all(ex.tags is not None for ex in examples)
 
     def robustness_features(self, kind: str, q: float | None, evaluation_set: str = DEV_SET) -> list[dict]:
         """An evaluation set (dev, or a held-out one) under shift ``kind`` at severity ``q`` (None: an

@@ -49,7 +49,7 @@ from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
-from .robustness import GRADED_DEFAULT, condition_name, conditions, shifted_set
+from .robustness import CORRUPTIONS, GRADED_DEFAULT, condition_name, conditions, shifted_set
 from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, SCRATCH_DIR, TOKMASK_CONFIG, is_complete,
                    run_config, run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
@@ -562,6 +562,8 @@ def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
     kinds = tc.robustness_conditions or (list(GRADED_DEFAULT) if tc.robustness else [])
     for kind, q in conditions(kinds, tc.robustness):
         for name in sets:
+            if CORRUPTIONS[kind].needs_tags and not setup.tagged(name):
+                continue  # entity redaction reads word tags: a set of another corpus has none
             per_set[shifted_set(name, condition_name(kind, q))] = loop.score(
                 setup.robustness_features(kind, q, name), keep=True, slots=k)
     graded = [(kind, q) for kind, q in conditions(kinds, tc.robustness) if q is not None]
