@@ -203,6 +203,7 @@ def main(argv=None) -> None:
     if args.summary:
         table = summary_table(Path(args.out)) + "\n" + run_times(Path(args.out))
         atomic_write_text(Path(args.out) / "summary.md", table)
+        atomic_write_text(Path(args.out) / "shifts.md", shift_table(Path(args.out)))
         if args.readme:
             atomic_write_text(args.readme, splice_summary(args.readme.read_text(), table, args.readme))
         print(table, end="")
@@ -375,6 +376,53 @@ def complete_seeds(number: int, name: str, copy: Path) -> set[int]:
 def committed_seeds(copy: Path) -> set[int]:
     """The seeds with a run folder in a light copy, at any rate (copies never hold ``.partial`` runs)."""
     return {int(p.name.split("_")[1]) for p in copy.glob("mask_*/seed_*")}
+
+
+SHIFT_BLOCKS = (7, 8)
+
+
+def shift_table(out: Path) -> str:
+    """Issue 40's table: per shift block, strategy and held-out set, each condition's Δ vs the shared p = 0
+    (weighted F1, 95 % two-level bootstrap interval, verdict) over the seeds every strategy has finished."""
+    lines = []
+    for number in SHIFT_BLOCKS:
+        block, folder = BLOCKS[number], out / f"block_{number}"
+        names = [n for n in block.strategies if (folder / n).is_dir()]
+        seeds = set.intersection(*[complete_seeds(number, n, folder / n) for n in names]) if names else set()
+        if len(names) < 2 or not seeds:
+            lines.append(f"{block.regime} (block {number}): no seed finished by every strategy yet.\n")
+            continue
+        with tempfile.TemporaryDirectory() as balanced:
+            lines.append(shift_block(number, block, names, seeds, folder, Path(balanced)))
+    return "\n".join(lines)
+
+
+def shift_block(number: int, block: Block, names: list[str], seeds: set[int], folder: Path, balanced: Path) -> str:
+    from tokmask_peft.reporting import PredictionFiles, set_verdicts
+    from tokmask_peft.runs import held_out_names, read_metrics
+
+    for name in names:
+        for run in (folder / name).glob("mask_*/seed_*"):
+            if int(run.name.split("_")[1]) in seeds:
+                shutil.copytree(run, balanced / name / run.parent.name / run.name)
+    base_rows = [r for r in collect(balanced / names[0]) if r["rate"] == 0.0]
+    recipe = read_run_config(balanced / names[0] / base_rows[0]["run"])["recipe"]
+    shifted = sorted({n.split(":", 1)[1] for n in read_metrics(balanced / names[0] / base_rows[0]["run"])["shifted"]})
+    conditions = ["clean", *shifted]
+    lines = [f"{block.regime} (block {number}), {len(seeds)} seeds: Δ weighted F1 vs the shared p = 0 [95 % interval], "
+             "verdict", "", "| strategy | set | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 2) + "|"]
+    files = PredictionFiles()
+    for name in names[1:]:
+        rows = collect(balanced / name)
+        for evaluation_set in held_out_names(recipe):
+            cells = []
+            for condition in conditions:
+                set_name = evaluation_set if condition == "clean" else f"{evaluation_set}:{condition}"
+                verdicts = set_verdicts(balanced / name, rows, set_name, "weighted_f1",
+                                        baseline=(balanced / names[0], base_rows), files=files)
+                cells.append(" ".join(f"{v.delta:+.3f} {_short(v)} {v.word}" for v in verdicts) or "–")
+            lines.append(f"| {NAMES[name]} | {evaluation_set} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _short(verdict) -> str:

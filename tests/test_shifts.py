@@ -80,6 +80,8 @@ def test_conditions_and_objective_are_checked_by_name_before_anything_trains():
         recipe(robustness_conditions=["typo"])
     with pytest.raises(ValueError, match=r"sweep.objective 'mask@0.3' is not a condition this recipe scores"):
         recipe(robustness=[0.2], objective="mask@0.3")
+    assert Recipe.from_dict({**base, "data": {**base["data"], "extra_eval": {"other": "o.csv"}},
+                             "sweep": {"objective": "other"}}).sweep.objective == "other"
     with pytest.raises(ValueError, match=r"data.extra_eval.x must be a path or a mapping of .* with a path"):
         Recipe.from_dict({**base, "data": {**base["data"], "extra_eval": {"x": {"file": "a.csv"}}}})
     with pytest.raises(ValueError, match=r"data.extra_eval.x.format must be one of"):

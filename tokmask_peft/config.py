@@ -380,9 +380,10 @@ class SweepConfig:
     own directory. (Was ``sweep.pack``, still read with a warning.)"""
 
     objective: str = "clean"
-    """What the recommendation is for: ``clean`` accuracy, or a scored shift (``mask@0.2``,
+    """What the recommendation is for: ``clean`` accuracy; a scored shift (``mask@0.2``,
     ``entities_placeholder``): the rate is picked on dev under it, judged on the held-out copies, and never
-    one whose clean verdict is worse."""
+    one whose clean verdict is worse; or an ``extra_eval`` set (another corpus, with no dev copy: the rate
+    is picked on clean dev and judged there)."""
 
     def __post_init__(self):
         if not self.rates or not self.seeds:
@@ -449,9 +450,10 @@ class Recipe:
                 raise ValueError(f"train.robustness_conditions entry {kind} needs word tags (LinCE's ne); "
                                  f"data.format {self.data.format} has none")
         scored = self.scored_conditions()
-        if self.sweep.objective != "clean" and self.sweep.objective not in scored:
+        if self.sweep.objective not in ("clean", *scored, *self.data.extra_eval):
             raise ValueError(f"sweep.objective {self.sweep.objective!r} is not a condition this recipe scores: "
-                             f"'clean' or one of {scored} (train.robustness, train.robustness_conditions)")
+                             f"'clean', one of {scored} (train.robustness, train.robustness_conditions) or an "
+                             f"extra_eval set {sorted(self.data.extra_eval)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":

@@ -23,6 +23,7 @@ from .data import Example, encode, padding_collator, was_truncated
 from .masking import MaskToken, TokenMasker
 from .modeling import base_identity, classifier_on_body, classifier_tokenizer, load_base
 from .problems import decide, scores
+from .metrics import METRICS
 from .reporting import collect, summarise, sweep_metric
 from .runs import (METRICS_FILE, TOKMASK_CONFIG, adapter_name, read_run_config, run_dirs, verify_weights, weight_record,
                    with_meaning)
@@ -251,9 +252,9 @@ class Classifier:
 def best_rate_name(sweep_dir: str | Path, runs: dict[str, Path], metric: str | None = None) -> str:
     """The adapter name of the rate the sweep's table calls best by ``metric`` (mean over seeds; default:
     the sweep's own selection metric)."""
-    metric = sweep_metric(sweep_dir, metric)
+    metric = metric or sweep_metric(sweep_dir)
     rows = [row for row in collect(sweep_dir) if adapter_name(row["rate"]) in runs]
-    best = [entry for entry in summarise(rows, metric) if entry.get("best")]
+    best = [entry for entry in summarise(rows, metric) if entry.get("best")] if metric in METRICS else []
     if not best or metric not in best[0]:
         raise ValueError(f"metric {metric!r} is not among the sweep's dev metrics")
     return adapter_name(best[0]["rate"])
