@@ -152,7 +152,7 @@ def test_concurrent_requests_get_their_own_adapters_answers(server):
     (b'{"input": "typo"}', 422, '"inputs"'),
     (b'{"inputs": []}', 422, "non-empty list"),
     (b'{"inputs": ["fine", "  "]}', 422, "inputs[1] is empty"),
-    (b'{"inputs": [["a", "b"]]}', 422, "pairs are not supported"),
+    (b'{"inputs": [["a", "b"]]}', 422, "trained on single texts, not pairs"),
     (b'{"inputs": [3]}', 422, "inputs[0]"),
     (b'{"inputs": "x", "adapter": "nope"}', 404, "no adapter 'nope'"),
     (b'{"inputs": "x", "adapter": [1]}', 422, "name or a masking rate"),
@@ -279,6 +279,18 @@ def test_batcher_groups_by_adapter_and_isolates_failures():
     assert [t for k, t in calls if k == "b"] == [["u0", "u1", "u2"]]
 
 
+def test_a_batch_is_sorted_by_length_and_cut_by_the_token_budget():
+    batcher = Batcher(lambda key, items: items, max_batch=4, max_wait_s=0, max_batch_tokens=20, length=len)
+    items = ["x" * n for n in (3, 12, 2, 5, 4, 25, 5, 6)]
+    passes = batcher.passes(items)
+    assert sorted(i for p in passes for i in p) == list(range(len(items)))  # every input, once
+    for p in passes:
+        lengths = [len(items[i]) for i in p]
+        assert lengths == sorted(lengths) and len(p) <= 4
+        assert len(p) * max(lengths) <= 20 or len(p) == 1  # an input over the budget goes alone
+    assert [[len(items[i]) for i in p] for p in passes] == [[2, 3, 4, 5], [5, 6], [12], [25]]
+
+
 def test_parse_predict_accepts_tei_shapes_and_names_what_is_wrong():
     from tokmask_peft.server import parse_predict
     from tokmask_peft.serving import RequestError
@@ -326,14 +338,14 @@ def test_long_inputs_are_tokenised_off_the_event_loop(sweeps, monkeypatch):
     import tokmask_peft.server as server_module
     from tokmask_peft.server import create_app
 
-    real, started = server_module.too_long, threading.Event()
+    real, started = server_module.prepare, threading.Event()
 
-    def slow_too_long(served, texts):
+    def slow_prepare(served, texts):
         started.set()
         time.sleep(3)  # as a 1 MB text takes
         return real(served, texts)
 
-    monkeypatch.setattr(server_module, "too_long", slow_too_long)
+    monkeypatch.setattr(server_module, "prepare", slow_prepare)
     with TestClient(create_app(AdapterPool([str(sweeps["sa"])]))) as client:
         slow = threading.Thread(target=client.post, args=("/predict",), kwargs={"json": {"inputs": "x " * 50}})
         slow.start()
@@ -348,15 +360,9 @@ def test_long_inputs_are_tokenised_off_the_event_loop(sweeps, monkeypatch):
             assert answer.status_code == status and answer.json()["error_type"] == kind, answer.text
 
 
-def test_short_texts_skip_tokenisation_and_keys_are_checked_at_start(monkeypatch):
-    import types
-
-    import tokmask_peft.serving as serving
+def test_keys_are_checked_at_start():
     from tokmask_peft.server import check_api_key
 
-    served = types.SimpleNamespace(config={"task": "sequence", "max_length": 16}, classifier=None)
-    monkeypatch.setattr(serving, "encode", lambda *a, **k: pytest.fail("short texts need no tokeniser"))
-    assert serving.too_long(served, ["a short one", "ñ" * 6]) == []  # 12 bytes: fits whatever the tokeniser
     assert check_api_key(None) is None and check_api_key("s3cret") == "s3cret"
     for bad, message in (("", "empty"), ("  ", "empty"), ("clé", "ASCII")):
         with pytest.raises(ValueError, match=message):

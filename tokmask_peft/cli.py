@@ -106,6 +106,31 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {merge_run(args.run, args.output)}")
 
 
+def cmd_export(args) -> None:
+    from .onnx_export import export_run
+    from .runs import TOKMASK_CONFIG
+
+    path = Path(args.path)
+    if not (path / TOKMASK_CONFIG).is_file():  # a sweep: the seed's run of the given rate, else the best one
+        from .inference import best_rate_name
+        from .runs import read_run_config, run_dirs
+
+        runs = {f"mask_{read_run_config(p)['masking']['rate']:.2f}": p for p in run_dirs(path, args.seed)}
+        if not runs:
+            raise FileNotFoundError(f"{path}: no finished run or sweep (mask_*/seed_{args.seed}) to export")
+        wanted = f"mask_{args.rate:.2f}" if args.rate is not None else best_rate_name(path, runs)
+        if wanted not in runs:
+            raise KeyError(f"no finished run {wanted}/seed_{args.seed} under {path}; runs: {sorted(runs)}")
+        path = runs[wanted]
+    measured = export_run(path, args.output, args.quantize)
+    print(f"exported {path} to {args.output}; logits against PyTorch on {measured['checked_on']}: max |Δ| = "
+          f"{measured['max_abs_diff']:.2e}")
+    if "int8_max_abs_diff" in measured:
+        change = (f"; dev {measured['metric']} {measured['fp32']:.4f} → {measured['int8']:.4f}"
+                  if "metric" in measured else "")
+        print(f"int8 ({args.output}/model.int8.onnx): max |Δ| against fp32 {measured['int8_max_abs_diff']:.2e}{change}")
+
+
 def cmd_serve(args) -> None:
     import ipaddress
     import os
@@ -120,9 +145,9 @@ def cmd_serve(args) -> None:
     from .serving import API_KEY_ENV, AdapterPool
 
     api_key = check_api_key(args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
-    pool = AdapterPool(args.paths, seed=args.seed, device=args.device)
+    pool = AdapterPool(args.paths, seed=args.seed, device=args.device, backend=args.backend)
     app = create_app(pool, args.max_batch, args.max_wait_ms, args.max_inputs, args.max_body_bytes, api_key,
-                     args.read_timeout)
+                     args.read_timeout, args.max_batch_tokens, args.max_concurrent_requests)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it every
     # response waits ~40 ms for a delayed ACK (Nagle)
@@ -203,6 +228,17 @@ def add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def add_export(sub) -> None:
+    p = sub("export", help="export a run (or a sweep's best run) to ONNX, merged, checked against PyTorch")
+    p.add_argument("path", help="a run directory, or a sweep directory (its best rate, or --rate)")
+    p.add_argument("--output", required=True, help="the export's directory (outside the run)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--quantize", choices=("int8",), help="also write dynamic int8 weights, with their dev change")
+    p.add_argument("--rate", type=float, help="a sweep's run of this masking rate (default: the best on dev)")
+    p.add_argument("--seed", type=int, default=0, help="which seed's run of a sweep")
+    p.set_defaults(func=cmd_export)
+
+
 def add_serve(sub) -> None:
     p = sub("serve", help="serve runs and sweeps over HTTP (text-embeddings-inference's /predict)")
     p.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
@@ -214,12 +250,18 @@ def add_serve(sub) -> None:
     p.add_argument("--max-batch", type=_count(1), default=32, help="texts per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the oldest request may wait for "
                    "others; 0 batches what queued while the previous batch ran (measured best on CPU)")
+    p.add_argument("--max-batch-tokens", type=_count(1), help="padded tokens per forward pass (inputs × the "
+                   "longest; a batch's inputs are sorted by length first); default: no cap")
+    p.add_argument("--max-concurrent-requests", type=_count(1), help="requests in flight before /predict answers "
+                   "429 (text-embeddings-inference's behaviour); default: no cap")
     p.add_argument("--max-inputs", type=_count(1), default=64, help="inputs per request")
     p.add_argument("--max-body-bytes", type=_count(1), default=1 << 20)
     p.add_argument("--read-timeout", type=_seconds, default=10.0, help="seconds a client has to send a "
                    "request's headers, and again its body (default 10); slower connections are closed / 408")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx: ONNX Runtime sessions, "
+                   "one per adapter (runs are exported into ~/.cache/tokmask_peft on first use; see tokmask export)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -269,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     add_serve(command)
+    add_export(command)
 
     p = with_recipe(command("compare", help="full vs LoRA vs QLoRA on the same recipe"))
     p.add_argument("--methods", default="full,lora,qlora")

@@ -231,11 +231,21 @@ class Classifier:
 
     def _scored(self, texts, batch_size: int, tta: int, tta_rate: float | None, seed: int = 0):
         """(logits, truncated) per text, in order."""
+        yield from self.forward(*self.encoded(texts), batch_size, tta, tta_rate, seed)
+
+    def encoded(self, texts, config: dict | None = None) -> tuple[list[Example], list[dict]]:
+        """The inputs as examples and features, for the active adapter or the one ``config`` describes (a
+        server tokenises a request for its adapter while another one's batch runs)."""
+        config = config or self.active_config
+        examples = check_pairs(as_examples(texts, config["task"]), config)
+        return examples, encode(examples, self.tokenizer, config["task"], None, config["max_length"])
+
+    def forward(self, examples: list[Example], features: list[dict], batch_size: int = 32, tta: int = 0,
+                tta_rate: float | None = None, seed: int = 0):
+        """(logits, truncated) per encoded input, in order, with the active adapter."""
         if batch_size < 1 or tta < 0:
             raise ValueError(f"batch_size must be >= 1 and tta >= 0, got {batch_size} and {tta}")
         masker = tta_masker(self.tokenizer, self.active_config, tta_rate, seed) if tta else None
-        examples = check_pairs(as_examples(texts, self.task), self.active_config)
-        features = encode(examples, self.tokenizer, self.task, None, self.active_config["max_length"])
         collate = padding_collator(self.tokenizer, self.task, word_ids=masker is not None and masker.unit != "token")
         for start in range(0, len(features), batch_size):
             chunk = features[start:start + batch_size]

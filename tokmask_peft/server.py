@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .serving import AdapterPool, Batcher, RequestError, scored, too_long
+from .serving import AdapterPool, Batcher, RequestError, prepare, scored, token_length
 
 ROUTES = ("/predict", "/adapters", "/health", "/metrics")
 OPEN_ROUTES = ("/health",)
@@ -48,6 +48,15 @@ class Telemetry:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.texts = Counter("tokmask_predicted_texts", "texts predicted, by adapter", ["adapter"],
                              registry=self.registry)
+        stages = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+        self.queue = Histogram("tokmask_queue_seconds", "time a request waited for its batch, by adapter", ["adapter"],
+                               registry=self.registry, buckets=stages)
+        self.tokenize = Histogram("tokmask_tokenize_seconds", "time to tokenise a request, by adapter", ["adapter"],
+                                  registry=self.registry, buckets=stages)
+        self.inference = Histogram("tokmask_inference_seconds", "time of one forward pass, by adapter", ["adapter"],
+                                   registry=self.registry, buckets=stages)
+        self.refused = Counter("tokmask_overloaded", "requests refused with 429 (--max-concurrent-requests)",
+                               registry=self.registry)
 
 
 class Guard:
@@ -180,7 +189,7 @@ def _is_pair(value) -> bool:
 
 def check_input(i: int, value, paired: bool):
     """One input as the model takes it (a string, or a pair as a tuple), or a 422 naming it."""
-    if paired != _is_pair(value):
+    if paired != _is_pair(value) or not (paired or isinstance(value, str)):
         what = json.dumps(value)[:80]
         raise RequestError(422, f"inputs[{i}] is {what}: this adapter takes sentence pairs, each [\"text\", "
                            "\"text\"]" if paired else f"inputs[{i}] is {what}: each input must be one string (this "
@@ -195,22 +204,36 @@ def check_input(i: int, value, paired: bool):
     return tuple(value) if paired else value
 
 
-def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max_inputs: int, max_body_bytes: int,
-                  read_timeout: float):
-    """The POST /predict handler: validate, refuse before the model, batch, answer in TEI's shape."""
+def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, limits: dict):
+    """The POST /predict handler: validate, refuse before the model, batch, answer in TEI's shape.
+    ``limits``: max_inputs, max_body_bytes, read_timeout, max_concurrent_requests."""
+    in_flight = {"n": 0}
 
     async def predict(request: Request) -> Response:
+        if limits["max_concurrent_requests"] and in_flight["n"] >= limits["max_concurrent_requests"]:
+            telemetry.refused.inc()
+            return error(429, f"{in_flight['n']} requests in flight, the limit (--max-concurrent-requests); "
+                         "retry later", "Overloaded")
+        in_flight["n"] += 1
+        try:
+            return await answer(request)
+        finally:
+            in_flight["n"] -= 1
+
+    async def answer(request: Request) -> Response:
         started = time.perf_counter()
         try:
-            body = await read_body(request, max_body_bytes, read_timeout)
-            payload, texts, single = parse_predict(body, max_inputs, lambda p: pool.resolve(p.get("adapter")).paired)
+            body = await read_body(request, limits["max_body_bytes"], limits["read_timeout"])
+            payload, texts, single = parse_predict(body, limits["max_inputs"],
+                                                   lambda p: pool.resolve(p.get("adapter")).paired)
             served = pool.resolve(payload.get("adapter"))
-            cut = await run_in_threadpool(too_long, served, texts)  # seconds for a long text: off the loop
+            items, cut = await run_in_threadpool(prepare, served, texts)  # seconds for a long text: off the loop
+            telemetry.tokenize.labels(served.name).observe(time.perf_counter() - started)
             if cut and not payload.get("truncate", False):
                 limit = served.config["max_length"]
                 raise RequestError(413, f"inputs {cut} are longer than the model's max_length ({limit} tokens); "
                                    'send "truncate": true to have them cut')
-            rows = await batcher.submit(served.name, texts)
+            rows = await batcher.submit(served.name, items)
         except RequestError as e:
             return error(e.status, str(e), e.kind)
         except Exception as e:  # the model failed: say so, keep serving
@@ -228,10 +251,14 @@ def predict_route(pool: AdapterPool, batcher: Batcher, telemetry: Telemetry, max
 
 
 def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0, max_inputs: int = 64,
-               max_body_bytes: int = 1 << 20, api_key: str | None = None, read_timeout: float = 10.0):
-    """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too."""
+               max_body_bytes: int = 1 << 20, api_key: str | None = None, read_timeout: float = 10.0,
+               max_batch_tokens: int | None = None, max_concurrent_requests: int | None = None):
+    """The ASGI app; uvicorn runs it (``tokmask serve``), tests may too. ``max_batch_tokens`` caps the padded
+    tokens of a forward pass; past ``max_concurrent_requests`` requests in flight, /predict answers 429."""
     api_key = check_api_key(api_key)
-    for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes)):
+    for name, value in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_body_bytes", max_body_bytes),
+                        ("max_batch_tokens", max_batch_tokens or 1),
+                        ("max_concurrent_requests", max_concurrent_requests or 1)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if not max_wait_ms >= 0:
@@ -239,10 +266,13 @@ def create_app(pool: AdapterPool, max_batch: int = 32, max_wait_ms: float = 0.0,
     if not 0 < read_timeout < float("inf"):
         raise ValueError(f"read_timeout must be a number of seconds > 0, got {read_timeout!r}")
     telemetry = Telemetry()
-    batcher = Batcher(lambda name, texts: pool.predict(pool.served[name], texts), max_batch, max_wait_ms / 1000,
-                      on_batch=telemetry.batch.observe)
-
-    predict = predict_route(pool, batcher, telemetry, max_inputs, max_body_bytes, read_timeout)
+    batcher = Batcher(lambda name, items: pool.predict(pool.served[name], items), max_batch, max_wait_ms / 1000,
+                      on_batch=telemetry.batch.observe, max_batch_tokens=max_batch_tokens, length=token_length,
+                      on_wait=lambda name, s: telemetry.queue.labels(name).observe(s),
+                      on_forward=lambda name, s: telemetry.inference.labels(name).observe(s))
+    limits = {"max_inputs": max_inputs, "max_body_bytes": max_body_bytes, "read_timeout": read_timeout,
+              "max_concurrent_requests": max_concurrent_requests}
+    predict = predict_route(pool, batcher, telemetry, limits)
 
     async def adapters(request: Request) -> Response:
         listing = [{**s.describe(), "base": pool.classifiers.index(s.classifier), "default": name == pool.default}

@@ -24,10 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from .data import encode, was_truncated
+from .data import was_truncated
+from .inference import Classifier, best_rate_name, check_compatible, default_name
 from .problems import decide
 from .problems import scores as problem_scores
-from .inference import Classifier, as_examples, best_rate_name, check_compatible, default_name
 from .runs import METRICS_FILE, TOKMASK_CONFIG, read_run_config, run_dirs
 from .storage import read_json
 
@@ -110,9 +110,12 @@ class AdapterPool:
     alone names the sweep's best rate.
     """
 
-    def __init__(self, specs: list[str], seed: int = 0, device: str | None = None):
+    def __init__(self, specs: list[str], seed: int = 0, device: str | None = None, backend: str = "torch"):
         if not specs:
             raise ValueError("name at least one run or sweep to serve")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.served: dict[str, Served] = {}
         self.aliases: dict[str, str] = {}
         self.classifiers: list[Classifier] = []
@@ -140,6 +143,8 @@ class AdapterPool:
 
     def _attach(self, name: str, run: Path, device: str | None, best_of_sweep: bool) -> Served:
         config = read_run_config(run)
+        if self.backend == "onnx" or "onnx" in config:
+            return self._attach_onnx(name, run, config, best_of_sweep)
         internal = re.sub(r"[^A-Za-z0-9_]", "_", name) + f"_{len(self.served)}"
         for clf in self.classifiers:
             if clf.adapter_set is None or config["method"] == "full":
@@ -153,6 +158,18 @@ class AdapterPool:
         clf = Classifier.from_run(run, name=internal, device=device)
         self.classifiers.append(clf)
         return Served(name, clf, internal, run, config, best_of_sweep)
+
+    def _attach_onnx(self, name: str, run: Path, config: dict, best_of_sweep: bool) -> Served:
+        """An ONNX Runtime session of its own per adapter (an export holds its merged base: K adapters are
+        K copies of the base, which the torch backend shares); a run is exported into the cache first."""
+        if self.backend != "onnx":
+            raise ValueError(f"{run} is an ONNX export: serve it with --backend onnx")
+        from .onnx_export import cached_export, onnx_classifier
+
+        folder = run if "onnx" in config else cached_export(run)
+        clf = onnx_classifier(folder)
+        self.classifiers.append(clf)
+        return Served(name, clf, clf.name, run, clf.config, best_of_sweep)
 
     def resolve(self, wanted: Any) -> Served:
         """The adapter a request asks for: None (the default), a name, a sweep's prefix, or a rate."""
@@ -175,31 +192,30 @@ class AdapterPool:
                                f"name one of {sorted(self.served)}", "NotFound" if not matches else "Validation")
         return matches[0]
 
-    def predict(self, served: Served, texts: list[str]) -> list[torch.Tensor]:
-        """Logits per text with ``served`` active (called from the batcher's one worker thread)."""
+    def predict(self, served: Served, items: list[tuple]) -> list[torch.Tensor]:
+        """Logits per encoded input (``(example, feature)``, see :func:`prepare`) with ``served`` active
+        (called from the batcher's one worker thread)."""
         clf = served.classifier
         if clf.adapter_set is not None:
             clf.use(served.internal)
-        return clf.logits(texts, batch_size=max(1, len(texts)))
+        examples, features = [e for e, _ in items], [f for _, f in items]
+        return [row for row, _ in clf.forward(examples, features, batch_size=max(1, len(items)))]
 
 
-SPECIALS_AT_MOST = 4
-"""More than any tokenizer adds around a text (CLS/SEP, BOS/EOS, SentencePiece's leading piece)."""
+BACKENDS = ("torch", "onnx")
+"""What runs the forward passes: PyTorch (adapters share their base), or ONNX Runtime (``tokmask export``)."""
 
 
-def too_long(served: Served, texts: list[str]) -> list[int]:
-    """Indices of the texts ``max_length`` would cut short, before the model is touched. A text of few
-    bytes cannot be cut (no tokenizer makes more tokens than bytes), so only longer ones are tokenised;
-    the server calls this off its event loop, as tokenising a long text takes seconds."""
-    limit = served.config["max_length"] - SPECIALS_AT_MOST
-    long = [i for i, text in enumerate(texts)
-            if sum(len(t.encode("utf-8")) for t in (text if isinstance(text, tuple) else [text])) > limit]
-    if not long:
-        return []
-    task = served.config["task"]
-    examples = as_examples([texts[i] for i in long], task)
-    features = encode(examples, served.classifier.tokenizer, task, None, served.config["max_length"])
-    return [i for i, f, e in zip(long, features, examples) if was_truncated(f, e)]
+def prepare(served: Served, texts: list) -> tuple[list[tuple], list[int]]:
+    """Each input tokenised once, for its adapter (the server calls this off its event loop: a long text
+    takes seconds): the ``(example, feature)`` pairs the batcher sorts by length and the forward pass takes,
+    and the indices of the inputs ``max_length`` cut short."""
+    examples, features = served.classifier.encoded(texts, served.config)
+    return list(zip(examples, features)), [i for i, (f, e) in enumerate(zip(features, examples)) if was_truncated(f, e)]
+
+
+def token_length(item: tuple) -> int:
+    return len(item[1]["input_ids"])
 
 
 def scored(logits: torch.Tensor, text, served: Served, raw_scores: bool) -> list[dict]:
@@ -230,23 +246,33 @@ def scored(logits: torch.Tensor, text, served: Served, raw_scores: bool) -> list
 
 @dataclasses.dataclass
 class _Pending:
-    texts: list[str]
+    texts: list
     future: asyncio.Future
     arrived: float
 
 
+def _nothing(*args) -> None:
+    return None
+
+
 class Batcher:
-    """Groups concurrent requests for the same adapter into one forward pass.
+    """Groups concurrent requests for the same adapter into forward passes.
 
     A batch starts with the oldest waiting request and takes later requests for that adapter until
-    ``max_batch`` texts or until the oldest has waited ``max_wait_s``. Forward passes run one at a
-    time in one worker thread (the event loop keeps accepting requests meanwhile), so the adapter
-    active during a batch is the batch's own. Other adapters' requests wait their turn, oldest first.
+    ``max_batch`` inputs or until the oldest has waited ``max_wait_s``. Its inputs are then sorted by
+    ``length`` and cut into forward passes of at most ``max_batch`` inputs and ``max_batch_tokens`` padded
+    tokens (inputs × the longest), so a long text does not pad many short ones. Forward passes run one at a
+    time in one worker thread (the event loop keeps accepting requests meanwhile), so the adapter active
+    during a pass is its own. Other adapters' requests wait their turn, oldest first. ``on_wait(key, s)``,
+    ``on_forward(key, s)`` and ``on_batch(n)`` receive the timings and sizes.
     """
 
-    def __init__(self, forward: Callable[[Any, list[str]], list], max_batch: int, max_wait_s: float,
-                 on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(self, forward: Callable[[Any, list], list], max_batch: int, max_wait_s: float,
+                 on_batch: Callable[[int], None] = _nothing, max_batch_tokens: int | None = None,
+                 length: Callable[[Any], int] = lambda item: 1, on_wait: Callable = _nothing,
+                 on_forward: Callable = _nothing):
         self.forward, self.max_batch, self.max_wait_s, self.on_batch = forward, max_batch, max_wait_s, on_batch
+        self.max_batch_tokens, self.length, self.on_wait, self.on_forward = max_batch_tokens, length, on_wait, on_forward
         self.queues: dict[Any, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tokmask-forward")
         self.arrival = asyncio.Event()
@@ -300,13 +326,38 @@ class Batcher:
                 size += len(pending.texts)
         return batch
 
+    def passes(self, items: list) -> list[list[int]]:
+        """Indices of ``items`` per forward pass: sorted by length, at most ``max_batch`` inputs and
+        ``max_batch_tokens`` padded tokens each (an input longer than the budget goes alone)."""
+        order = sorted(range(len(items)), key=lambda i: self.length(items[i]))
+        out: list[list[int]] = []
+        for i in order:
+            current = out[-1] if out else None
+            size = len(current) + 1 if current else 1
+            if current and size <= self.max_batch and (
+                    not self.max_batch_tokens or size * self.length(items[i]) <= self.max_batch_tokens):
+                current.append(i)
+            else:
+                out.append([i])
+        return out
+
     async def _forward(self, key, batch: list[_Pending]) -> None:
         if not batch:
             return
-        texts = [t for p in batch for t in p.texts]
-        self.on_batch(len(texts))
+        items = [t for p in batch for t in p.texts]
+        began = time.monotonic()
+        for p in batch:
+            self.on_wait(key, began - p.arrived)
         try:
-            rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.forward, key, texts)
+            rows = [None] * len(items)
+            for indices in self.passes(items):
+                self.on_batch(len(indices))
+                started = time.monotonic()
+                done = await asyncio.get_running_loop().run_in_executor(self.executor, self.forward, key,
+                                                                        [items[i] for i in indices])
+                self.on_forward(key, time.monotonic() - started)
+                for i, row in zip(indices, done):
+                    rows[i] = row
         except Exception as e:  # the model's error goes to every request of the batch; the loop goes on
             for p in batch:
                 if not p.future.done():
