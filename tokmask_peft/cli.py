@@ -128,7 +128,8 @@ def cmd_export(args) -> None:
     if "int8_max_abs_diff" in measured:
         change = (f"; dev {measured['metric']} {measured['fp32']:.4f} → {measured['int8']:.4f}"
                   if "metric" in measured else "")
-        print(f"int8 ({args.output}/model.int8.onnx): max |Δ| against fp32 {measured['int8_max_abs_diff']:.2e}{change}")
+        print(f"int8 ({args.output}/model.int8.onnx): max |Δ| against fp32 "
+              f"{measured['int8_max_abs_diff']:.2e}{change}")
 
 
 def cmd_serve(args) -> None:

@@ -272,7 +272,8 @@ class Batcher:
                  length: Callable[[Any], int] = lambda item: 1, on_wait: Callable = _nothing,
                  on_forward: Callable = _nothing):
         self.forward, self.max_batch, self.max_wait_s, self.on_batch = forward, max_batch, max_wait_s, on_batch
-        self.max_batch_tokens, self.length, self.on_wait, self.on_forward = max_batch_tokens, length, on_wait, on_forward
+        self.max_batch_tokens, self.length = max_batch_tokens, length
+        self.on_wait, self.on_forward = on_wait, on_forward
         self.queues: dict[Any, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tokmask-forward")
         self.arrival = asyncio.Event()
