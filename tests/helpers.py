@@ -110,16 +110,16 @@ def kill_at_training_step(monkeypatch, step: int) -> None:
 
     import tokmask_peft.training as loop
 
-    real_loss, calls = loop.classification_loss, {"n": 0}
+    real_loss, calls = loop.task_loss, {"n": 0}
 
-    def loss(logits, labels, *args):
+    def loss(problem, logits, labels, *args):
         if torch.is_grad_enabled():  # training, not evaluation
             calls["n"] += 1
             if calls["n"] == step:
                 raise KeyboardInterrupt(f"simulated kill at step {step}")
-        return real_loss(logits, labels, *args)
+        return real_loss(problem, logits, labels, *args)
 
-    monkeypatch.setattr(loop, "classification_loss", loss)
+    monkeypatch.setattr(loop, "task_loss", loss)
 
 
 

@@ -168,16 +168,16 @@ def test_a_pack_cut_short_resumes_from_its_checkpoint_like_an_uninterrupted_one(
     # 3 epochs of 6 updates, a checkpoint at every evaluation (each epoch's end); killed in update 10
     recipe = make_recipe("llama", train={"epochs": 3}, sweep={"rates": [0.0, 0.1, 0.3], "seeds": [0], "side_by_side": 3})
     sweep(recipe, tmp_path / "whole")
-    real, calls = packed_training.classification_loss, {"n": 0}
+    real, calls = packed_training.task_loss, {"n": 0}
 
-    def counted(logits, labels, *args):
+    def counted(problem, logits, labels, *args):
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == 3 * 10:  # three slots' losses per update
                 raise KeyboardInterrupt("simulated kill in update 10")
-        return real(logits, labels, *args)
+        return real(problem, logits, labels, *args)
 
-    monkeypatch.setattr(packed_training, "classification_loss", counted)
+    monkeypatch.setattr(packed_training, "task_loss", counted)
     with pytest.raises(KeyboardInterrupt):
         sweep(recipe, tmp_path / "cut")
     assert not list((tmp_path / "cut").glob("mask_*/seed_0"))  # only .partial directories

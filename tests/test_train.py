@@ -159,7 +159,7 @@ def test_extra_eval_sets_are_scored_with_the_best_weights(make_recipe, toy_data,
                          data={"extra_eval": {"transfer_dev": str(toy_data["dev"])}})
     metrics = train(recipe)
     transfer = metrics["extra_eval"]["transfer_dev"]
-    assert set(transfer) == {"weighted_f1", "macro_f1", "accuracy", "loss"}
+    assert set(transfer) == {"weighted_f1", "macro_f1", "accuracy", "ece", "loss"}
     # the same file as dev, scored with the best weights: equals the best dev record
     assert transfer["weighted_f1"] == pytest.approx(metrics["best"]["weighted_f1"], abs=1e-9)
 

@@ -184,6 +184,9 @@ class DataConfig:
                 raise ValueError(f"data.extra_eval name {name!r} may not be empty or hold ':', '/' or '@' "
                                  "(they name shifted copies and saved predictions)")
             self.eval_source(name)  # a malformed entry is named now, not after training
+        if self.test_from_train and TEST_SET in self.extra_eval:
+            raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
+                             "rename one")
 
     EVAL_SOURCE_KEYS = ("path", "format", "text_column", "label_column", "encoding_errors", "sample")
 
@@ -203,9 +206,6 @@ class DataConfig:
         _choice(f"data.extra_eval.{name}", "format", source["format"], FORMATS)
         _choice(f"data.extra_eval.{name}", "encoding_errors", source["encoding_errors"], ENCODING_ERRORS)
         return source
-        if self.test_from_train and TEST_SET in self.extra_eval:
-            raise ValueError(f"data.extra_eval names a '{TEST_SET}' set and data.test_from_train carves one: "
-                             "rename one")
 
     def label_format(self, problem: str) -> LabelFormat:
         """How this data's label fields read for ``problem``."""

@@ -271,11 +271,11 @@ def read_examples(path: str, fmt: str, task: str, text_column="text", label_colu
         return read_lince(path, task, fold_tags, errors)
     read = read_hf(path, split, text_column, label_column, pair_column, labels) if fmt == "hf" else read_table(
         path, fmt, text_column, label_column, errors, pair_column, labels)
-    return check_example_types(read, task, text_column, label_column, pair_column)
+    return check_example_types(read, task, text_column, label_column, pair_column, labels.problem)
 
 
 def check_example_types(examples: list[Example], task: str, text_column: str, label_column: str,
-                        pair_column: str | None = None) -> list[Example]:
+                        pair_column: str | None = None, problem: str = "single_label") -> list[Example]:
     """Refuse, naming file, line and column, a text or label of the wrong kind for ``task`` (a JSONL text that
     is a number or a list would otherwise be encoded as something else: a two-word list as a sentence pair)."""
     for ex in examples:
@@ -288,7 +288,9 @@ def check_example_types(examples: list[Example], task: str, text_column: str, la
             what = (f"column {text_column!r} must be a string, got {json.dumps(ex.text)[:40]}"
                     if not isinstance(ex.text, str) else
                     f"column {pair_column!r} must be a string, got {json.dumps(ex.pair)[:40]}"
-                    if pair_column and not isinstance(ex.pair, str) else None)
+                    if pair_column and not isinstance(ex.pair, str) else
+                    f"column {label_column!r} must be one label, got a list"
+                    if problem == "single_label" and isinstance(ex.label, list) else None)
         if what:
             raise ValueError(f"{ex.source}: {what}")
     return examples

@@ -15,7 +15,7 @@ import yaml
 
 CARD = "README.md"
 PIPELINES = {"sequence": "text-classification", "token": "token-classification"}
-PROBLEM_LINES = {"single_label": "Labels, one per text", "multi_label": "Labels, any number per text (a sigmoid "
+PROBLEM_LINES = {"single_label": "Labels", "multi_label": "Labels, any number per text (a sigmoid "
                  "each; thresholds tuned on dev in tokmask_config.json)", "regression": "One score per text"}
 AUTO_CLASSES = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
 
