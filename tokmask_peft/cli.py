@@ -261,8 +261,9 @@ def add_serve(sub) -> None:
                    "request's headers, and again its body (default 10); slower connections are closed / 408")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", choices=("torch", "onnx"), default="torch", help="onnx: ONNX Runtime sessions, "
-                   "one per adapter (runs are exported into ~/.cache/tokmask_peft on first use; see tokmask export)")
+    p.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch", help="onnx: ONNX Runtime "
+                   "sessions, one per adapter (runs are exported into ~/.cache/tokmask_peft on first use; see tokmask "
+                   "export); onnx-int8: with dynamic int8 weights")
     p.set_defaults(func=cmd_serve)
 
 

@@ -119,22 +119,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("TOKMASK_CACHE", Path.home() / ".cache" / "tokmask_peft")) / "onnx"
 
 
-def cached_export(run: str | Path) -> Path:
+def cached_export(run: str | Path, quantize: str | None = None) -> Path:
     """``run`` exported once into the cache (``$TOKMASK_CACHE``, else ``~/.cache/tokmask_peft``), keyed by
-    what its weights are and mean, so a retrained or edited run is exported anew; later calls reuse it."""
+    what its weights are and mean (and the quantisation), so a retrained or edited run is exported anew;
+    later calls reuse it."""
     import hashlib
     import json
 
     run = Path(run)
     config = read_run_config(run)
-    key = hashlib.sha256(json.dumps([config.get("meaning_sha256"), config.get("weights")], sort_keys=True,
+    key = hashlib.sha256(json.dumps([config.get("meaning_sha256"), config.get("weights"), quantize], sort_keys=True,
                                     default=str).encode()).hexdigest()[:20]
     target = cache_root() / key
     if (target / TOKMASK_CONFIG).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".exporting-") as scratch:
-        export_run(run, Path(scratch) / "model")
+        export_run(run, Path(scratch) / "model", quantize)
         try:
             (Path(scratch) / "model").rename(target)  # whole, or not at all
         except OSError:

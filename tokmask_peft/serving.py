@@ -143,7 +143,7 @@ class AdapterPool:
 
     def _attach(self, name: str, run: Path, device: str | None, best_of_sweep: bool) -> Served:
         config = read_run_config(run)
-        if self.backend == "onnx" or "onnx" in config:
+        if self.backend != "torch" or "onnx" in config:
             return self._attach_onnx(name, run, config, best_of_sweep)
         internal = re.sub(r"[^A-Za-z0-9_]", "_", name) + f"_{len(self.served)}"
         for clf in self.classifiers:
@@ -162,12 +162,13 @@ class AdapterPool:
     def _attach_onnx(self, name: str, run: Path, config: dict, best_of_sweep: bool) -> Served:
         """An ONNX Runtime session of its own per adapter (an export holds its merged base: K adapters are
         K copies of the base, which the torch backend shares); a run is exported into the cache first."""
-        if self.backend != "onnx":
+        if self.backend == "torch":
             raise ValueError(f"{run} is an ONNX export: serve it with --backend onnx")
         from .onnx_export import cached_export, onnx_classifier
 
-        folder = run if "onnx" in config else cached_export(run)
-        clf = onnx_classifier(folder)
+        int8 = self.backend == "onnx-int8"
+        folder = run if "onnx" in config else cached_export(run, "int8" if int8 else None)
+        clf = onnx_classifier(folder, quantized=int8)
         self.classifiers.append(clf)
         return Served(name, clf, clf.name, run, clf.config, best_of_sweep)
 
@@ -202,8 +203,9 @@ class AdapterPool:
         return [row for row, _ in clf.forward(examples, features, batch_size=max(1, len(items)))]
 
 
-BACKENDS = ("torch", "onnx")
-"""What runs the forward passes: PyTorch (adapters share their base), or ONNX Runtime (``tokmask export``)."""
+BACKENDS = ("torch", "onnx", "onnx-int8")
+"""What runs the forward passes: PyTorch (adapters share their base), or ONNX Runtime (``tokmask export``),
+with fp32 or dynamic int8 weights."""
 
 
 def prepare(served: Served, texts: list) -> tuple[list[tuple], list[int]]:
