@@ -224,6 +224,7 @@ def test_serve_answers_pairs_and_multi_label_in_the_documented_shapes(trained):
     pool = AdapterPool([f"nli={trained / 'single_label' / 'mask_0.00' / 'seed_0'}",
                         f"emotions={trained / 'multi_label' / 'mask_0.00' / 'seed_0'}",
                         f"related={trained / 'regression' / 'mask_0.00' / 'seed_0'}"])
+    assert len(pool.classifiers) == 1  # three problem types, one shared base, a head each
     with TestClient(create_app(pool)) as client:
         one = client.post("/predict", json={"inputs": ["a dog runs", "an animal moves"], "adapter": "nli"})
         assert one.status_code == 200 and {r["label"] for r in one.json()} == {"CONTRADICTION", "ENTAILMENT",
