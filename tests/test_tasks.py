@@ -28,9 +28,9 @@ def slices(tmp_path_factory):
     """SICK and GoEmotions slices (test data only: SICK is CC BY-NC-SA and never enters the repository)."""
     folder = tmp_path_factory.mktemp("tasks")
     sick, ge = shared_path("data", "sick"), shared_path("data", "goemotions")
-    return {"sick_train": head(sick / "train.csv", folder / "sick_train.csv", 96),
+    return {"sick_train": head(sick / "train.csv", folder / "sick_train.csv", 64),
             "sick_dev": head(sick / "dev.csv", folder / "sick_dev.csv", 40),
-            "ge_train": head(ge / "train.csv", folder / "ge_train.csv", 128),
+            "ge_train": head(ge / "train.csv", folder / "ge_train.csv", 96),
             "ge_dev": head(ge / "dev.csv", folder / "ge_dev.csv", 64), "folder": folder}
 
 
