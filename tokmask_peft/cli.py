@@ -112,13 +112,11 @@ def cmd_export(args) -> None:
 
     path = Path(args.path)
     if not (path / TOKMASK_CONFIG).is_file():  # a sweep: the seed's run of the given rate, else the best one
-        from .inference import best_rate_name
-        from .runs import read_run_config, run_dirs
+        from .runs import adapter_name
+        from .serving import runs_of
 
-        runs = {f"mask_{read_run_config(p)['masking']['rate']:.2f}": p for p in run_dirs(path, args.seed)}
-        if not runs:
-            raise FileNotFoundError(f"{path}: no finished run or sweep (mask_*/seed_{args.seed}) to export")
-        wanted = f"mask_{args.rate:.2f}" if args.rate is not None else best_rate_name(path, runs)
+        runs, best = runs_of(path, args.seed)
+        wanted = adapter_name(args.rate) if args.rate is not None else best
         if wanted not in runs:
             raise KeyError(f"no finished run {wanted}/seed_{args.seed} under {path}; runs: {sorted(runs)}")
         path = runs[wanted]

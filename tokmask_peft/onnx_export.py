@@ -95,8 +95,7 @@ def export_run(run: str | Path, output: str | Path, quantize: str | None = None)
         raise ValueError(f"quantize must be int8 or none, got {quantize!r}")
     _onnxruntime()
     config = read_run_config(run)
-    verify_weights(run, config)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:  # merge_run / from_run verify the weights before any write
         source = run if config["method"] == "full" else merge_run(run, Path(scratch) / "merged")
         reference = Classifier.from_run(source, device="cpu")
         output.mkdir(parents=True, exist_ok=True)
@@ -228,13 +227,7 @@ def _write_files(run: Path, output: Path, config: dict, measured: dict) -> None:
         shutil.copyfile(run / METRICS_FILE, output / METRICS_FILE)
     files = [ONNX_FILE] + ([INT8_FILE] if (output / INT8_FILE).is_file() else [])
     exported = with_meaning({**config, "method": "full", "exported_from": str(run), "onnx": {"files": files,
-                             **measured}, "weights": {**weight_record(output), **_onnx_record(output, files)}})
+                             **measured}, "weights": weight_record(output)})
     write_json(output / TOKMASK_CONFIG, exported)
     if (output / METRICS_FILE).is_file():
         atomic_write_text(output / CARD, card(exported, read_json(output / METRICS_FILE), config.get("command", "")))
-
-
-def _onnx_record(output: Path, files: list[str]) -> dict:
-    from .storage import file_digest
-
-    return {name: {"bytes": (output / name).stat().st_size, "sha256": file_digest(output / name)} for name in files}

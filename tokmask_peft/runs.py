@@ -184,7 +184,7 @@ def weight_record(path: Path) -> dict[str, dict]:
 
 
 def _is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+    return name.endswith((".safetensors", ".safetensors.index.json", ".onnx"))  # .onnx: a `tokmask export`
 
 
 def weight_problems(run: Path, config: dict, digests: bool = True) -> list[str]:
