@@ -137,11 +137,11 @@ def test_test_from_train_is_carved_once_disjoint_from_every_training_subset(tmp_
         return read_splits(Recipe.from_dict({"model": {"name": "x"}, "data": {
             "train": str(lince / "train.conll"), "dev": str(lince / "dev.conll"), "test_from_train": 2000, **data}}))
 
-    train_500, _, held_500 = splits(max_train_examples=500)
-    train_2k, _, held_2k = splits(max_train_examples=2000)
+    train_500, _, held_500, _ = splits(max_train_examples=500)
+    train_2k, _, held_2k, whole = splits(max_train_examples=2000)
     test = {e.text for e in held_500["test"]}
     assert len(held_500["test"]) == 2000 and test == {e.text for e in held_2k["test"]}
-    assert len(train_500) == 500 and len(train_2k) == 2000
+    assert len(train_500) == 500 and len(train_2k) == 2000 and len(whole) > 2000 + 2000
     for subset in (train_500, train_2k):
         assert not test & {e.text for e in subset}
     with pytest.raises(ValueError, match="leaves no training data"):

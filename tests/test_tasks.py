@@ -104,6 +104,19 @@ def test_labels_read_as_the_problem_type_says(slices, tmp_path):
     assert [r.label for r in rows] == [["joy"], ["anger"], ["joy", "anger"]]
 
 
+def test_multi_label_outputs_cover_every_label_of_the_training_file_not_only_the_subset(tiny_model, slices,
+                                                                                       tmp_path):
+    from tokmask_peft.recipe_setup import Setup
+
+    whole = read_table(slices["ge_train"], "csv", "text", "labels", labels=LabelFormat("multi_label"))
+    every = sorted({label for e in whole for label in e.label})
+    setup = Setup.from_recipe(task_recipe(tiny_model, slices, tmp_path, "multi_label",
+                                          data={"max_train_examples": 8}))
+    subset = {label for e in setup.train_features for label, on in zip(setup.labels, e["labels"]) if on}
+    assert len(setup.train_features) == 8 and subset < set(every)  # the subset lacks some labels...
+    assert setup.labels == every  # ...and each still has its output
+
+
 @pytest.mark.parametrize("content, problem, message", [
     ("sentence1,sentence2,label\na b,c d,NEUTRAL\ne f\n", "single_label",
      r"bad.csv:3: no value for column 'sentence2'"),

@@ -200,18 +200,16 @@ def _quantized(reference: Classifier, output: Path, texts: list) -> dict:
 
 
 def _metric_change(reference: Classifier, fp32: Classifier, int8: Classifier, texts: list) -> dict:
+    from .data import label_target
     from .metrics import DEFAULT_METRICS, classification_metrics
     from .problems import decide, scores
 
     problem = reference.problem
     metric = DEFAULT_METRICS[problem]
     labels = {label: i for i, label in enumerate(reference.labels)}
-    if problem == "regression":
-        gold = np.array([float(t.label) for t in texts])
-    elif problem == "multi_label":
-        gold = np.array([[label in t.label for label in reference.labels] for t in texts], dtype=np.int8)
-    else:
-        gold = np.array([labels[t.label] for t in texts])
+    gold = np.array([label_target(t, "sequence", labels, problem, None) for t in texts])
+    if problem == "multi_label":
+        gold = gold.astype(np.int8)
 
     def value(clf: Classifier) -> float:
         logits = torch.stack(clf.logits(texts))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -35,10 +35,16 @@ MIN_DEV_EXAMPLES = 30
 """Below this a dev set cannot pick an epoch or judge a rate (one example moves accuracy by > 3 points): warned."""
 
 
-def read_splits(recipe: Recipe, whole_train: bool = False
-                ) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
-    """Train, dev and extra evaluation examples, with the recipe's subsets taken (``whole_train``: the
-    training file as read, only).
+class Splits(NamedTuple):
+    train: list[Example]
+    dev: list[Example]
+    extra: dict[str, list[Example]]
+    whole_train: list[Example]
+    """The training file as read, before any carve or subset: multi-label takes its label set from it."""
+
+
+def read_splits(recipe: Recipe) -> Splits:
+    """Train, dev and extra evaluation examples, with the recipe's subsets taken.
 
     Shuffles are fixed (seed 0): every rate and seed of a sweep sees the same split and subset.
     """
@@ -51,9 +57,7 @@ def read_splits(recipe: Recipe, whole_train: bool = False
                              d.fold_tags, split, s["encoding_errors"], d.text_pair_column,
                              d.label_format(recipe.model.problem_type))
 
-    train = read(d.train, "train")
-    if whole_train:
-        return train, [], {}
+    whole_train = train = read(d.train, "train")
     held_out = {}
     if d.test_from_train:
         if d.test_from_train >= len(train):
@@ -78,7 +82,7 @@ def read_splits(recipe: Recipe, whole_train: bool = False
     if d.max_train_examples and d.max_train_examples < len(train):
         train = random.Random(0).sample(train, d.max_train_examples)
     extra = {name: extra_set(read, d.eval_source(name))[: d.max_eval_examples or None] for name in d.extra_eval}
-    return train, dev, {**extra, **held_out}
+    return Splits(train, dev, {**extra, **held_out}, whole_train)
 
 
 def extra_set(read: Callable, source: dict) -> list[Example]:
@@ -123,11 +127,11 @@ class Setup:
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> "Setup":
         tokenizer, mask_token = prepare_tokenizer(recipe.model)
-        train, dev, extra = read_splits(recipe)
+        train, dev, extra, whole_train = read_splits(recipe)
         problem = recipe.model.problem_type
         # Multi-label: every label of the training file, so a rare one missing from a subset still has its
         # output (trained as a negative on every example) and a dev row that has it is scored, not refused.
-        names = label_names(read_splits(recipe, whole_train=True)[0] if problem == "multi_label" else train)
+        names = label_names(whole_train if problem == "multi_label" else train)
         labels = output_names(problem, names if problem != "regression" else [])
         if problem != "regression" and len(labels) < 2:
             raise ValueError(f"{recipe.data.train}: training data has {len(labels)} label(s) {labels}; need at least 2")
