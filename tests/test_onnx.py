@@ -94,6 +94,9 @@ def test_serve_answers_the_same_with_either_backend_and_caps_concurrency(runs, t
         assert [r["label"] for r in ours] == [r["label"] for r in theirs]
         assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(ours, theirs))
     assert len(answers["onnx-int8"]) == len(TEXTS) and all(len(r) == 2 for r in answers["onnx-int8"])
+    single = runs / "sequence" / "mask_0.30" / "seed_0"
+    auto = AdapterPool([str(single)], backend="auto")  # one adapter: ONNX Runtime, from the cache filled above
+    assert auto.backend == "onnx" and type(auto.classifiers[0].model).__name__ == "OnnxModel"
 
     real, started = server_module.prepare, threading.Event()
 
@@ -112,3 +115,18 @@ def test_serve_answers_the_same_with_either_backend_and_caps_concurrency(runs, t
         slow.join()
         monkeypatch.setattr(server_module, "prepare", real)
         assert client.post("/predict", json={"inputs": "nice day"}).status_code == 200
+
+
+def test_auto_picks_onnx_only_on_cpu_with_onnxruntime_and_no_base_shared(runs, monkeypatch):
+    import importlib.util
+
+    from tokmask_peft.serving import auto_backend
+
+    single = str(runs / "sequence" / "mask_0.30" / "seed_0")
+    assert auto_backend([single], device="cpu") == ("onnx", "CPU, no base shared between adapters")
+    backend, why = auto_backend([str(runs / "sequence")], device="cpu")  # two rates' adapters on one base
+    assert backend == "torch" and why.startswith("2 adapters share their base")
+    assert auto_backend([single], device="cuda:0")[0] == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert auto_backend([single], device="cpu") == ("torch", "onnxruntime is not installed (pip install "
+                                                             "'tokmask-peft[onnx]')")

@@ -157,8 +157,8 @@ def cmd_serve(args) -> None:
     if not api_key and not ipaddress.ip_address(host).is_loopback:
         print(f"tokmask serve: warning: {host} is reachable from other machines and no --api-key (or "
               f"{API_KEY_ENV}) is set: anyone who can reach it can use it", file=sys.stderr)
-    print(f"tokmask serve: {len(pool.served)} adapter(s) on {len(pool.classifiers)} base(s), default "
-          f"{pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    print(f"tokmask serve: {len(pool.served)} adapter(s) on {len(pool.classifiers)} base(s) ({pool.backend}: "
+          f"{pool.backend_reason}), default {pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, http=header_deadline_protocol(args.read_timeout), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
@@ -259,9 +259,10 @@ def add_serve(sub) -> None:
                    "request's headers, and again its body (default 10); slower connections are closed / 408")
     p.add_argument("--seed", type=int, default=0, help="which seed's adapters to load from a sweep")
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch", help="onnx: ONNX Runtime "
-                   "sessions, one per adapter (runs are exported into ~/.cache/tokmask_peft on first use; see tokmask "
-                   "export); onnx-int8: with dynamic int8 weights")
+    p.add_argument("--backend", choices=("torch", "onnx", "onnx-int8", "auto"), default="torch", help="onnx: ONNX "
+                   "Runtime sessions, one per adapter (runs are exported into ~/.cache/tokmask_peft on first use; see "
+                   "tokmask export); onnx-int8: with dynamic int8 weights; auto: onnx on CPU unless several adapters "
+                   "would share a base (the choice and why are printed)")
     p.set_defaults(func=cmd_serve)
 
 

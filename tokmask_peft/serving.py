@@ -113,9 +113,10 @@ class AdapterPool:
     def __init__(self, specs: list[str], seed: int = 0, device: str | None = None, backend: str = "torch"):
         if not specs:
             raise ValueError("name at least one run or sweep to serve")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        if backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend must be one of {[*BACKENDS, 'auto']}, got {backend!r}")
+        self.backend, self.backend_reason = (auto_backend(specs, seed, device) if backend == "auto"
+                                             else (backend, "as asked"))
         self.served: dict[str, Served] = {}
         self.aliases: dict[str, str] = {}
         self.classifiers: list[Classifier] = []
@@ -206,6 +207,25 @@ class AdapterPool:
 BACKENDS = ("torch", "onnx", "onnx-int8")
 """What runs the forward passes: PyTorch (adapters share their base), or ONNX Runtime (``tokmask export``),
 with fp32 or dynamic int8 weights."""
+
+
+def auto_backend(specs: list[str], seed: int = 0, device: str | None = None) -> tuple[str, str]:
+    """``--backend auto``: ONNX Runtime (fp32) where it is faster and costs no memory, else torch; and why.
+
+    ONNX on CPU served 1.6x torch's requests/s (README, serving); but an export holds its merged base, so
+    K adapters of one base would be K copies of it, which torch shares: those stay torch. int8 changes
+    the answers (a dev F1 change per export), so it is never picked for the user."""
+    import importlib.util
+
+    if device not in (None, "cpu") or (device is None and torch.cuda.is_available()):
+        return "torch", f"device {device or 'cuda'}: ONNX Runtime is served on CPU only"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "torch", "onnxruntime is not installed (pip install 'tokmask-peft[onnx]')"
+    configs = [read_run_config(run) for spec in specs for run in runs_of(parse_spec(spec)[1], seed)[0].values()]
+    adapters = sum(1 for c in configs if c["method"] != "full" and "onnx" not in c)
+    if adapters > 1:
+        return "torch", f"{adapters} adapters share their base in torch; ONNX would hold a copy of it per adapter"
+    return "onnx", "CPU, no base shared between adapters"
 
 
 def prepare(served: Served, texts: list) -> tuple[list[tuple], list[int]]:
