@@ -4,7 +4,8 @@
         [--runs runs/low_resource] [--out benchmarks/results/low_resource]
     python benchmarks/low_resource.py --summary [--readme README.md]
         # OUT/summary.md (every block in one table, and each block's run times), OUT/summary.png (each
-        # held-out Δ and its interval); --readme puts the table between the README's summary markers
+        # held-out Δ and its interval), OUT/shifts.md (issue 40: each shift block's Δ per condition);
+        # --readme puts both tables between the README's markers
 
 Each block is one regime (model, method, data size); each strategy is one sweep of that regime's
 recipe in ``RUNS/block_N/<strategy>``. A block's first strategy (``token``, or ``none``) holds the shared p = 0 runs:
@@ -203,9 +204,11 @@ def main(argv=None) -> None:
     if args.summary:
         table = summary_table(Path(args.out)) + "\n" + run_times(Path(args.out))
         atomic_write_text(Path(args.out) / "summary.md", table)
-        atomic_write_text(Path(args.out) / "shifts.md", shift_table(Path(args.out)))
+        shifts = shift_table(Path(args.out))
+        atomic_write_text(Path(args.out) / "shifts.md", shifts)
         if args.readme:
-            atomic_write_text(args.readme, splice_summary(args.readme.read_text(), table, args.readme))
+            text = splice_summary(args.readme.read_text(), table, args.readme)
+            atomic_write_text(args.readme, splice_summary(text, shifts, args.readme, (SHIFTS_START, SHIFTS_END)))
         print(table, end="")
         return
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -268,16 +271,20 @@ def summary_table(out: Path) -> str:
 
 
 SUMMARY_START, SUMMARY_END = "<!-- low-resource summary:", "<!-- end of summary -->"
+SHIFTS_START, SHIFTS_END = "<!-- shifts: ", "<!-- end of shifts -->"
 
 
-def splice_summary(text: str, table: str, name: Path | str) -> str:
-    """``text`` with the lines between its summary markers replaced by ``table`` (markers kept)."""
+def splice_summary(text: str, table: str, name: Path | str, markers: tuple[str, str] = (SUMMARY_START, SUMMARY_END)
+                   ) -> str:
+    """``text`` with the lines between its ``markers`` (a line starting with the first, a line that is the
+    second) replaced by ``table`` (markers kept)."""
+    start, end = markers
     lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.startswith(SUMMARY_START)]
-    ends = [i for i, line in enumerate(lines) if line.strip() == SUMMARY_END]
+    starts = [i for i, line in enumerate(lines) if line.startswith(start)]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
     if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise ValueError(f"{name}: expected one line starting {SUMMARY_START!r} and, after it, one line "
-                         f"{SUMMARY_END!r}; found {len(starts)} and {len(ends)}")
+        raise ValueError(f"{name}: expected one line starting {start!r} and, after it, one line "
+                         f"{end!r}; found {len(starts)} and {len(ends)}")
     return "".join(lines[:starts[0] + 1]) + table.rstrip("\n") + "\n" + "".join(lines[ends[0]:])
 
 
@@ -409,7 +416,7 @@ def shift_block(number: int, block: Block, names: list[str], seeds: set[int], fo
     recipe = read_run_config(balanced / names[0] / base_rows[0]["run"])["recipe"]
     shifted = sorted({n.split(":", 1)[1] for n in read_metrics(balanced / names[0] / base_rows[0]["run"])["shifted"]})
     conditions = ["clean", *shifted]
-    lines = [f"{block.regime} (block {number}), {len(seeds)} seeds: Δ weighted F1 vs the shared p = 0 "
+    lines = [f"{block.regime} (block {number}), {len(seeds)} seed{'' if len(seeds) == 1 else 's'}: Δ weighted F1 vs the shared p = 0 "
              "[95 % interval], verdict", "", "| strategy | set | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 2) + "|"]
     files = PredictionFiles()
     for name in names[1:]:

@@ -87,6 +87,8 @@ def test_summary_replaces_only_the_lines_between_the_readme_markers():
         "intro\n<!-- low-resource summary: rebuilt by ... -->\n| new |\n<!-- end of summary -->\nguide\n")
     with pytest.raises(ValueError, match=r"README.md: .* found 1 and 0"):
         splice_summary("<!-- low-resource summary: x -->\n| old |\n", "| new |\n", "README.md")
+    shifts = ("<!-- shifts: x -->", "<!-- end of shifts -->")
+    assert splice_summary(f"a\n{shifts[0]}\nold\n{shifts[1]}\n", "new", "R", shifts) == f"a\n{shifts[0]}\nnew\n{shifts[1]}\n"
 
 
 def test_low_resource_block_judges_every_strategy_against_the_shared_p0_on_dev_and_the_test_carve(
