@@ -10,7 +10,7 @@ export TOKMASK_SHARED="${TOKMASK_SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/sh
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu.sh needs a CUDA GPU')"
 out=benchmarks/results
 started=$(date +%s)
-python benchmarks/serve_load.py --seconds 20 --clients 1,32 --backends torch --out "$out/gpu_serve" 2>&1 | tail -3
+python benchmarks/serve_load.py --seconds 20 --clients 1,32 --backends torch --generators python --out "$out/gpu_serve" 2>&1 | tail -3
 python benchmarks/side_by_side.py --shape qwen2.5-0.5b --rates 6 --train 256 --out "$out/gpu_side_by_side" 2>&1 | tail -3
 python benchmarks/throughput.py --shape qwen2.5-0.5b --compile --bf16 --repeats 2 --out "$out/gpu_throughput" 2>&1 | tail -3
 echo "benchmarks/gpu.sh: $(( $(date +%s) - started )) s"

@@ -228,6 +228,28 @@ def test_a_pair_adapter_refuses_single_texts_and_file_prediction_reads_the_pair_
 
 
 @pytest.mark.slow
+def test_pair_multi_label_and_regression_runs_export_to_onnx_and_answer_as_pytorch(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tokmask_peft.onnx_export import export_run, onnx_classifier
+
+    inputs = {"single_label": [("a dog runs", "an animal moves"), ("a man plays", "nobody plays")],
+              "multi_label": ["I am so happy for you, thank you!", "this is awful"],
+              "regression": [("a dog runs", "an animal moves"), ("a man plays", "nobody plays")]}
+    for problem, texts in inputs.items():
+        run = trained / problem / "mask_0.00" / "seed_0"
+        measured = export_run(run, tmp_path / problem, quantize="int8")
+        assert measured["max_abs_diff"] <= 1e-4 and measured["metric"] == {
+            "single_label": "weighted_f1", "multi_label": "micro_f1", "regression": "pearson"}[problem]
+        exported, reference = onnx_classifier(tmp_path / problem), Classifier.from_run(run)
+        ours, theirs = exported.predict(texts), reference.predict(texts)
+        assert [o.get("label", o.get("labels")) for o in ours] == [t.get("label", t.get("labels")) for t in theirs]
+        if problem == "regression":
+            assert all(abs(o["score"] - t["score"]) < 1e-4 for o, t in zip(ours, theirs))
+    assert read_run_config(tmp_path / "multi_label")["thresholds"] == read_run_config(
+        trained / "multi_label" / "mask_0.00" / "seed_0")["thresholds"]  # tuned on dev, carried and used
+
+
+@pytest.mark.slow
 def test_serve_answers_pairs_and_multi_label_in_the_documented_shapes(trained):
     from starlette.testclient import TestClient
 
