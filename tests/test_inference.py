@@ -49,6 +49,22 @@ def test_two_adapters_on_one_base_match_each_alone(swept):
         both.use(0.5)
 
 
+def test_predict_and_the_server_path_run_without_autograd_through_the_fused_lora_forward(swept):
+    from tokmask_peft.serving import AdapterPool, prepare
+
+    clf = Classifier.from_run(swept["sequence"] / "mask_0.30" / "seed_0", device="cpu")
+    layer = next(m for m in clf.model.modules() if "_tokmask_peft_forward" in vars(m))
+    grad_on = []
+    layer.register_forward_pre_hook(lambda module, args: grad_on.append(torch.is_grad_enabled()))
+    clf.predict(TEXTS)
+    pool = AdapterPool([str(swept["sequence"] / "mask_0.30" / "seed_0")])
+    served = next(iter(pool.served.values()))
+    pool_layer = next(m for m in served.classifier.model.modules() if "_tokmask_peft_forward" in vars(m))
+    pool_layer.register_forward_pre_hook(lambda module, args: grad_on.append(torch.is_grad_enabled()))
+    pool.predict(served, prepare(served, TEXTS)[0])
+    assert len(grad_on) == 2 and not any(grad_on)
+
+
 @pytest.mark.parametrize("metric", ["weighted_f1", "loss"])
 def test_sweep_loads_with_the_rate_best_on_dev_active(swept, metric):
     out = swept["sequence"]
