@@ -130,3 +130,18 @@ def test_auto_picks_onnx_only_on_cpu_with_onnxruntime_and_no_base_shared(runs, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert auto_backend([single], device="cpu") == ("torch", "onnxruntime is not installed (pip install "
                                                              "'tokmask-peft[onnx]')")
+
+
+def test_a_missing_onnxruntime_is_named_with_the_extra_to_install(runs, tmp_path, monkeypatch):
+    import sys
+
+    from tokmask_peft.onnx_export import export_run
+    from tokmask_peft.serving import AdapterPool
+
+    monkeypatch.setenv("TOKMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'tokmask-peft\[onnx\]'"):
+        export_run(runs / "sequence" / "mask_0.00" / "seed_0", tmp_path / "out")
+    with pytest.raises(ImportError, match=r"pip install 'tokmask-peft\[onnx\]'"):
+        AdapterPool([str(runs / "sequence" / "mask_0.00" / "seed_0")], backend="onnx")
+    assert not (tmp_path / "out").exists()
