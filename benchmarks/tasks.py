@@ -8,7 +8,9 @@ MiniLM-L6; ``--method full`` sets full fine-tuning at lr 5e-5) swept over rates 
 then, as the peer, the HF ``Trainer`` on the same encoded features at p = 0: same model builder, batch
 size, epochs, learning rate, warm-up and early stopping on the same dev metric (patience), grouped by length,
 best checkpoint reloaded, then scored on test. Both are resumable: the sweep skips finished runs, the peer
-finished seeds (kept in the result JSON). Reported: each side's test metric (mean over seeds) and training
+finished seeds (kept in the result JSON); each finished run is copied light into ``OUT/tasks_TASK_METHOD/``
+(metrics, config, predictions; no weights and no text: SICK is never shipped) and skipped on any machine
+that has the copy. Reported: each side's test metric (mean over seeds) and training
 wall time, and our verdict of p = 0.1 against p = 0 on test (paired, two-level bootstrap).
 """
 from __future__ import annotations
@@ -34,8 +36,8 @@ RECIPES = {"nli": "sick_nli", "relatedness": "sick_relatedness", "goemotions": "
 FULL = ["model.method=full", "train.lr=5e-5"]
 
 
-def job_recipe(task: str, method: str, seeds: list[int], out: Path, tiny: str | None) -> Recipe:
-    overrides = [f"train.output_dir={out}", f"sweep.seeds={seeds}", *(FULL if method == "full" else [])]
+def job_recipe(task: str, method: str, seeds: list[int], out: Path, tiny: str | None, extra: tuple = ()) -> Recipe:
+    overrides = [f"train.output_dir={out}", f"sweep.seeds={seeds}", *(FULL if method == "full" else []), *extra]
     if tiny:  # seconds: a tiny encoder, short slices, one epoch
         overrides += [f"model.name={tiny}", "train.epochs=1", "data.max_train_examples=64", "data.max_eval_examples=48"]
     recipe = Recipe.from_yaml(ROOT / "recipes" / f"{RECIPES[task]}.yaml", overrides)
@@ -99,23 +101,32 @@ def ours(out: Path, metric: str) -> dict:
 
 
 def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str | None) -> dict:
+    """Seed by seed (both rates, then that seed's peer), each finished run copied light into
+    ``OUT/NAME/`` (metrics, config, predictions: no weights, no text) and the result JSON rewritten, so a
+    job cut short leaves committed evidence and continues on any machine without training it again."""
+    from low_resource import missing_rates
+    from real_data import light_copy
+
     from tokmask_peft.sweeps import sweep
 
     name = f"tasks_{task}_{method}" + ("_tiny" if tiny else "")
-    runs = ROOT / "runs" / "tasks" / name if not tiny else out_dir / name
+    runs = ROOT / "runs" / "tasks" / name if not tiny else out_dir / f"{name}_runs"
+    copy = Path(out_dir) / name
     recipe = job_recipe(task, method, seeds, runs, tiny)
-    sweep(recipe, runs)
     path = Path(out_dir) / f"{name}.json"
     peer = {p["seed"]: p for p in json.loads(path.read_text()).get("peer", [])} if path.is_file() else {}
-    todo = [s for s in seeds if s not in peer]
-    if todo:
-        setup = Setup.from_recipe(recipe)
-        for seed in todo:
+    setup = None
+    for seed in seeds:
+        for rate in missing_rates(copy, job_recipe(task, method, [seed], runs, tiny), seed):
+            sweep(job_recipe(task, method, [seed], runs, tiny, [f"sweep.rates=[{rate}]"]), runs)
+            light_copy(runs, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"), sweep_files=False)
+        if seed not in peer:
+            setup = setup or Setup.from_recipe(recipe)
             peer[seed] = peer_run(recipe, setup, seed, out_dir / f"{name}_peer_{seed}")
-            print(f"peer seed {seed}: {peer[seed]}")
-    result = {"task": task, "method": method, "metric": recipe.train.metric, "recipe": recipe.to_dict(),
-              "ours": ours(runs, recipe.train.metric), "peer": sorted(peer.values(), key=lambda p: p["seed"])}
-    write_result(name, result, out_dir)
+            print(f"peer seed {seed}: {peer[seed]}", flush=True)
+        result = {"task": task, "method": method, "metric": recipe.train.metric, "recipe": recipe.to_dict(),
+                  "ours": ours(copy, recipe.train.metric), "peer": sorted(peer.values(), key=lambda p: p["seed"])}
+        write_result(name, result, out_dir)
     return result
 
 

@@ -12,7 +12,7 @@ from helpers import shared_path
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["masking_cost", "masking_overhead", "masking_strategies", "throughput", "sweep_cost", "memory",
-           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side", "tasks"]
+           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side"]
 
 
 # throughput runs once, with --compile: that run times every plain setting too.
@@ -30,6 +30,25 @@ def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     assert data["benchmark"] and data["environment"]["versions"]["torch"]
     if flags:
         assert data["speedup_compiled"] > 0
+
+
+def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_runs(tmp_path):
+    shared_path("data", "sick")
+
+    def tasks():
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tasks.py"), "--tiny", "--out", str(tmp_path)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / "tasks_nli_lora_tiny.json").read_text())
+
+    first = tasks()
+    copy = tmp_path / "tasks_nli_lora_tiny"
+    assert {p.parent.parent.name for p in copy.glob("mask_*/seed_0/predictions.npz")} == {"mask_0.00", "mask_0.10"}
+    assert not list(copy.rglob("*.safetensors")) and first["peer"][0]["seed"] == 0
+    shutil.rmtree(tmp_path / "tasks_nli_lora_tiny_runs")  # another machine: only the committed copy
+    second = tasks()
+    assert not (tmp_path / "tasks_nli_lora_tiny_runs").exists()  # nothing trained again
+    assert second["ours"] == first["ours"] and second["peer"] == first["peer"]
 
 
 def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example():
