@@ -416,8 +416,9 @@ def shift_block(number: int, block: Block, names: list[str], seeds: set[int], fo
     recipe = read_run_config(balanced / names[0] / base_rows[0]["run"])["recipe"]
     shifted = sorted({n.split(":", 1)[1] for n in read_metrics(balanced / names[0] / base_rows[0]["run"])["shifted"]})
     conditions = ["clean", *shifted]
-    lines = [f"{block.regime} (block {number}), {len(seeds)} seed{'' if len(seeds) == 1 else 's'}: Δ weighted F1 vs the shared p = 0 "
-             "[95 % interval], verdict", "", "| strategy | set | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 2) + "|"]
+    seed_count = f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'}"
+    lines = [f"{block.regime} (block {number}), {seed_count}: Δ weighted F1 vs the shared p = 0 [95 % interval], "
+             "verdict", "", "| strategy | set | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 2) + "|"]
     files = PredictionFiles()
     for name in names[1:]:
         rows = collect(balanced / name)

@@ -93,17 +93,16 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) 
             "p50_ms": round(cuts[49] * 1000, 2), "p99_ms": round(cuts[98] * 1000, 2)}
 
 
-def autocannon_loop(url: str, texts_file: Path, clients: int, seconds: float) -> dict:
+def autocannon_loop(url: str, texts_file: Path, clients: int, seconds: float, node_path: Path) -> dict:
     """The same closed loop from autocannon (Node.js, ``benchmarks/autocannon_load.js``): a load generator
     that costs the two cores far less than Python clients do, so the server's own limit shows."""
     import httpx
 
     for text in texts_file.read_text().split("\n")[:4]:  # warm up, as the Python clients do
         httpx.post(f"{url}/predict", json={"inputs": text, "truncate": True}, timeout=60).raise_for_status()
-    env = {**os.environ, "NODE_PATH": subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()}
     done = subprocess.run(["node", str(Path(__file__).with_name("autocannon_load.js")), url, str(texts_file),
-                           str(clients), str(max(1, round(seconds)))], capture_output=True, text=True, env=env,
-                          timeout=seconds + 60)
+                           str(clients), str(max(1, round(seconds)))], capture_output=True, text=True,
+                          env={**os.environ, "NODE_PATH": str(node_path)}, timeout=seconds + 60)
     if done.returncode:
         raise SystemExit(f"autocannon failed: {done.stderr.strip()[-500:]}")
     cell = json.loads(done.stdout.strip().splitlines()[-1])
@@ -112,11 +111,12 @@ def autocannon_loop(url: str, texts_file: Path, clients: int, seconds: float) ->
     return cell
 
 
-def has_autocannon() -> bool:
-    if not shutil.which("node"):
-        return False
-    root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()
-    return (Path(root) / "autocannon").is_dir()
+def node_modules() -> Path | None:
+    """npm's global module folder (``NODE_PATH`` for the load script) where autocannon is installed there."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        return None
+    root = Path(subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip())
+    return root if (root / "autocannon").is_dir() else None
 
 
 def server_memory_mb(run: Path, backend: str, adapters: int) -> float:
@@ -161,7 +161,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     seconds, clients = (2.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
     backends, generators = args.backends.split(","), args.generators.split(",")
-    if "autocannon" in generators and not has_autocannon():
+    node_path = node_modules() if "autocannon" in generators else None
+    if "autocannon" in generators and node_path is None:
         if not args.tiny:
             raise SystemExit("--generators autocannon needs Node.js and autocannon: npm install -g autocannon@9")
         generators.remove("autocannon")  # CI's fresh machine: the Python clients check the script runs
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
                         for generator in generators:
                             cells[generator][key] = (asyncio.run(closed_loop(url, texts, n, seconds))
                                                      if generator == "python" else
-                                                     autocannon_loop(url, texts_file, n, seconds))
+                                                     autocannon_loop(url, texts_file, n, seconds, node_path))
                             print(generator, key, cells[generator][key], flush=True)
                 finally:
                     process.terminate()

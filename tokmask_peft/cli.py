@@ -158,7 +158,8 @@ def cmd_serve(args) -> None:
         print(f"tokmask serve: warning: {host} is reachable from other machines and no --api-key (or "
               f"{API_KEY_ENV}) is set: anyone who can reach it can use it", file=sys.stderr)
     print(f"tokmask serve: {len(pool.served)} adapter(s) on {len(pool.classifiers)} base(s) ({pool.backend}: "
-          f"{pool.backend_reason}), default {pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+          f"{pool.backend_reason}), default {pool.default}; listening on http://{args.host}:{sock.getsockname()[1]}",
+          flush=True)
     config = uvicorn.Config(app, http=header_deadline_protocol(args.read_timeout), log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -149,11 +149,8 @@ def check_texts(config: dict) -> tuple[list, str]:
     from .config import Recipe
     from .recipe_setup import read_splits
 
-    recipe = config["recipe"]  # dev only: the extra sets (another corpus, thousands of rows) are not read
-    recipe = {**recipe, "data": {**recipe["data"], "extra_eval": {}},
-              "sweep": {**recipe.get("sweep", {}), "objective": "clean"}}
-    try:
-        dev = read_splits(Recipe.from_dict(recipe))[1][:CHECK_TEXTS]
+    try:  # dev only: the extra sets (another corpus, thousands of rows) are not read
+        dev = read_splits(Recipe.from_dict(config["recipe"]), extra_sets=False).dev[:CHECK_TEXTS]
     except (OSError, ValueError):
         return FALLBACK_TEXTS, "three fixed texts (the run's dev data was not found)"
     return dev, f"{len(dev)} dev texts"

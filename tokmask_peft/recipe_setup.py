@@ -43,8 +43,9 @@ class Splits(NamedTuple):
     """The training file as read, before any carve or subset: multi-label takes its label set from it."""
 
 
-def read_splits(recipe: Recipe) -> Splits:
-    """Train, dev and extra evaluation examples, with the recipe's subsets taken.
+def read_splits(recipe: Recipe, extra_sets: bool = True) -> Splits:
+    """Train, dev and extra evaluation examples, with the recipe's subsets taken (``extra_sets=False``: the
+    ``data.extra_eval`` files, maybe a whole other corpus, are not read; the test carve still is).
 
     Shuffles are fixed (seed 0): every rate and seed of a sweep sees the same split and subset.
     """
@@ -81,7 +82,8 @@ def read_splits(recipe: Recipe) -> Splits:
                       "data.dev or a larger data.dev_fraction", TokmaskWarning, stacklevel=3)
     if d.max_train_examples and d.max_train_examples < len(train):
         train = random.Random(0).sample(train, d.max_train_examples)
-    extra = {name: extra_set(read, d.eval_source(name))[: d.max_eval_examples or None] for name in d.extra_eval}
+    extra = {name: extra_set(read, d.eval_source(name))[: d.max_eval_examples or None]
+             for name in (d.extra_eval if extra_sets else ())}
     return Splits(train, dev, {**extra, **held_out}, whole_train)
 
 
