@@ -1,12 +1,18 @@
 """Masked-view ensembles at inference (issue 40, the RanMASK idea): does averaging K masked views of each
 input change clean F1, F1 under shifts, or calibration? Scored, not retrained.
 
-    python benchmarks/tta.py --block 7 [--strategies none,word_p1] [--k 8] [--runs runs/low_resource]
+    python benchmarks/tta.py --block 7 [--strategies none,word_p1] [--k 8] [--sets test,test:mask@0.2,...]
+                             [--runs runs/low_resource,...] [key=value ...]
 
-For each finished run of the block's strategies (their weights under RUNS), every held-out set and its
-shifted copies are scored twice with the same weights: plainly, and as the mean of K views drawn with the
-adapter's own unit and replacement at its training rate (at p = 0, at ``--rate``, default 0.1). Per
-(strategy, set): weighted F1 and ECE (15 bins) with and without the ensemble, and the ensemble's paired Δ
+For each run of the block's strategies, each chosen set is scored as the mean of K views drawn with the
+adapter's own unit and replacement at its training rate (at p = 0, at ``--rate``, default 0.1), and compared
+with the run's own plain predictions on that set (its committed ``predictions.npz``: same weights, same fixed
+shifted copies, so they are not computed again). The sets default to every clean held-out set plus ``test``
+with 20 % of words masked: K views cost K forward passes, ~10 min per model at one thread here for those.
+
+Each run's ensemble predictions land in its light copy (``OUT/block_N/STRATEGY/mask_*/seed_*/tta_kK.npz``)
+as soon as they are scored, so a cut measurement resumes and the table is rebuilt on a machine without
+the weights. Per (strategy, set): weighted F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ
 over seeds with the two-level bootstrap interval and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
 """
 from __future__ import annotations
@@ -23,41 +29,69 @@ from _common import environment  # noqa: E402
 from low_resource import BLOCKS, NAMES, strategy_recipe  # noqa: E402
 
 from tokmask_peft.metrics import classification_metrics  # noqa: E402
-from tokmask_peft.runs import Predictions, TOKMASK_CONFIG  # noqa: E402
+from tokmask_peft.runs import (PREDICTIONS_FILE, TOKMASK_CONFIG, Predictions, load_predictions,  # noqa: E402
+                               save_predictions)
 from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.verdicts import paired_verdict  # noqa: E402
 
 
-def scored(clf, examples, features, k: int, rate: float | None) -> Predictions:
-    """Predictions on one set (its features as the run saw them), plain (k = 0) or as a K-view ensemble."""
+def ensemble(clf, examples, features: list[dict], k: int, rate: float | None, plain: Predictions) -> Predictions:
+    """The K-view ensemble on one set (its features as the run saw them), in ``plain``'s row order (runs
+    save rows in scoring order, ``example`` naming each row's input); gold labels must agree."""
     import torch
 
     features = [{key: v for key, v in f.items() if key != "labels"} for f in features]
     rows = [row for row, _ in clf.forward(examples, features, batch_size=64, tta=k, tta_rate=rate)]
-    probs = torch.stack(rows).softmax(-1).numpy()
-    labels = {label: i for i, label in enumerate(clf.labels)}
-    gold = np.array([labels[e.label] for e in examples])
-    return Predictions(np.arange(len(gold)), gold, probs.argmax(1), probs)
+    probs = torch.stack(rows).softmax(-1).numpy()[plain.example]
+    index = {label: i for i, label in enumerate(clf.labels)}
+    if not np.array_equal(np.array([index[examples[i].label] for i in plain.example]), plain.gold):
+        raise SystemExit(f"{clf.active}: the set's gold labels differ from those the run saved: another recipe?")
+    return Predictions(plain.example, plain.gold, probs.argmax(1), probs)
 
 
-def score_run(run: Path, setup, k: int, rate: float) -> dict[str, tuple[Predictions, Predictions]]:
-    """Every held-out set and shifted copy of ``run``: (plain, ensemble) predictions."""
-    from tokmask_peft.inference import Classifier
+def shifted_sets(setup) -> dict:
+    """Every held-out set the recipe scores and each of its shifted copies, by the name runs save them
+    under: a function giving its (examples, features), built only when scored."""
     from tokmask_peft.robustness import condition_name, conditions
 
-    clf = Classifier.from_run(run, device="cpu")
-    trained_at = json.loads((run / TOKMASK_CONFIG).read_text())["masking"]["rate"]
-    tc, out = setup.recipe.train, {}
-    kinds = tc.robustness_conditions or ["delete", "mask", "typo"]
-    for name, examples in setup.extra_examples.items():
-        copies = {name: setup.extra_features[name]}
-        for kind, q in conditions(kinds, tc.robustness):
+    tc, sets = setup.recipe.train, {}
+    for name in setup.extra_examples:
+        sets[name] = lambda n=name: (setup.extra_examples[n], setup.extra_features[n])
+        for kind, q in conditions(tc.robustness_conditions or ["delete", "mask", "typo"], tc.robustness):
             if not (kind.startswith("entities") and not setup.tagged(name)):
-                copies[f"{name}:{condition_name(kind, q)}"] = setup.robustness_features(kind, q, name)
-        for set_name, features in copies.items():
-            out[set_name] = (scored(clf, examples, features, 0, None),
-                             scored(clf, examples, features, k, trained_at or rate))
-    return out
+                sets[f"{name}:{condition_name(kind, q)}"] = lambda n=name, c=kind, r=q: (
+                    setup.extra_examples[n], setup.robustness_features(c, r, n))
+    return sets
+
+
+def chosen_sets(setup, asked: str | None) -> dict:
+    """``--sets`` (default: the clean held-out sets and ``test:mask@0.2``); an unknown name is an error."""
+    every = shifted_sets(setup)
+    names = asked.split(",") if asked else [*setup.extra_examples, "test:mask@0.2"]
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise SystemExit(f"--sets: {unknown} not scored by this block; choose from {sorted(every)}")
+    return {n: every[n] for n in names}
+
+
+def score_run(weights: Path, copy: Path, sets: dict, k: int, rate: float) -> None:
+    """Score the sets ``copy``'s ensemble file lacks with the weights in ``weights``; write it at once."""
+    from tokmask_peft.inference import Classifier
+
+    target, plain = copy / f"tta_k{k}.npz", load_predictions(copy / PREDICTIONS_FILE)
+    done = load_predictions(target) if target.exists() else {}
+    todo = [n for n in sets if n not in done]
+    if not todo:
+        return
+    clf = Classifier.from_run(weights, device="cpu")
+    trained_at = json.loads((weights / TOKMASK_CONFIG).read_text())["masking"]["rate"]
+    for name in todo:
+        examples, features = sets[name]()
+        if len(features) != len(plain[name].gold):
+            raise SystemExit(f"{copy}: {name} has {len(features)} inputs now, {len(plain[name].gold)} when trained")
+        done[name] = ensemble(clf, examples, features, k, trained_at or rate, plain[name])
+        save_predictions(target, done)
+        print(f"{copy} {name}: scored", flush=True)
 
 
 def main(argv=None) -> None:
@@ -66,28 +100,42 @@ def main(argv=None) -> None:
     parser.add_argument("--strategies", default="none,word_p1")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--rate", type=float, default=0.1, help="the views' rate for runs trained at p = 0")
-    parser.add_argument("--runs", default="runs/low_resource")
+    parser.add_argument("--sets", help="comma-separated sets (default: clean held-out sets and test:mask@0.2)")
+    parser.add_argument("--runs", default="runs/low_resource", help="comma-separated folders holding the weights")
     parser.add_argument("--out", default="benchmarks/results/low_resource")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to the block's recipes (as low_resource.py)")
     args = parser.parse_args(argv)
     from tokmask_peft.recipe_setup import Setup
 
-    lines, record = [], {}
+    out, lines, record = Path(args.out) / f"block_{args.block}", [], {}
     for name in args.strategies.split(","):
-        folder = Path(args.runs) / f"block_{args.block}" / name
-        runs = sorted(p for p in folder.glob("mask_*/seed_*") if (p / "metrics.json").is_file())
-        if not runs:
-            print(f"{folder}: no finished runs with weights; train the block first", file=sys.stderr)
-            continue
-        setup = Setup.from_recipe(strategy_recipe(args.block, name, [0], []))
-        per_seed = {int(r.name.split("_")[1]): score_run(r, setup, args.k, args.rate) for r in runs}
-        lines += strategy_lines(name, per_seed, args.k)
-        record[name] = {str(s): {set_name: {"plain": _metrics(a), "ensemble": _metrics(b)}
-                                 for set_name, (a, b) in sets.items()} for s, sets in per_seed.items()}
-    out = Path(args.out) / f"block_{args.block}"
+        sets = chosen_sets(Setup.from_recipe(strategy_recipe(args.block, name, [0], args.overrides)), args.sets)
+        for root in args.runs.split(","):
+            for weights in sorted((Path(root) / f"block_{args.block}" / name).glob("mask_*/seed_*")):
+                copy = out / name / weights.relative_to(Path(root) / f"block_{args.block}" / name)
+                if (weights / "metrics.json").is_file() and (copy / PREDICTIONS_FILE).is_file():
+                    score_run(weights, copy, sets, args.k, args.rate)
+        for rate_copy in sorted((out / name).glob("mask_*")):
+            per_seed = committed(rate_copy, list(sets), args.k)
+            if per_seed:
+                lines += strategy_lines(f"{NAMES[name]}, {rate_copy.name}", per_seed, args.k)
+                record.setdefault(name, {})[rate_copy.name] = {
+                    str(s): {n: {"plain": _metrics(a), "ensemble": _metrics(b)} for n, (a, b) in by_set.items()}
+                    for s, by_set in per_seed.items()}
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "tta.md", table)
     atomic_write_text(out / "tta.json", json.dumps({**environment(), "k": args.k, "scores": record}, indent=2))
     print(table)
+
+
+def committed(rate_copy: Path, sets: list[str], k: int) -> dict[int, dict[str, tuple[Predictions, Predictions]]]:
+    """Seed → set → (plain, ensemble) from one rate's light copy: the seeds whose ensemble covers every set."""
+    per_seed = {}
+    for run in sorted(rate_copy.glob(f"seed_*/tta_k{k}.npz")):
+        plain, views = load_predictions(run.parent / PREDICTIONS_FILE), load_predictions(run)
+        if all(n in views for n in sets):
+            per_seed[int(run.parent.name.split("_")[1])] = {n: (plain[n], views[n]) for n in sets}
+    return per_seed
 
 
 def _metrics(p: Predictions) -> dict:
@@ -95,10 +143,10 @@ def _metrics(p: Predictions) -> dict:
             if k in ("weighted_f1", "ece")}
 
 
-def strategy_lines(name: str, per_seed: dict, k: int) -> list[str]:
+def strategy_lines(title: str, per_seed: dict, k: int) -> list[str]:
     """One row per set: mean weighted F1 and ECE plain → ensemble, and the ensemble's paired Δ on each."""
     sets = list(next(iter(per_seed.values())))
-    lines = [f"{NAMES[name]}, {len(per_seed)} seed(s): plain → mean of {k} masked views (paired over seeds, "
+    lines = [f"{title}, {len(per_seed)} seed(s): plain → mean of {k} masked views (paired over seeds, "
              "two-level bootstrap)", "", "| set | weighted F1 | Δ F1 [95 %] | ECE | Δ ECE [95 %] |",
              "|---|---|---|---|---|"]
     for set_name in sets:
@@ -108,7 +156,7 @@ def strategy_lines(name: str, per_seed: dict, k: int) -> list[str]:
         for metric in ("weighted_f1", "ece"):
             before = np.mean([_metrics(p)[metric] for p in plain.values()])
             after = np.mean([_metrics(p)[metric] for p in views.values()])
-            v = paired_verdict(k, views, plain, len(plain[next(iter(plain))].probs[0]), metric)
+            v = paired_verdict(k, views, plain, plain[next(iter(plain))].probs.shape[1], metric)
             cells += [f"{before:.3f} → {after:.3f}", f"{v.delta:+.3f} [{v.low:+.3f}, {v.high:+.3f}] {v.word}"]
         lines.append(f"| {set_name} | " + " | ".join(cells) + " |")
     return lines + [""]

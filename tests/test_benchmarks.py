@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import yaml
 from helpers import shared_path
 
@@ -204,3 +205,49 @@ def test_the_committed_block_results_still_match_the_recipes_that_would_extend_t
     assert checked >= 90
     policies = {name: strategy_recipe(5, name, [0], []).model.mask_policy for name in BLOCKS[5].strategies}
     assert policies == {"none": "auto", "word": "auto", "word_new_mask": "new"}
+
+
+def test_tta_reuses_each_runs_plain_predictions_keeps_its_ensembles_and_resumes_without_weights(
+        tiny_model, toy_data, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import main as train_block, strategy_recipe
+    from tta import main as tta
+
+    from tokmask_peft.inference import Classifier
+    from tokmask_peft.recipe_setup import Setup
+    from tokmask_peft.runs import load_predictions
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    overrides = [f"model.name={tiny_model('bert')}", f"data.train={toy_data['train']}", f"data.dev={toy_data['dev']}",
+                 "data.test_from_train=32", "data.max_train_examples=48", "data.max_length=16", "train.epochs=4",
+                 "train.lr=0.01", "train.robustness=[0.2]", "sweep.rates=[0.0,0.1]"]  # lr: scores must move
+    train_block(["--block", "1", "--strategies", "token", "--seeds", "0,1", "--runs", str(runs), "--out", str(out),
+                 *overrides])
+    args = ["--block", "1", "--strategies", "token", "--k", "2", "--runs", str(runs), "--out", str(out), *overrides]
+    with pytest.raises(SystemExit, match="test:nonsense"):
+        tta([*args, "--sets", "test,test:nonsense"])
+    tta(args)
+    assert capsys.readouterr().out.count(": scored") == 2 * 2 * 2  # 2 rates x 2 seeds x (test, test:mask@0.2)
+    copy = out / "block_1" / "token" / "mask_0.10" / "seed_0"
+    views, plain = load_predictions(copy / "tta_k2.npz"), load_predictions(copy / "predictions.npz")
+    assert sorted(views) == ["test", "test:mask@0.2"]
+    # The plain side is the run's own predictions: the saved weights score the set the same way now.
+    clf = Classifier.from_run(runs / "block_1" / "token" / "mask_0.10" / "seed_0", device="cpu")
+    texts = [e.text for e in Setup.from_recipe(strategy_recipe(1, "token", [0], overrides)).extra_examples["test"]]
+    order = plain["test"].example  # rows in scoring order, each naming its input
+    fresh = np.stack([row.softmax(-1).numpy() for row in clf.logits(texts)])[order]
+    assert np.allclose(fresh, plain["test"].probs, atol=1e-3)  # float16 on disk
+    ensemble = np.stack([row.softmax(-1).numpy() for row in clf.logits(texts, tta=2)])[order]  # its own rate
+    assert np.allclose(ensemble, views["test"].probs, atol=1e-3)
+    assert np.abs(views["test"].probs - plain["test"].probs).max() > 0.01  # the views do change the scores
+    assert np.array_equal(views["test"].gold, plain["test"].gold)
+    table = (out / "block_1" / "tta.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| test")]
+    assert len(rows) == 4 and all(r.count("→") == 2 for r in rows) and "mask_0.00, 2 seed(s)" in table
+    # Weights gone (another machine): nothing is scored again and the table comes from the light copies.
+    shutil.rmtree(runs)
+    tta(args)
+    assert ": scored" not in capsys.readouterr().out
+    assert (out / "block_1" / "tta.md").read_text() == table
+    record = json.loads((out / "block_1" / "tta.json").read_text())["scores"]["token"]["mask_0.10"]
+    assert set(record) == {"0", "1"} and set(record["0"]["test"]["ensemble"]) == {"weighted_f1", "ece"}
