@@ -251,3 +251,39 @@ def test_tta_reuses_each_runs_plain_predictions_keeps_its_ensembles_and_resumes_
     assert (out / "block_1" / "tta.md").read_text() == table
     record = json.loads((out / "block_1" / "tta.json").read_text())["scores"]["token"]["mask_0.10"]
     assert set(record) == {"0", "1"} and set(record["0"]["test"]["ensemble"]) == {"weighted_f1", "ece"}
+
+
+def test_the_shift_table_judges_masked_view_ensembles_against_the_plain_p0_on_the_sets_they_were_drawn_for(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from low_resource import tta_rows
+
+    from tokmask_peft.metrics import classification_metrics
+    from tokmask_peft.runs import Predictions, load_predictions, save_predictions
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 60)
+
+    def preds(correct: float) -> Predictions:
+        pred = np.where(rng.random(60) < correct, gold, (gold + 1) % 3)
+        return Predictions(np.arange(60), gold, pred, np.eye(3)[pred] * 0.9 + 0.1 / 3)
+
+    for s in (0, 1):
+        for name, rate in (("none", "mask_0.00"), ("word_p1", "mask_0.10")):
+            (tmp_path / name / rate / f"seed_{s}").mkdir(parents=True)
+        save_predictions(tmp_path / "none" / "mask_0.00" / f"seed_{s}" / "predictions.npz",
+                         {"test": preds(0.6), "test:mask@0.2": preds(0.4)})
+        run = tmp_path / "word_p1" / "mask_0.10" / f"seed_{s}"
+        save_predictions(run / "predictions.npz", {"test": preds(0.6)})
+        assert tta_rows(tmp_path, "none", "word_p1", ["test"], ["clean", "mask@0.2"]) == []  # a seed lacks views
+        save_predictions(run / "tta_k8.npz", {"test:mask@0.2": preds(0.9)})
+    rows = tta_rows(tmp_path, "none", "word_p1", ["test"], ["clean", "mask@0.2"])
+    cells = [c.strip() for c in rows[0].strip("| ").split("|")]
+    assert cells[:3] == ["whole-word masking + mean of 8 masked views", "test", "–"]  # clean not drawn
+    def f1(path: Path) -> float:
+        p = load_predictions(path)["test:mask@0.2"]
+        return classification_metrics(p.pred, p.gold)["weighted_f1"]
+
+    delta = np.mean([f1(tmp_path / "word_p1" / "mask_0.10" / f"seed_{s}" / "tta_k8.npz")
+                     - f1(tmp_path / "none" / "mask_0.00" / f"seed_{s}" / "predictions.npz") for s in (0, 1)])
+    assert cells[3].startswith(f"{delta:+.3f} [") and cells[3].endswith("better")
+    assert tta_rows(tmp_path, "none", "none", ["test"], ["clean"]) == []  # p = 0 without views: no row
