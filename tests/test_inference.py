@@ -337,3 +337,20 @@ def test_model_card_says_what_was_trained_and_its_snippet_loads_the_run(swept):
         plain = torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0] for t in TEXTS])
     ours = torch.stack(Classifier.from_run(run, device="cpu").logits(TEXTS))
     torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sequence", "token"])
+def test_batches_cut_by_length_still_answer_each_input_in_its_own_place(swept, task):
+    clf = Classifier.from_run(swept[task] / "mask_0.30" / "seed_0", device="cpu")
+    texts = ["casa agua amigo dia sol muy bien the good movie", "nice", "el perro malo come", "the good movie",
+             "dia", "sol muy bien the good movie really nice day"]
+    texts = texts if task == "sequence" else [t.split() for t in texts]
+    widths = []
+    hook = clf.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                               with_kwargs=True)
+    batched = clf.logits(texts, batch_size=4)
+    hook.remove()
+    assert widths[0] < widths[1]  # the four shortest together: the longest text pads only its own batch
+    alone = [clf.logits([t])[0] for t in texts]
+    for together, by_itself in zip(batched, alone):  # batches of 4 mix lengths out of input order
+        torch.testing.assert_close(together, by_itself, rtol=0, atol=1e-5, equal_nan=True)
