@@ -1,18 +1,19 @@
 """Masked-view ensembles at inference (issue 40, the RanMASK idea): does averaging K masked views of each
 input change clean F1, F1 under shifts, or calibration? Scored, not retrained.
 
-    python benchmarks/tta.py --block 7 [--strategies none,word_p1] [--k 8] [--sets test,test:mask@0.2,...]
+    python benchmarks/tta.py --block 7 [--strategies none,word_p1] [--k 8] [--sets all | test,test:mask@0.2,...]
                              [--runs runs/low_resource,...] [key=value ...]
 
 For each run of the block's strategies, each chosen set is scored as the mean of K views drawn with the
 adapter's own unit and replacement at its training rate (at p = 0, at ``--rate``, default 0.1), and compared
 with the run's own plain predictions on that set (its committed ``predictions.npz``: same weights, same fixed
 shifted copies, so they are not computed again). The sets default to every clean held-out set plus ``test``
-with 20 % of words masked: K views cost K forward passes, ~10 min per model at one thread here for those.
+with 20 % of words masked (``all``: every shifted copy too). K views cost K forward passes: block 7 at one
+thread here, ~7 min a model for the default sets, ~20 min for ``all``.
 
 Each run's ensemble predictions land in its light copy (``OUT/block_N/STRATEGY/mask_*/seed_*/tta_kK.npz``)
 as soon as they are scored, so a cut measurement resumes and the table is rebuilt on a machine without
-the weights. Per (strategy, set): weighted F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ
+the weights. The tables cover every strategy and rate with committed ensembles. Per (strategy, set): weighted F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ
 over seeds with the two-level bootstrap interval and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
 """
 from __future__ import annotations
@@ -65,9 +66,10 @@ def shifted_sets(setup) -> dict:
 
 
 def chosen_sets(setup, asked: str | None) -> dict:
-    """``--sets`` (default: the clean held-out sets and ``test:mask@0.2``); an unknown name is an error."""
+    """``--sets`` (default: the clean held-out sets and ``test:mask@0.2``; ``all``: every set and shifted
+    copy the block scores); an unknown name is an error."""
     every = shifted_sets(setup)
-    names = asked.split(",") if asked else [*setup.extra_examples, "test:mask@0.2"]
+    names = list(every) if asked == "all" else asked.split(",") if asked else [*setup.extra_examples, "test:mask@0.2"]
     unknown = [n for n in names if n not in every]
     if unknown:
         raise SystemExit(f"--sets: {unknown} not scored by this block; choose from {sorted(every)}")
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from tokmask_peft.recipe_setup import Setup
 
-    out, lines, record = Path(args.out) / f"block_{args.block}", [], {}
+    out = Path(args.out) / f"block_{args.block}"
     for name in args.strategies.split(","):
         sets = chosen_sets(Setup.from_recipe(strategy_recipe(args.block, name, [0], args.overrides)), args.sets)
         for root in args.runs.split(","):
@@ -115,27 +117,34 @@ def main(argv=None) -> None:
                 copy = out / name / weights.relative_to(Path(root) / f"block_{args.block}" / name)
                 if (weights / "metrics.json").is_file() and (copy / PREDICTIONS_FILE).is_file():
                     score_run(weights, copy, sets, args.k, args.rate)
+    print(write_tables(out, args.k))
+
+
+def write_tables(out: Path, k: int) -> str:
+    """``tta.md`` and ``tta.json`` over every strategy and rate of the block with committed ensembles (not only
+    those scored by this call), each on the sets every one of its seeds has."""
+    lines, record = [], {}
+    for name in [n for n in NAMES if (out / n).is_dir()]:
         for rate_copy in sorted((out / name).glob("mask_*")):
-            per_seed = committed(rate_copy, list(sets), args.k)
+            per_seed = committed(rate_copy, k)
             if per_seed:
-                lines += strategy_lines(f"{NAMES[name]}, {rate_copy.name}", per_seed, args.k)
+                lines += strategy_lines(f"{NAMES[name]}, {rate_copy.name}", per_seed, k)
                 record.setdefault(name, {})[rate_copy.name] = {
                     str(s): {n: {"plain": _metrics(a), "ensemble": _metrics(b)} for n, (a, b) in by_set.items()}
                     for s, by_set in per_seed.items()}
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "tta.md", table)
-    atomic_write_text(out / "tta.json", json.dumps({**environment(), "k": args.k, "scores": record}, indent=2))
-    print(table)
+    atomic_write_text(out / "tta.json", json.dumps({**environment(), "k": k, "scores": record}, indent=2))
+    return table
 
 
-def committed(rate_copy: Path, sets: list[str], k: int) -> dict[int, dict[str, tuple[Predictions, Predictions]]]:
-    """Seed → set → (plain, ensemble) from one rate's light copy: the seeds whose ensemble covers every set."""
-    per_seed = {}
-    for run in sorted(rate_copy.glob(f"seed_*/tta_k{k}.npz")):
-        plain, views = load_predictions(run.parent / PREDICTIONS_FILE), load_predictions(run)
-        if all(n in views for n in sets):
-            per_seed[int(run.parent.name.split("_")[1])] = {n: (plain[n], views[n]) for n in sets}
-    return per_seed
+def committed(rate_copy: Path, k: int) -> dict[int, dict[str, tuple[Predictions, Predictions]]]:
+    """Seed → set → (plain, ensemble) from one rate's light copy, on the sets every seed's ensemble has."""
+    files = {int(f.parent.name.split("_")[1]): f for f in sorted(rate_copy.glob(f"seed_*/tta_k{k}.npz"))}
+    views = {s: load_predictions(f) for s, f in files.items()}
+    common = [n for n in next(iter(views.values()), {}) if all(n in v for v in views.values())]
+    plain = {s: load_predictions(f.parent / PREDICTIONS_FILE) for s, f in files.items()}
+    return {s: {n: (plain[s][n], views[s][n]) for n in common} for s in files} if common else {}
 
 
 def _metrics(p: Predictions) -> dict:

@@ -244,6 +244,10 @@ def test_tta_reuses_each_runs_plain_predictions_keeps_its_ensembles_and_resumes_
     table = (out / "block_1" / "tta.md").read_text()
     rows = [r for r in table.splitlines() if r.startswith("| test")]
     assert len(rows) == 4 and all(r.count("→") == 2 for r in rows) and "mask_0.00, 2 seed(s)" in table
+    tta([*args, "--sets", "all"])  # the shifted copies not drawn yet, and only those
+    assert capsys.readouterr().out.count(": scored") == 2 * 2 * 2  # test:delete@0.2, test:typo@0.2
+    table = (out / "block_1" / "tta.md").read_text()
+    assert len([r for r in table.splitlines() if r.startswith("| test")]) == 2 * 4
     # Weights gone (another machine): nothing is scored again and the table comes from the light copies.
     shutil.rmtree(runs)
     tta(args)
