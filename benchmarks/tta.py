@@ -5,7 +5,8 @@ input change clean F1, F1 under shifts, or calibration? Scored, not retrained.
                              [--runs runs/low_resource,...] [key=value ...]
 
 For each run of the block's strategies, each chosen set is scored as the mean of K views drawn with the
-adapter's own unit and replacement at its training rate (at p = 0, at ``--rate``, default 0.1), and compared
+adapter's own unit and replacement at its training rate (at p = 0, at ``--rate``, default 0.1, in the unit its
+recipe names: token in blocks 7 and 8), and compared
 with the run's own plain predictions on that set (its committed ``predictions.npz``: same weights, same fixed
 shifted copies, so they are not computed again). The sets default to every clean held-out set plus ``test``
 with 20 % of words masked (``all``: every shifted copy too). K views cost K forward passes: block 7 at one
