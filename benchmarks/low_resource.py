@@ -425,39 +425,53 @@ def shift_block(number: int, block: Block, names: list[str], seeds: set[int], fo
         for evaluation_set in held_out_names(recipe):
             cells = []
             for condition in conditions:
-                set_name = evaluation_set if condition == "clean" else f"{evaluation_set}:{condition}"
-                verdicts = set_verdicts(balanced / name, rows, set_name, "weighted_f1",
+                verdicts = set_verdicts(balanced / name, rows, _set_name(evaluation_set, condition), "weighted_f1",
                                         baseline=(balanced / names[0], base_rows), files=files)
-                cells.append(" ".join(f"{v.delta:+.3f} {_short(v)} {v.word}" for v in verdicts) or "–")
+                cells.append(" ".join(map(_cell, verdicts)) or "–")
             lines.append(f"| {NAMES[name]} | {evaluation_set} | " + " | ".join(cells) + " |")
-    lines += [row for name in names for row in tta_rows(balanced, names[0], name, held_out_names(recipe), conditions)]
+    lines += [row for name in names
+              for row in tta_rows(balanced, names[0], name, held_out_names(recipe), conditions, files)]
     return "\n".join(lines) + "\n"
 
 
-def tta_rows(balanced: Path, base: str, name: str, held_out: list[str], conditions: list[str], k: int = 8) -> list[str]:
+def tta_rows(balanced: Path, base: str, name: str, held_out: list[str], conditions: list[str],
+             files: PredictionFiles | None = None, k: int = 8) -> list[str]:
     """``name`` scored as the mean of K masked views (``benchmarks/tta.py``), against the shared p = 0 scored
-    plainly, on the sets the views were drawn for (``–`` elsewhere); no row until every seed has them."""
+    plainly (its predictions read through ``files``, the table's cache), on the sets the views were drawn
+    for (``–`` elsewhere); no row until every seed has them."""
+    from tokmask_peft.reporting import PredictionFiles
     from tokmask_peft.runs import load_predictions
     from tokmask_peft.verdicts import paired_verdict
 
+    files = PredictionFiles() if files is None else files
     runs = sorted(balanced.glob(f"{name}/mask_*/seed_*"))
     if not runs or not all((run / f"tta_k{k}.npz").is_file() for run in runs):
         return []
     views = {int(run.name.split("_")[1]): load_predictions(run / f"tta_k{k}.npz") for run in runs}
-    plain = {s: load_predictions(balanced / base / "mask_0.00" / f"seed_{s}" / "predictions.npz") for s in views}
     lines = []
     for evaluation_set in held_out:
         cells = []
         for condition in conditions:
-            set_name = evaluation_set if condition == "clean" else f"{evaluation_set}:{condition}"
+            set_name = _set_name(evaluation_set, condition)
             if not all(set_name in v for v in views.values()):
                 cells.append("–")
                 continue
-            ours, theirs = ({s: by_set[s][set_name] for s in views} for by_set in (views, plain))
-            v = paired_verdict(k, ours, theirs, next(iter(theirs.values())).probs.shape[1])
-            cells.append(f"{v.delta:+.3f} {_short(v)} {v.word}")
+            ours = {s: by_set[set_name] for s, by_set in views.items()}
+            theirs = {s: files.get_set(balanced / base / "mask_0.00" / f"seed_{s}", set_name) for s in views}
+            cells.append(_cell(paired_verdict(k, ours, theirs, next(iter(theirs.values())).probs.shape[1])))
         lines.append(f"| {NAMES[name]} + mean of {k} masked views | {evaluation_set} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _set_name(evaluation_set: str, condition: str) -> str:
+    """The saved set a shift table cell reads: the set itself when clean, else its shifted copy."""
+    from tokmask_peft.robustness import shifted_set
+
+    return evaluation_set if condition == "clean" else shifted_set(evaluation_set, condition)
+
+
+def _cell(verdict) -> str:
+    return f"{verdict.delta:+.3f} {_short(verdict)} {verdict.word}"
 
 
 def _short(verdict) -> str:

@@ -54,14 +54,14 @@ def ensemble(clf, examples, features: list[dict], k: int, rate: float | None, pl
 def shifted_sets(setup) -> dict:
     """Every held-out set the recipe scores and each of its shifted copies, by the name runs save them
     under: a function giving its (examples, features), built only when scored."""
-    from tokmask_peft.robustness import condition_name, conditions
+    from tokmask_peft.robustness import CORRUPTIONS, condition_name, shifted_set
 
-    tc, sets = setup.recipe.train, {}
+    sets = {}
     for name in setup.extra_examples:
         sets[name] = lambda n=name: (setup.extra_examples[n], setup.extra_features[n])
-        for kind, q in conditions(tc.robustness_conditions or ["delete", "mask", "typo"], tc.robustness):
-            if not (kind.startswith("entities") and not setup.tagged(name)):
-                sets[f"{name}:{condition_name(kind, q)}"] = lambda n=name, c=kind, r=q: (
+        for kind, q in setup.recipe.scored_shifts():
+            if not CORRUPTIONS[kind].needs_tags or setup.tagged(name):  # as training scores them
+                sets[shifted_set(name, condition_name(kind, q))] = lambda n=name, c=kind, r=q: (
                     setup.extra_examples[n], setup.robustness_features(c, r, n))
     return sets
 

@@ -434,11 +434,16 @@ class Recipe:
         if self.masking.segments != "both" and not self.data.text_pair_column:
             raise ValueError(f"masking.segments {self.masking.segments} needs sentence pairs (data.text_pair_column)")
 
-    def scored_conditions(self) -> list[str]:
-        """The names of the shifted conditions a run of this recipe is scored under (``mask@0.2``, …)."""
+    def scored_shifts(self) -> list[tuple[str, float | None]]:
+        """(kind, severity) of every shifted copy a run of this recipe is scored on: the named conditions,
+        else delete / mask / typo at each ``train.robustness`` severity."""
         tc = self.train
         kinds = tc.robustness_conditions or (list(GRADED_DEFAULT) if tc.robustness else [])
-        return [condition_name(kind, q) for kind, q in conditions(kinds, tc.robustness)]
+        return conditions(kinds, tc.robustness)
+
+    def scored_conditions(self) -> list[str]:
+        """The names of the shifted conditions a run of this recipe is scored under (``mask@0.2``, …)."""
+        return [condition_name(kind, q) for kind, q in self.scored_shifts()]
 
     def check_shifts(self) -> None:
         tc = self.train

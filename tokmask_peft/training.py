@@ -49,7 +49,7 @@ from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
-from .robustness import CORRUPTIONS, GRADED_DEFAULT, condition_name, conditions, shifted_set
+from .robustness import CORRUPTIONS, condition_name, shifted_set
 from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, SCRATCH_DIR, TOKMASK_CONFIG, is_complete,
                    run_config, run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
@@ -559,14 +559,14 @@ def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
     setup, tc, k = loop.setup, loop.recipe.train, len(loop.slots)
     sets = {DEV_SET: setup.dev_features, **setup.extra_features}
     per_set = {name: loop.score(features, keep=True, slots=k) for name, features in sets.items()}
-    kinds = tc.robustness_conditions or (list(GRADED_DEFAULT) if tc.robustness else [])
-    for kind, q in conditions(kinds, tc.robustness):
+    shifts = loop.recipe.scored_shifts()
+    for kind, q in shifts:
         for name in sets:
             if CORRUPTIONS[kind].needs_tags and not setup.tagged(name):
                 continue  # entity redaction reads word tags: a set of another corpus has none
             per_set[shifted_set(name, condition_name(kind, q))] = loop.score(
                 setup.robustness_features(kind, q, name), keep=True, slots=k)
-    graded = [(kind, q) for kind, q in conditions(kinds, tc.robustness) if q is not None]
+    graded = [(kind, q) for kind, q in shifts if q is not None]
     return [({name: scores[i] for name, scores in per_set.items()},
              {kind: {str(q): per_set[shifted_set(DEV_SET, condition_name(kind, q))][i][0]
                      for q in tc.robustness} for kind in dict.fromkeys(kind for kind, _ in graded)})
