@@ -14,8 +14,9 @@ thread here, ~7 min a model for the default sets, ~20 min for ``all``.
 
 Each run's ensemble predictions land in its light copy (``OUT/block_N/STRATEGY/mask_*/seed_*/tta_kK.npz``)
 as soon as they are scored, so a cut measurement resumes and the table is rebuilt on a machine without
-the weights. The tables cover every strategy and rate with committed ensembles. Per (strategy, set): weighted F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ
-over seeds with the two-level bootstrap interval and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
+the weights. The tables cover every strategy and rate with committed ensembles. Per (strategy, set): weighted
+F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ over seeds with the two-level bootstrap
+interval and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
 """
 from __future__ import annotations
 
