@@ -103,7 +103,7 @@ def test_the_objective_changes_the_recommendation_and_a_worse_clean_rate_is_refu
 @pytest.mark.slow
 def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_for_its_objective(
         tiny_model, tmp_path):
-    from tokmask_peft.reporting import set_verdicts, collect
+    from tokmask_peft.reporting import PredictionFiles, collect, objective_lines, set_verdicts
     from tokmask_peft.runs import load_predictions
     from tokmask_peft.sweeps import sweep
     from tokmask_peft.verdicts import paired_verdict
@@ -143,6 +143,11 @@ def test_a_sweep_scores_shifted_dev_and_test_copies_judges_them_and_recommends_f
     by_hand = paired_verdict(0.3, kept("0.30"), kept("0.00"), 3, "weighted_f1")
     assert (ours.delta, ours.low, ours.high) == (by_hand.delta, by_hand.low, by_hand.high)
     assert np.isfinite(ours.delta) and (out / "results.png").stat().st_size > 0
+    # Objective another corpus: no dev copy, so the rate picked on clean dev is judged there.
+    dev = set_verdicts(out, rows, "dev", "weighted_f1")
+    [line] = objective_lines(out, rows, "weighted_f1", "other", dev, ["test", "other"], PredictionFiles())[1:]
+    [there] = set_verdicts(out, rows, "other", "weighted_f1")
+    assert line == f"Objective other (no dev copy to pick on): p = 0.3, the rate picked on clean dev, {there.describe()}: {there.word}."
 
 
 # ---- masking.replace: delete -------------------------------------------------------------------------

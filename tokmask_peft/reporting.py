@@ -374,8 +374,8 @@ def objective_lines(out: Path, rows: list[dict], metric: str, objective: str, de
     if objective in held_out:  # another corpus: no dev copy to pick on, so the clean dev pick is judged there
         chosen = recommended(dev) or chosen_on_dev(dev)
         held = [v for v in set_verdicts(out, rows, objective, metric, files=files) if v.rate == chosen.rate]
-        return [recommendation(dev), *[f"Objective {objective} (no dev copy: the rate is picked on clean dev): "
-                                       f"p = {chosen.rate:g} {v.describe()}: {v.word}." for v in held]]
+        return [recommendation(dev), *[f"Objective {objective} (no dev copy to pick on): p = {chosen.rate:g}, the "
+                                       f"rate picked on clean dev, {v.describe()}: {v.word}." for v in held]]
     shifted = set_verdicts(out, rows, shifted_set(DEV_SET, objective), metric, files=files)
     best, refused = recommended_for(shifted, dev)
     note = f" (p = {', '.join(f'{r:g}' for r in refused)} refused: worse on clean dev)" if refused else ""
