@@ -16,6 +16,7 @@ wall time, and our verdict of p = 0.1 against p = 0 on test (paired, two-level b
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -82,6 +83,7 @@ def peer_run(recipe: Recipe, setup: Setup, seed: int, out: Path) -> dict:
     dev = trainer.evaluate()[f"eval_{metric}"]
     test = trainer.evaluate(plain(setup.extra_features["test"]), metric_key_prefix="test")[f"test_{metric}"]
     setup.release(model)
+    shutil.rmtree(out, ignore_errors=True)  # its checkpoints only served to reload the best one
     return {"seed": seed, "dev": dev, "test": test, "wall_time_s": wall}
 
 
@@ -122,7 +124,7 @@ def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str |
             light_copy(runs, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"), sweep_files=False)
         if seed not in peer:
             setup = setup or Setup.from_recipe(recipe)
-            peer[seed] = peer_run(recipe, setup, seed, out_dir / f"{name}_peer_{seed}")
+            peer[seed] = peer_run(recipe, setup, seed, runs.with_name(f"{name}_peer_{seed}"))
             print(f"peer seed {seed}: {peer[seed]}", flush=True)
         result = {"task": task, "method": method, "metric": recipe.train.metric, "recipe": recipe.to_dict(),
                   "ours": ours(copy, recipe.train.metric), "peer": sorted(peer.values(), key=lambda p: p["seed"])}
