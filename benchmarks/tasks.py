@@ -84,18 +84,20 @@ def peer_run(recipe: Recipe, setup: Setup, seed: int, out: Path) -> dict:
     test = trainer.evaluate(plain(setup.extra_features["test"]), metric_key_prefix="test")[f"test_{metric}"]
     setup.release(model)
     shutil.rmtree(out, ignore_errors=True)  # its checkpoints only served to reload the best one
-    return {"seed": seed, "dev": dev, "test": test, "wall_time_s": wall}
+    return {"seed": seed, "dev": dev, "test": test, "wall_time_s": wall, "steps": trainer.state.global_step}
 
 
 def ours(out: Path, metric: str) -> dict:
     """Per rate: test metric and wall time per seed (from the sweep's runs); p = 0.1 vs p = 0 on test."""
     from tokmask_peft.reporting import collect, set_verdicts
+    from tokmask_peft.runs import read_metrics
 
     rows = collect(out)
     by_rate: dict[float, list[dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], []).append({"seed": row["seed"], "dev": row[metric], "test": row.get(
-            f"test_{metric}"), "wall_time_s": row["wall_time_s"]})
+            f"test_{metric}"), "wall_time_s": row["wall_time_s"],
+            "steps": read_metrics(out / row["run"])["steps"]})
     verdicts = {v.rate: {"delta": v.delta, "low": v.low, "high": v.high, "word": v.word, "level": v.level}
                 for v in set_verdicts(out, rows, "test", metric)}
     return {"runs": {str(r): runs for r, runs in by_rate.items()},
@@ -138,9 +140,11 @@ def mean(values) -> float | None:
 
 
 def summary_table(results: list[dict]) -> str:
-    """task × method × rate: test metric (ours, the Trainer's at p = 0), wall time, the verdict vs p = 0."""
+    """task × method × rate: test metric (ours, the Trainer's at p = 0), wall time and time per optimizer step
+    (early stopping ends the two loops after different numbers of epochs), the verdict vs p = 0."""
     lines = ["| task | method | metric | rate | seeds | test (ours) | test (HF Trainer) | train s (ours) | "
-             "train s (Trainer) | Δ vs p = 0 on test [95 % CI] | verdict |", "|---" * 11 + "|"]
+             "train s (Trainer) | s/step (ours) | s/step (Trainer) | Δ vs p = 0 on test [95 % CI] | verdict |",
+             "|---" * 13 + "|"]
     for r in results:
         for rate, runs in sorted(r["ours"]["runs"].items(), key=lambda kv: float(kv[0])):
             v = r["ours"]["test_verdicts"].get(rate)
@@ -149,8 +153,13 @@ def summary_table(results: list[dict]) -> str:
             lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {float(rate):g} | {len(runs)} | "
                          f"{_f(mean(x['test'] for x in runs))} | {_f(mean(p['test'] for p in peer))} | "
                          f"{_f(mean(x['wall_time_s'] for x in runs), 0)} | {_f(mean(p['wall_time_s'] for p in peer), 0)}"
-                         f" | {verdict[0]} | {verdict[1]} |")
+                         f" | {_f(per_step(runs), 2)} | {_f(per_step(peer), 2)} | {verdict[0]} | {verdict[1]} |")
     return "\n".join(lines)
+
+
+def per_step(runs: list[dict]) -> float | None:
+    """Mean seconds per optimizer step over the runs that recorded their steps (peers before 2026-12-06 did not)."""
+    return mean(r["wall_time_s"] / r["steps"] for r in runs if r.get("steps"))
 
 
 def _f(value, digits: int = 4) -> str:

@@ -47,6 +47,11 @@ def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_
     assert {p.parent.parent.name for p in copy.glob("mask_*/seed_0/predictions.npz")} == {"mask_0.00", "mask_0.10"}
     assert not list(copy.rglob("*.safetensors")) and first["peer"][0]["seed"] == 0
     assert not list(tmp_path.glob("*peer*"))  # the peer's checkpoints go with its run, never beside the results
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tasks import summary_table
+
+    ours_per_step, peer_per_step = summary_table([first]).splitlines()[2].split(" | ")[9:11]  # the p = 0 row
+    assert float(ours_per_step) > 0 and float(peer_per_step) > 0
     shutil.rmtree(tmp_path / "tasks_nli_lora_tiny_runs")  # another machine: only the committed copy
     second = tasks()
     assert not (tmp_path / "tasks_nli_lora_tiny_runs").exists()  # nothing trained again
