@@ -55,13 +55,13 @@ def ensemble(clf, examples, features: list[dict], k: int, rate: float | None, pl
 def shifted_sets(setup) -> dict:
     """Every held-out set the recipe scores and each of its shifted copies, by the name runs save them
     under: a function giving its (examples, features), built only when scored."""
-    from tokmask_peft.robustness import CORRUPTIONS, condition_name, shifted_set
+    from tokmask_peft.robustness import condition_name, shifted_set
 
     sets = {}
     for name in setup.extra_examples:
         sets[name] = lambda n=name: (setup.extra_examples[n], setup.extra_features[n])
         for kind, q in setup.recipe.scored_shifts():
-            if not CORRUPTIONS[kind].needs_tags or setup.tagged(name):  # as training scores them
+            if setup.can_shift(name, kind):  # as training scores them
                 sets[shifted_set(name, condition_name(kind, q))] = lambda n=name, c=kind, r=q: (
                     setup.extra_examples[n], setup.robustness_features(c, r, n))
     return sets

@@ -26,7 +26,7 @@ from .modeling import (
 )
 from .problems import output_names
 from .runs import DEV_SET
-from .robustness import corrupted_features
+from .robustness import CORRUPTIONS, corrupted_features
 
 TEST_SHUFFLE_SEED = 7
 """The test carve's own shuffle, apart from the seed-0 shuffles of dev_fraction and max_train_examples."""
@@ -154,6 +154,11 @@ class Setup:
         """Whether every example of an evaluation set carries word tags (entity redaction needs them)."""
         examples = self.dev_examples if evaluation_set == DEV_SET else self.extra_examples[evaluation_set]
         return bool(examples) and all(ex.tags is not None for ex in examples)
+
+    def can_shift(self, evaluation_set: str, kind: str) -> bool:
+        """Whether a set gets a copy under shift ``kind``: entity redaction reads word tags, which a set of
+        another corpus may lack."""
+        return not CORRUPTIONS[kind].needs_tags or self.tagged(evaluation_set)
 
     def robustness_features(self, kind: str, q: float | None, evaluation_set: str = DEV_SET) -> list[dict]:
         """An evaluation set (dev, or a held-out one) under shift ``kind`` at severity ``q`` (None: an

@@ -49,7 +49,7 @@ from .memory import peak_memory_mb, reset_peak_memory
 from .model_card import CARD, card, training_command
 from .modeling import compile_blocks, parameter_counts
 from .recipe_setup import Setup
-from .robustness import CORRUPTIONS, condition_name, shifted_set
+from .robustness import condition_name, shifted_set
 from .runs import (DEV_SET, LOG_FILE, METRICS_FILE, PREDICTIONS_FILE, SCRATCH_DIR, TOKMASK_CONFIG, is_complete,
                    run_config, run_fingerprint, save_predictions, weight_record, with_meaning)
 from .storage import atomic_write_text, hold, move_files_in, read_json, write_json
@@ -562,8 +562,8 @@ def final_scores(loop: Loop) -> list[tuple[dict, dict]]:
     shifts = loop.recipe.scored_shifts()
     for kind, q in shifts:
         for name in sets:
-            if CORRUPTIONS[kind].needs_tags and not setup.tagged(name):
-                continue  # entity redaction reads word tags: a set of another corpus has none
+            if not setup.can_shift(name, kind):
+                continue
             per_set[shifted_set(name, condition_name(kind, q))] = loop.score(
                 setup.robustness_features(kind, q, name), keep=True, slots=k)
     graded = [(kind, q) for kind, q in shifts if q is not None]
