@@ -1,12 +1,14 @@
 """One metric registry: a run's scores and the verdict bootstrap compute every metric the same way, for
 single-label, multi-label and regression (checked against scikit-learn and scipy)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 
-from tokmask_peft.metrics import (METRICS, PREDICTION_METRICS, check_metric, classification_metrics, is_better,
-                                  metric_values, problem_metrics)
+from tokmask_peft.metrics import (METRICS, PREDICTION_METRICS, check_metric, classification_metrics, compute_metrics,
+                                  is_better, metric_values, problem_metrics)
 
 SKLEARN = {"weighted_f1": lambda g, p: f1_score(g, p, average="weighted", zero_division=0),
            "macro_f1": lambda g, p: f1_score(g, p, average="macro", zero_division=0),
@@ -108,3 +110,20 @@ def test_token_positions_labelled_minus_100_are_not_scored():
     assert classification_metrics([[0, 1, 1]], [[0, 1, -100]])["accuracy"] == 1.0
     with pytest.raises(ValueError, match="no labelled positions"):
         classification_metrics([1], [-100])
+
+
+def test_the_trainers_compute_metrics_reads_each_problem_type_as_transformers_models_do():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 4))
+    multi = (rng.random((50, 4)) < 0.3).astype(np.float32)  # BCE labels: floats shaped like the logits
+    score, target = rng.normal(size=(50, 1)), rng.normal(size=50).astype(np.float32)
+    cases = [(logits, multi, "multi_label", classification_metrics((logits >= 0).astype(int), multi, "multi_label")),
+             (score, target, "regression", classification_metrics(score[:, 0], target, "regression")),
+             (logits, multi.argmax(1), "single_label", classification_metrics(logits.argmax(1), multi.argmax(1)))]
+    for predictions, labels, problem, expected in cases:
+        output = SimpleNamespace(predictions=(predictions, None), label_ids=labels)  # a tuple: extra outputs
+        assert compute_metrics(output) == expected
+        assert compute_metrics(output, problem) == expected
+    assert "micro_f1" in cases[0][3] and "pearson" in cases[1][3] and "weighted_f1" in cases[2][3]
+    with pytest.raises(ValueError, match="problem_type 'ranking'"):
+        compute_metrics(SimpleNamespace(predictions=logits, label_ids=multi.argmax(1)), "ranking")

@@ -221,9 +221,20 @@ def classification_metrics(predictions: Sequence, references: Sequence, problem:
             for name in problem_metrics(problem) if probs is not None or name not in NEEDS_PROBABILITIES}
 
 
-def compute_metrics(eval_prediction) -> dict[str, float]:
-    """Drop-in ``compute_metrics`` for the HF ``Trainer`` (single-label sequence or token classification)."""
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    if isinstance(logits, tuple):
-        logits = logits[0]
+def compute_metrics(eval_prediction, problem_type: str | None = None) -> dict[str, float]:
+    """Drop-in ``compute_metrics`` for the HF ``Trainer``: single-label sequence or token classification,
+    multi-label (a label is on where its sigmoid is at least 0.5) or regression. Without ``problem_type``
+    (bind one with ``functools.partial``) it follows the rule transformers' models apply when
+    ``config.problem_type`` is unset: one output is a regression, float labels shaped like the logits are
+    multi-label, anything else single-label."""
+    logits, labels = eval_prediction.predictions, np.asarray(eval_prediction.label_ids)
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+    problem = problem_type or ("regression" if logits.shape[-1] == 1 else "multi_label" if (
+        np.issubdtype(labels.dtype, np.floating) and labels.shape == logits.shape) else "single_label")
+    if problem == "regression":
+        return classification_metrics(logits.reshape(len(logits), -1)[:, 0], labels.reshape(-1), problem)
+    if problem == "multi_label":
+        return classification_metrics((logits >= 0).astype(np.int8), labels.astype(np.int8), problem)
+    if problem != "single_label":
+        raise ValueError(f"problem_type {problem!r}: expected one of {', '.join(PROBLEM_TYPES)}")
     return classification_metrics(np.argmax(logits, axis=-1), labels)
