@@ -9,9 +9,11 @@ then, as the peer, the HF ``Trainer`` on the same encoded features at p = 0: sam
 size, epochs, learning rate, warm-up and early stopping on the same dev metric (patience), grouped by length,
 best checkpoint reloaded, then scored on test. Both are resumable: the sweep skips finished runs, the peer
 finished seeds (kept in the result JSON); each finished run is copied light into ``OUT/tasks_TASK_METHOD/``
-(metrics, config, predictions; no weights and no text: SICK is never shipped) and skipped on any machine
-that has the copy. Reported: each side's test metric (mean over seeds) and training
-wall time, and our verdict of p = 0.1 against p = 0 on test (paired, two-level bootstrap).
+(metrics, config, predictions; no weights and no text: SICK is never shipped), the Trainer's test predictions
+beside them (``peer/seed_N/``), and skipped on any machine that has the copy. Reported: each side's test
+metric (mean over seeds); ours at p = 0 minus the Trainer, and p = 0.1 minus p = 0, on test with the verdicts'
+paired two-level bootstrap. Speed is not judged from these runs (they share the cores with other jobs):
+``benchmarks/throughput.py --task TASK`` times both loops taking turns in one process.
 """
 from __future__ import annotations
 
@@ -20,21 +22,28 @@ import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import SHARED, benchmark_parser, write_result  # noqa: E402
 
 from tokmask_peft.config import Recipe  # noqa: E402
-from tokmask_peft.metrics import METRICS, classification_metrics  # noqa: E402
+from tokmask_peft.losses import loss_weights, task_loss  # noqa: E402
+from tokmask_peft.metrics import METRICS, compute_metrics  # noqa: E402
 from tokmask_peft.problems import decide, scores  # noqa: E402
 from tokmask_peft.recipe_setup import Setup  # noqa: E402
+from tokmask_peft.runs import PREDICTIONS_FILE, Predictions, load_predictions, save_predictions  # noqa: E402
+from tokmask_peft.verdicts import paired_verdict, seed_level_verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"nli": "sick_nli", "relatedness": "sick_relatedness", "goemotions": "goemotions"}
 FULL = ["model.method=full", "train.lr=5e-5"]
+PEER = "peer"
+"""``OUT/tasks_TASK_METHOD/peer/seed_N/predictions.npz``: the Trainer's test predictions."""
 
 
 def job_recipe(task: str, method: str, seeds: list[int], out: Path, tiny: str | None, extra: tuple = ()) -> Recipe:
@@ -48,19 +57,14 @@ def job_recipe(task: str, method: str, seeds: list[int], out: Path, tiny: str | 
     return Recipe.from_dict({**recipe.to_dict(), "data": data})
 
 
-def peer_run(recipe: Recipe, setup: Setup, seed: int, out: Path) -> dict:
-    """The HF Trainer + PEFT at p = 0 on ``setup``'s features: best dev checkpoint, then test."""
+def peer_run(recipe: Recipe, setup: Setup, seed: int, out: Path, keep: Path) -> dict:
+    """The HF Trainer + PEFT at p = 0 on ``setup``'s features: best dev checkpoint, then test (its predictions
+    saved into ``keep``, for the paired comparison with ours). The loss is ours where the recipe weights it
+    (``train.class_weights``), given the way the Trainer takes one, ``compute_loss_func``."""
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 
     tc, problem = recipe.train, recipe.model.problem_type
     metric = tc.metric
-
-    def compute(prediction):
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        import torch
-
-        pred = decide(problem, scores(problem, torch.as_tensor(logits))).numpy()
-        return classification_metrics(pred, prediction.label_ids, problem, logits.shape[-1])
 
     def plain(features):
         return [{k: v for k, v in f.items() if k != "word_ids"} for f in features]
@@ -76,32 +80,84 @@ def peer_run(recipe: Recipe, setup: Setup, seed: int, out: Path) -> dict:
         train_sampling_strategy="group_by_length", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=plain(setup.train_features),
                       eval_dataset=plain(setup.dev_features), data_collator=DataCollatorWithPadding(setup.tokenizer),
-                      compute_metrics=compute,
+                      compute_metrics=partial(compute_metrics, problem_type=problem),
+                      compute_loss_func=trainer_loss(recipe, setup),
                       callbacks=[EarlyStoppingCallback(tc.patience)] if tc.patience else [])
     trainer.train()
     wall = time.perf_counter() - start
     dev = trainer.evaluate()[f"eval_{metric}"]
-    test = trainer.evaluate(plain(setup.extra_features["test"]), metric_key_prefix="test")[f"test_{metric}"]
+    trainer.args.train_sampling_strategy = "sequential"  # its evaluation batches follow it: test rows in order
+    test = trainer.predict(plain(setup.extra_features["test"]), metric_key_prefix="test")
+    save_predictions(keep / PREDICTIONS_FILE, {"test": as_predictions(problem, test)})
     setup.release(model)
     shutil.rmtree(out, ignore_errors=True)  # its checkpoints only served to reload the best one
-    return {"seed": seed, "dev": dev, "test": test, "wall_time_s": wall, "steps": trainer.state.global_step}
+    return {"seed": seed, "dev": dev, "test": test.metrics[f"test_{metric}"], "wall_time_s": wall,
+            "steps": trainer.state.global_step}
 
 
-def ours(out: Path, metric: str) -> dict:
-    """Per rate: test metric and wall time per seed (from the sweep's runs); p = 0.1 vs p = 0 on test."""
+def trainer_loss(recipe: Recipe, setup: Setup):
+    """The Trainer's ``compute_loss_func`` giving our loss where the recipe weights it; None (the model's
+    own loss, the same otherwise) where it does not."""
+    problem = recipe.model.problem_type
+    weights = loss_weights(setup.train_features, len(setup.labels), recipe.train.class_weights, problem)
+    if weights is None:
+        return None
+    return lambda outputs, labels, **_: task_loss(problem, outputs.logits, labels, weights)
+
+
+def as_predictions(problem: str, output) -> Predictions:
+    """The Trainer's predictions (examples in dataset order) in the form our runs save; multi-label at 0.5."""
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    scored = scores(problem, torch.as_tensor(logits))
+    gold = output.label_ids.astype(np.int8) if problem == "multi_label" else output.label_ids
+    return Predictions(np.arange(len(gold)), gold, decide(problem, scored).numpy(), scored.numpy())
+
+
+def ours(out: Path, metric: str, peer: list[dict]) -> dict:
+    """Per rate: test metric and wall time per seed (from the sweep's runs); p = 0.1 vs p = 0 on test; ours at
+    p = 0 vs the Trainer on test."""
     from tokmask_peft.reporting import collect, set_verdicts
-    from tokmask_peft.runs import read_metrics
 
     rows = collect(out)
     by_rate: dict[float, list[dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], []).append({"seed": row["seed"], "dev": row[metric], "test": row.get(
-            f"test_{metric}"), "wall_time_s": row["wall_time_s"],
-            "steps": read_metrics(out / row["run"])["steps"]})
-    verdicts = {v.rate: {"delta": v.delta, "low": v.low, "high": v.high, "word": v.word, "level": v.level}
-                for v in set_verdicts(out, rows, "test", metric)}
+            f"test_{metric}"), "wall_time_s": row["wall_time_s"]})
     return {"runs": {str(r): runs for r, runs in by_rate.items()},
-            "test_verdicts": {str(r): v for r, v in verdicts.items()}}
+            "test_verdicts": {str(v.rate): as_dict(v) for v in set_verdicts(out, rows, "test", metric)},
+            "vs_trainer": against_trainer(out, rows, metric, peer)}
+
+
+def against_trainer(out: Path, rows: list[dict], metric: str, peer: list[dict]) -> dict | None:
+    """Ours at p = 0 minus the Trainer on test, paired by seed: the two-level bootstrap where every peer saved
+    its test predictions, else a t interval over the seeds' test metrics (peers run before they saved any)."""
+    from tokmask_peft.runs import read_run_config
+
+    mine = {r["seed"]: r for r in rows if r["rate"] == 0.0}
+    theirs = {p["seed"]: p for p in peer if p["seed"] in mine}
+    if not theirs:
+        return None
+    files = {s: out / PEER / f"seed_{s}" / PREDICTIONS_FILE for s in theirs}
+    if not all(f.is_file() for f in files.values()):
+        return as_dict(seed_level_verdict(0.0, {s: mine[s][f"test_{metric}"] for s in theirs},
+                                          {s: theirs[s]["test"] for s in theirs}, METRICS[metric].higher_is_better))
+    config = read_run_config(out / mine[min(theirs)]["run"])
+    ours_p = {s: load_predictions(out / mine[s]["run"] / PREDICTIONS_FILE)["test"] for s in theirs}
+    their_p = {s: aligned(load_predictions(files[s])["test"], ours_p[s].example) for s in theirs}
+    return as_dict(paired_verdict(0.0, ours_p, their_p, len(config["labels"]), metric,
+                                  problem=config.get("problem_type", "single_label")))
+
+
+def aligned(p: Predictions, example: np.ndarray) -> Predictions:
+    """``p``'s rows reordered to follow ``example`` (each side saves its rows in its own evaluation order)."""
+    row = np.empty(len(p.example), dtype=np.int64)
+    row[p.example] = np.arange(len(p.example))
+    take = row[example]
+    return Predictions(example, p.gold[take], p.pred[take], None if p.probs is None else p.probs[take])
+
+
+def as_dict(v) -> dict:
+    return {"delta": v.delta, "low": v.low, "high": v.high, "word": v.word, "level": v.level, "seeds": v.seeds}
 
 
 def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str | None) -> dict:
@@ -126,10 +182,13 @@ def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str |
             light_copy(runs, copy, keep=("metrics.json", "tokmask_config.json", "predictions.npz"), sweep_files=False)
         if seed not in peer:
             setup = setup or Setup.from_recipe(recipe)
-            peer[seed] = peer_run(recipe, setup, seed, runs.with_name(f"{name}_peer_{seed}"))
+            keep = copy / PEER / f"seed_{seed}"
+            keep.mkdir(parents=True, exist_ok=True)
+            peer[seed] = peer_run(recipe, setup, seed, runs.with_name(f"{name}_peer_{seed}"), keep)
             print(f"peer seed {seed}: {peer[seed]}", flush=True)
         result = {"task": task, "method": method, "metric": recipe.train.metric, "recipe": recipe.to_dict(),
-                  "ours": ours(copy, recipe.train.metric), "peer": sorted(peer.values(), key=lambda p: p["seed"])}
+                  "ours": ours(copy, recipe.train.metric, list(peer.values())),
+                  "peer": sorted(peer.values(), key=lambda p: p["seed"])}
         write_result(name, result, out_dir)
     return result
 
@@ -140,30 +199,44 @@ def mean(values) -> float | None:
 
 
 def summary_table(results: list[dict]) -> str:
-    """task × method × rate: test metric (ours, the Trainer's at p = 0), wall time and time per optimizer step
-    (early stopping ends the two loops after different numbers of epochs), the verdict vs p = 0."""
-    lines = ["| task | method | metric | rate | seeds | test (ours) | test (HF Trainer) | train s (ours) | "
-             "train s (Trainer) | s/step (ours) | s/step (Trainer) | Δ vs p = 0 on test [95 % CI] | verdict |",
-             "|---" * 13 + "|"]
+    """task × method × rate: test metric (ours, the Trainer's at p = 0), ours − the Trainer and p = 0.1 − p = 0 on
+    test with their intervals. Wall times stay in the JSON: these runs share two cores with other jobs, so
+    the speed comparison is ``benchmarks/throughput.py --task`` (both loops taking turns in one process)."""
+    lines = ["| task | method | metric | rate | seeds | test (ours) | test (HF Trainer) | ours − Trainer [95 % CI] | "
+             "Δ vs p = 0 on test [95 % CI] | verdict |", "|---" * 10 + "|"]
     for r in results:
         for rate, runs in sorted(r["ours"]["runs"].items(), key=lambda kv: float(kv[0])):
             v = r["ours"]["test_verdicts"].get(rate)
             peer = r["peer"] if float(rate) == 0.0 else []
-            verdict = (f"{v['delta']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]", v["word"]) if v else ("–", "–")
+            vs = r["ours"].get("vs_trainer") if peer else None
             lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {float(rate):g} | {len(runs)} | "
                          f"{_f(mean(x['test'] for x in runs))} | {_f(mean(p['test'] for p in peer))} | "
-                         f"{_f(mean(x['wall_time_s'] for x in runs), 0)} | {_f(mean(p['wall_time_s'] for p in peer), 0)}"
-                         f" | {_f(per_step(runs), 2)} | {_f(per_step(peer), 2)} | {verdict[0]} | {verdict[1]} |")
+                         f"{_interval(vs, {'better': 'ours better', 'worse': 'ours worse'})} | {_interval(v)} | "
+                         f"{v['word'] if v else '–'} |")
     return "\n".join(lines)
 
 
-def per_step(runs: list[dict]) -> float | None:
-    """Mean seconds per optimizer step over the runs that recorded their steps (peers before 2026-12-06 did not)."""
-    return mean(r["wall_time_s"] / r["steps"] for r in runs if r.get("steps"))
+def _interval(v: dict | None, words: dict | None = None) -> str:
+    if not v:
+        return "–"
+    if v["low"] is None:
+        return f"{v['delta']:+.4f} (1 seed: no interval)"
+    text = f"{v['delta']:+.4f} [{v['low']:+.4f}, {v['high']:+.4f}]"
+    seeds = f"{v['seeds']} seed" + ("s" if v["seeds"] > 1 else "")
+    return text if words is None else f"{text} {words.get(v['word'], 'within noise')} ({seeds})"
 
 
 def _f(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def tiny_encoder(folder: Path) -> str:
+    """A tiny random BERT in ``folder`` (made once): ``--tiny``'s seconds-long check that a script runs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import make_tiny_model
+
+    path = Path(folder) / "tiny-bert"
+    return str(path if path.exists() else make_tiny_model("bert", path))
 
 
 def main() -> None:
@@ -174,15 +247,11 @@ def main() -> None:
     if args.summary:
         results = [json.loads(p.read_text()) for p in sorted(out.glob("tasks_*.json"))
                    if not p.stem.endswith("_tiny")]
+        for r in results:  # judged again from the light copies: a job's JSON may predate its last peer's file
+            r["ours"] = ours(out / f"tasks_{r['task']}_{r['method']}", r["metric"], r["peer"])
         print(summary_table(results))
         return
-    tiny = None
-    if args.tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from helpers import make_tiny_model
-
-        tiny = str(make_tiny_model("bert", out / "tiny-bert")) if not (out / "tiny-bert").exists() else str(
-            out / "tiny-bert")
+    tiny = tiny_encoder(out) if args.tiny else None
     seeds = [0] if args.tiny else [int(s) for s in args.seeds.split(",")]
     result = run_job(args.task, args.method, seeds, out, tiny)
     print(summary_table([result]))

@@ -16,9 +16,13 @@ SCRIPTS = ["masking_cost", "masking_overhead", "masking_strategies", "throughput
            "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side"]
 
 
-# throughput runs once, with --compile: that run times every plain setting too.
-@pytest.mark.parametrize("name,flags", [(name, ["--compile"] if name == "throughput" else []) for name in SCRIPTS],
-                         ids=SCRIPTS)
+# throughput runs with --compile (that run times every plain setting too) and on a tasks.py recipe
+# (multi-label: its weighted loss reaches the Trainer through compute_loss_func).
+CASES = [(name, ["--compile"] if name == "throughput" else []) for name in SCRIPTS] + [
+    ("throughput", ["--task", "goemotions"])]
+
+
+@pytest.mark.parametrize("name,flags", CASES, ids=SCRIPTS + ["throughput_task"])
 def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     shared_path("tokenizers")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--tiny", "--out", str(tmp_path),
@@ -29,8 +33,11 @@ def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     assert len(results) == 1
     data = json.loads(results[0].read_text())
     assert data["benchmark"] and data["environment"]["versions"]["torch"]
-    if flags:
+    if "--compile" in flags:
         assert data["speedup_compiled"] > 0
+    if "--task" in flags:
+        assert data["task"] == "goemotions" and data["metric"] == "micro_f1" and data["speedup"] > 0
+        assert set(data["median_micro_f1"]) == {"ours", "trainer", "trainer_grouped"}
 
 
 def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_runs(tmp_path):
@@ -50,8 +57,11 @@ def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from tasks import summary_table
 
-    ours_per_step, peer_per_step = summary_table([first]).splitlines()[2].split(" | ")[9:11]  # the p = 0 row
-    assert float(ours_per_step) > 0 and float(peer_per_step) > 0
+    assert (copy / "peer" / "seed_0" / "predictions.npz").is_file()  # the Trainer's test predictions
+    vs = first["ours"]["vs_trainer"]  # paired with ours example by example (same gold, else an error)
+    assert vs["level"] == "examples only (1 seed)" and vs["low"] <= vs["delta"] <= vs["high"]
+    against = summary_table([first]).splitlines()[2].split(" | ")[7]  # the p = 0 row
+    assert against.startswith(f"{vs['delta']:+.4f} [") and against.endswith("(1 seed)")
     shutil.rmtree(tmp_path / "tasks_nli_lora_tiny_runs")  # another machine: only the committed copy
     second = tasks()
     assert not (tmp_path / "tasks_nli_lora_tiny_runs").exists()  # nothing trained again
