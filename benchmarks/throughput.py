@@ -166,15 +166,16 @@ def main(argv=None) -> dict:
     f1 = {k: median([r[metric] for r in v]) for k, v in results.items()}
     best = max((n for n in speed if n in TRAINERS), key=speed.get)  # the peer at its best
     ratio = speed["ours"] / speed[best]
+    target = ">= 1.0 (no worse)" if args.task else ">= 1.5"  # issue 38 asks tasks for no worse
     summary = {"shape": shape, "task": args.task or "lince_sa", "metric": metric, "train_examples": n_train, "batch": args.batch, "repeats": repeats,
                "device": "cuda" if use_gpu else "cpu", "bf16": args.bf16, "runs": results,
                "median_samples_per_s": speed, f"median_{metric}": f1, "best_trainer": best, "speedup": ratio,
-               "speedup_vs_default_trainer": speed["ours"] / speed["trainer"], "target": ">= 1.5",
+               "speedup_vs_default_trainer": speed["ours"] / speed["trainer"], "target": target,
                "warmup_seconds": warmups}
     data = f"{args.task} (MiniLM-L6, LoRA)" if args.task else f"{shape}, LinCE SA tweets"
     print(f"throughput ({data}, {n_train} training examples, batch {args.batch}): tokmask_peft {speed['ours']:.1f} "
           "samples/s; HF Trainer " + ", ".join(f"{n} {speed[n]:.1f}" for n in speed if n in TRAINERS)
-          + f" -> {ratio:.2f}x the best ({best}; target >= 1.5), {summary['speedup_vs_default_trainer']:.2f}x the "
+          + f" -> {ratio:.2f}x the best ({best}; target {target}), {summary['speedup_vs_default_trainer']:.2f}x the "
           f"default; dev {metric} {f1['ours']:.4f} vs {f1[best]:.4f}")
     if args.compile:
         add_compile(summary, speed, f1, warmups, n_train)
