@@ -36,7 +36,7 @@ from tokmask_peft.losses import loss_weights, task_loss  # noqa: E402
 from tokmask_peft.metrics import METRICS, compute_metrics  # noqa: E402
 from tokmask_peft.problems import decide, scores  # noqa: E402
 from tokmask_peft.recipe_setup import Setup  # noqa: E402
-from tokmask_peft.runs import PREDICTIONS_FILE, Predictions, load_predictions, save_predictions  # noqa: E402
+from tokmask_peft.runs import PREDICTIONS_FILE, Predictions, save_predictions  # noqa: E402
 from tokmask_peft.verdicts import paired_verdict, seed_level_verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,20 +115,20 @@ def as_predictions(problem: str, output) -> Predictions:
 
 def ours(out: Path, metric: str, peer: list[dict]) -> dict:
     """Per rate: test metric and wall time per seed (from the sweep's runs); p = 0.1 vs p = 0 on test; ours at
-    p = 0 vs the Trainer on test."""
-    from tokmask_peft.reporting import collect, set_verdicts
+    p = 0 vs the Trainer on test (one read of each run's predictions serves both)."""
+    from tokmask_peft.reporting import PredictionFiles, collect, set_verdicts
 
-    rows = collect(out)
+    rows, files = collect(out), PredictionFiles()
     by_rate: dict[float, list[dict]] = {}
     for row in rows:
         by_rate.setdefault(row["rate"], []).append({"seed": row["seed"], "dev": row[metric], "test": row.get(
             f"test_{metric}"), "test_tuned": row.get(f"test_tuned_{metric}"), "wall_time_s": row["wall_time_s"]})
     return {"runs": {str(r): runs for r, runs in by_rate.items()},
-            "test_verdicts": {str(v.rate): as_dict(v) for v in set_verdicts(out, rows, "test", metric)},
-            "vs_trainer": against_trainer(out, rows, metric, peer)}
+            "test_verdicts": {str(v.rate): as_dict(v) for v in set_verdicts(out, rows, "test", metric, files=files)},
+            "vs_trainer": against_trainer(out, rows, metric, peer, files)}
 
 
-def against_trainer(out: Path, rows: list[dict], metric: str, peer: list[dict]) -> dict | None:
+def against_trainer(out: Path, rows: list[dict], metric: str, peer: list[dict], files) -> dict | None:
     """Ours at p = 0 minus the Trainer on test, paired by seed: the two-level bootstrap where every peer saved
     its test predictions, else a t interval over the seeds' test metrics (peers run before they saved any)."""
     from tokmask_peft.runs import read_run_config
@@ -137,13 +137,13 @@ def against_trainer(out: Path, rows: list[dict], metric: str, peer: list[dict]) 
     theirs = {p["seed"]: p for p in peer if p["seed"] in mine}
     if not theirs:
         return None
-    files = {s: out / PEER / f"seed_{s}" / PREDICTIONS_FILE for s in theirs}
-    if not all(f.is_file() for f in files.values()):
+    saved = {s: files.get_set(out / PEER / f"seed_{s}", "test") for s in theirs}
+    if any(p is None for p in saved.values()):
         return as_dict(seed_level_verdict(0.0, {s: mine[s][f"test_{metric}"] for s in theirs},
                                           {s: theirs[s]["test"] for s in theirs}, METRICS[metric].higher_is_better))
     config = read_run_config(out / mine[min(theirs)]["run"])
-    ours_p = {s: load_predictions(out / mine[s]["run"] / PREDICTIONS_FILE)["test"] for s in theirs}
-    their_p = {s: aligned(load_predictions(files[s])["test"], ours_p[s].example) for s in theirs}
+    ours_p = {s: files.get_set(out / mine[s]["run"], "test") for s in theirs}
+    their_p = {s: aligned(saved[s], ours_p[s].example) for s in theirs}
     return as_dict(paired_verdict(0.0, ours_p, their_p, len(config["labels"]), metric,
                                   problem=config.get("problem_type", "single_label")))
 

@@ -66,7 +66,8 @@ def run_trainer(recipe: Recipe, setup: Setup, out: Path, use_gpu: bool, options:
     strip = [{k: v for k, v in f.items() if k != "word_ids"} for f in setup.train_features]
     dev = [{k: v for k, v in f.items() if k != "word_ids"} for f in setup.dev_features]
     trainer = Trainer(model=model, args=args, train_dataset=strip, eval_dataset=dev,
-                      data_collator=DataCollatorWithPadding(setup.tokenizer), compute_loss_func=trainer_loss(recipe, setup),
+                      data_collator=DataCollatorWithPadding(setup.tokenizer),
+                      compute_loss_func=trainer_loss(recipe, setup),
                       compute_metrics=partial(compute_metrics, problem_type=recipe.model.problem_type))
     trainer.train()
     f1 = trainer.evaluate()[f"eval_{tc.metric}"]
@@ -167,7 +168,8 @@ def main(argv=None) -> dict:
     best = max((n for n in speed if n in TRAINERS), key=speed.get)  # the peer at its best
     ratio = speed["ours"] / speed[best]
     target = ">= 1.0 (no worse)" if args.task else ">= 1.5"  # issue 38 asks tasks for no worse
-    summary = {"shape": shape, "task": args.task or "lince_sa", "metric": metric, "train_examples": n_train, "batch": args.batch, "repeats": repeats,
+    summary = {"shape": shape, "task": args.task or "lince_sa", "metric": metric, "train_examples": n_train,
+               "batch": args.batch, "repeats": repeats,
                "device": "cuda" if use_gpu else "cpu", "bf16": args.bf16, "runs": results,
                "median_samples_per_s": speed, f"median_{metric}": f1, "best_trainer": best, "speedup": ratio,
                "speedup_vs_default_trainer": speed["ours"] / speed["trainer"], "target": target,
