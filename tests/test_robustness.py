@@ -52,6 +52,17 @@ def test_deletion_and_typos_keep_labels_aligned_and_are_seeded():
     assert 0.35 < changed / 800 < 0.6 and all(t.label == "positive" for t in typed)
 
 
+def test_a_sentence_pair_loses_and_misspells_words_in_both_texts_and_single_texts_draw_as_before():
+    pairs = [Example("one two three four five six", "x", pair="seven eight nine ten eleven twelve")] * 100
+    for shifted in (delete_words(pairs, 0.5, seed=3), typo_words(pairs, 0.5, seed=3)):
+        assert sum(s.text != pairs[0].text for s in shifted) > 80 and sum(s.pair != pairs[0].pair for s in shifted) > 80
+        assert all(s.label == "x" and s.pair for s in shifted)
+    # A single text's stream is the one every committed robustness result was scored on.
+    single = [Example("one two three four five six", "x"), Example("seven eight nine ten", "y")]
+    assert [e.text for e in delete_words(single, 0.5, 7)] == ["three five", "eight"]
+    assert [e.text for e in typo_words(single, 0.5, 7)] == ["ne two hree four five ix", "sveen eight nien ten"]
+
+
 def test_a_run_scores_corrupted_copies_and_q_zero_is_the_clean_score(make_recipe, tmp_path):
     from tokmask_peft.sweeps import sweep
 

@@ -52,7 +52,7 @@ def task_recipe(tiny_model, slices, out, problem: str, **extra) -> Recipe:
 def trained(tiny_model, slices, tmp_path_factory):
     out = tmp_path_factory.mktemp("task_sweeps")
     for problem in ("single_label", "multi_label", "regression"):
-        sweep(task_recipe(tiny_model, slices, out / problem, problem))
+        sweep(task_recipe(tiny_model, slices, out / problem, problem, train={"robustness": [0.3]}))
     return out
 
 
@@ -165,7 +165,11 @@ def test_each_problem_type_trains_reports_and_reloads_with_its_head(trained):
         run = trained / problem / "mask_0.20" / "seed_0"
         config = read_run_config(run)
         assert config["problem_type"] == problem
-        assert f"the highest mean by {metric}" in (trained / problem / "results.md").read_text()
+        report = (trained / problem / "results.md").read_text()
+        assert f"the highest mean by {metric}" in report
+        # Robustness columns and curves in the problem's own metric: both texts of a pair shifted.
+        assert all(f"{kind}_0.30_{metric} |" in report for kind in ("delete", "mask", "typo"))
+        assert (trained / problem / "results_robustness.png").is_file()
         clf = Classifier.from_run(run)
         expected = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                     "regression": "regression"}[problem]

@@ -16,7 +16,7 @@ from .metrics import DEFAULT_METRIC, DEFAULT_METRICS, METRICS, PREDICTION_METRIC
 from .model_card import CARD, write_card
 from .robustness import (
     CORRUPTIONS,
-    ROBUSTNESS_METRIC,
+    ROBUSTNESS_METRICS,
     condition_title,
     parse_robustness_column,
     robustness_column,
@@ -73,7 +73,7 @@ def run_row(path: Path, out: Path) -> dict:
     """One results-table row from a finished run's two files."""
     metrics, config = read_metrics(path), read_run_config(path)
     best = metrics["best"] or {}
-    masking = config["masking"]
+    masking, problem = config["masking"], config.get("problem_type", "single_label")
     return {
         "rate": masking["rate"], "seed": config["seed"], "method": config["method"],
         # Runs written before the strategies existed were uniform token masking.
@@ -84,10 +84,10 @@ def run_row(path: Path, out: Path) -> dict:
         "trainable_params": metrics["trainable_params"], "wall_time_s": round(metrics["wall_time_s"], 2),
         "peak_memory_mb": round(metrics["peak_memory_mb"], 1),
         **{f"{name}_{m}": values[m] for name, values in metrics.get("extra_eval", {}).items()
-           for m in HELD_OUT_COLUMNS[config.get("problem_type", "single_label")] if m in values},
-        **{robustness_column(kind, q): values[ROBUSTNESS_METRIC]
+           for m in HELD_OUT_COLUMNS[problem] if m in values},
+        **{robustness_column(kind, q, problem): values[ROBUSTNESS_METRICS[problem]]
            for kind, by_q in metrics.get("robustness", {}).items() for q, values in by_q.items()
-           if ROBUSTNESS_METRIC in values},
+           if ROBUSTNESS_METRICS[problem] in values},
         "run": str(path.relative_to(out)),
     }
 
@@ -142,7 +142,7 @@ def report(out: str | Path, metric: str | None = None) -> list[dict]:
                       + verdict_section(out, rows, metric, files))
     panels = verdict_panels(out, rows, metric, files)
     plot_deltas(panels, out / "results.png", metric) if panels else plot(summary, out / "results.png", metric)
-    if any(robustness_curves(rows)):
+    if robustness_curves(rows)[1]:
         plot_robustness(rows, out / "results_robustness.png")
     return rows
 
@@ -414,33 +414,38 @@ def shift_section(out: Path, rows: list[dict], metric: str, files: PredictionFil
 # ---- robustness ------------------------------------------------------------------------------------
 
 
-def robustness_curves(rows: list[dict]) -> dict[str, dict[float, list[tuple[float, float]]]]:
-    """corruption -> training rate -> [(q, mean weighted F1 over seeds)], q = 0 being the clean dev score."""
-    severities = sorted({parsed[1] for r in rows for k in r if (parsed := parse_robustness_column(k))})
+def robustness_curves(rows: list[dict]) -> tuple[str, dict[str, dict[float, list[tuple[float, float]]]]]:
+    """The robustness columns' metric, and corruption -> training rate -> [(q, mean metric over seeds)], q = 0
+    being the clean dev score."""
+    columns = {column: parsed for column in dict.fromkeys(k for r in rows for k in r)
+               if (parsed := parse_robustness_column(column))}
+    if not columns:
+        return "", {}
+    metric = next(iter(columns.values()))[2]
     curves: dict[str, dict[float, list[tuple[float, float]]]] = {}
-    if not severities:
-        return curves
     for kind in CORRUPTIONS:
+        graded = sorted((q, column) for column, (shift, q, _) in columns.items() if shift == kind)
         for rate in sorted({r["rate"] for r in rows}):
             group = [r for r in rows if r["rate"] == rate]
-            points = [(0.0, statistics.fmean(r[ROBUSTNESS_METRIC] for r in group))]
-            for q in severities:
-                values = [r[robustness_column(kind, q)] for r in group if r.get(robustness_column(kind, q)) is not None]
+            points = [(0.0, statistics.fmean(r[metric] for r in group))]
+            for q, column in graded:
+                values = [r[column] for r in group if r.get(column) is not None]
                 if values and q > 0:
                     points.append((q, statistics.fmean(values)))
             if len(points) > 1:
                 curves.setdefault(kind, {})[rate] = points
-    return curves
+    return metric, curves
 
 
 def plot_robustness(rows: list[dict], path: Path) -> None:
-    """Weighted F1 against corruption severity q, one line per training rate, one panel per corruption."""
+    """The robustness metric (weighted F1, micro F1, Pearson) against corruption severity q, one line per
+    training rate, one panel per corruption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = robustness_curves(rows)
+    metric, curves = robustness_curves(rows)
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), dpi=120, squeeze=False, sharey=True)
     for ax, (kind, by_rate) in zip(axes[0], curves.items()):
         for rate, points in by_rate.items():
@@ -448,7 +453,7 @@ def plot_robustness(rows: list[dict], path: Path) -> None:
         ax.set_title(CORRUPTIONS[kind].title)
         ax.set_xlabel("corruption severity q")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev weighted F1")
+    axes[0][0].set_ylabel(f"dev {metric.replace('_', ' ')}")
     axes[0][-1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

@@ -17,7 +17,7 @@ seed from (corruption, q) alone, so every run of every sweep is scored on identi
   (tokenised as text: the model never saw it), or deleted (a text keeps at least one word). No severity;
   data without word tags is refused.
 
-q = 0 returns the clean set itself. A *condition* is a shift with its severity: ``mask@0.2``,
+The graded shifts change both texts of a sentence pair. q = 0 returns the clean set itself. A *condition* is a shift with its severity: ``mask@0.2``,
 ``entities_placeholder`` (:func:`condition_name`).
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 
 from .data import Example, encode
 from .masking import mask_tokens
+from .metrics import DEFAULT_METRICS
 
 def corruption_seed(kind: str, q: float) -> int:
     return zlib.crc32(f"{kind}:{q:.4f}".encode())
@@ -49,14 +50,26 @@ def _rebuild(example: Example, words: list[str], labels: list | None) -> Example
     return dataclasses.replace(example, text=" ".join(words))
 
 
-def delete_words(examples: list[Example], q: float, seed: int) -> list[Example]:
+def shift_words(examples: list[Example], seed: int, change: Callable) -> list[Example]:
+    """Each example's words, and a sentence pair's second text after them, through ``change(words, labels,
+    rng)`` → ``(words, labels)``, one seeded stream for the whole set (single texts draw as they always did)."""
     rng = random.Random(seed)
     out = []
     for ex in examples:
-        words, labels = _words(ex)
-        keep = [i for i in range(len(words)) if rng.random() >= q] or [rng.randrange(len(words))]
-        out.append(_rebuild(ex, [words[i] for i in keep], [labels[i] for i in keep] if labels else None))
+        changed = _rebuild(ex, *change(*_words(ex), rng))
+        if ex.pair is not None:
+            changed = dataclasses.replace(changed, pair=" ".join(change(ex.pair.split(), None, rng)[0]))
+        out.append(changed)
     return out
+
+
+def delete_words(examples: list[Example], q: float, seed: int) -> list[Example]:
+    def delete(words: list[str], labels: list | None, rng: random.Random) -> tuple[list[str], list | None]:
+        if not words:
+            return words, labels
+        keep = [i for i in range(len(words)) if rng.random() >= q] or [rng.randrange(len(words))]
+        return [words[i] for i in keep], [labels[i] for i in keep] if labels else None
+    return shift_words(examples, seed, delete)
 
 
 def typo(word: str, rng: random.Random) -> str:
@@ -71,13 +84,9 @@ def typo(word: str, rng: random.Random) -> str:
 
 
 def typo_words(examples: list[Example], q: float, seed: int) -> list[Example]:
-    rng = random.Random(seed)
-    out = []
-    for ex in examples:
-        words, labels = _words(ex)
-        words = [typo(w, rng) if len(w) > 1 and rng.random() < q else w for w in words]
-        out.append(_rebuild(ex, words, labels))
-    return out
+    def misspell(words: list[str], labels: list | None, rng: random.Random) -> tuple[list[str], list | None]:
+        return [typo(w, rng) if len(w) > 1 and rng.random() < q else w for w in words], labels
+    return shift_words(examples, seed, misspell)
 
 
 def mask_words(features: list[dict], q: float, seed: int, mask_id: int) -> list[dict]:
@@ -161,8 +170,9 @@ CORRUPTIONS: dict[str, Corruption] = {
 }
 GRADED_DEFAULT = ("delete", "mask", "typo")
 """The shifts ``train.robustness`` scores when ``train.robustness_conditions`` names none."""
-ROBUSTNESS_METRIC = "weighted_f1"
-"""The metric a results row carries for each corruption and severity."""
+ROBUSTNESS_METRICS = DEFAULT_METRICS
+"""The metric a results row carries for each corruption and severity, by problem type: the problem's own
+(weighted F1, micro F1, Pearson), never ``train.metric``, which recipes often set to the loss."""
 
 
 def check_corruption(kind: str, field: str = "corruption") -> Corruption:
@@ -193,29 +203,31 @@ def shifted_set(evaluation_set: str, condition: str) -> str:
     return f"{evaluation_set}:{condition}"
 
 
-def robustness_column(kind: str, q: float | str) -> str:
-    """``mask_0.20_weighted_f1``: weighted F1 on dev with a fraction 0.2 of words masked."""
-    return f"{kind}_{float(q):.2f}_{ROBUSTNESS_METRIC}"
+def robustness_column(kind: str, q: float | str, problem: str = "single_label") -> str:
+    """``mask_0.20_weighted_f1``: weighted F1 on dev with a fraction 0.2 of words masked (``…_pearson`` for
+    regression, ``…_micro_f1`` for multi-label)."""
+    return f"{kind}_{float(q):.2f}_{ROBUSTNESS_METRICS[problem]}"
 
 
-def parse_robustness_column(column: str) -> tuple[str, float] | None:
-    """``(kind, q)`` of a :func:`robustness_column` name (whatever underscores the kind holds); None for
-    any other column."""
+def parse_robustness_column(column: str) -> tuple[str, float, str] | None:
+    """``(kind, q, metric)`` of a :func:`robustness_column` name (whatever underscores the kind holds);
+    None for any other column."""
     for kind in sorted(CORRUPTIONS, key=len, reverse=True):
-        prefix, suffix = f"{kind}_", f"_{ROBUSTNESS_METRIC}"
-        if column.startswith(prefix) and column.endswith(suffix):
-            try:
-                return kind, float(column[len(prefix):-len(suffix)])
-            except ValueError:
-                return None
+        for metric in dict.fromkeys(ROBUSTNESS_METRICS.values()):
+            prefix, suffix = f"{kind}_", f"_{metric}"
+            if column.startswith(prefix) and column.endswith(suffix):
+                try:
+                    return kind, float(column[len(prefix):-len(suffix)]), metric
+                except ValueError:
+                    continue
     return None
 
 
 def corrupted_features(examples: list[Example], features: list[dict], kind: str, q: float, tokenizer, task: str,
                        label2id: dict[str, int], max_length: int, mask_id: int,
                        problem: str = "single_label") -> list[dict]:
-    """The evaluation set's features under corruption ``kind`` at severity ``q`` (of a sentence pair, word
-    deletion and typos change the first text; masking, every word)."""
+    """The evaluation set's features under corruption ``kind`` at severity ``q`` (of a sentence pair, both
+    texts: each word of either may be deleted, misspelt or masked)."""
     corruption = check_corruption(kind)
     if q == 0 and corruption.graded:
         return features
