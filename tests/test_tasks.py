@@ -180,6 +180,29 @@ def test_each_problem_type_trains_reports_and_reloads_with_its_head(trained):
 
 
 @pytest.mark.slow
+def test_the_card_snippet_loads_each_problem_type_in_plain_peft_with_its_loss_and_our_outputs(trained):
+    import torch.nn.functional as F
+
+    cases = {"single_label": (("a dog runs", "an animal moves"), torch.tensor([1]), F.cross_entropy),
+             "multi_label": (("thanks so much!",), None, F.binary_cross_entropy_with_logits),
+             "regression": (("a man plays", "nobody plays"), torch.tensor([3.5]), F.mse_loss)}
+    for problem, (text, labels, loss) in cases.items():
+        run = trained / problem / "mask_0.20" / "seed_0"
+        snippet = (run / "README.md").read_text().split("```python\n")[1].split("```")[0]
+        namespace: dict = {}
+        exec(snippet.replace('run = "."', f"run = {str(run)!r}"), namespace)
+        tokenizer, model = namespace["tokenizer"], namespace["model"]
+        labels = torch.eye(model.config.num_labels)[:1] if labels is None else labels
+        with torch.no_grad():
+            out = model(**tokenizer(*text, return_tensors="pt"), labels=labels)
+        # transformers picks the loss from config.problem_type (or infers it): the one we trained with
+        torch.testing.assert_close(out.loss, loss(out.logits.squeeze(-1) if problem == "regression" else out.logits,
+                                                  labels))
+        ours = Classifier.from_run(run).logits([text if len(text) > 1 else text[0]])[0]
+        torch.testing.assert_close(out.logits[0], ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_regression_runs_saved_predictions_equal_the_models_outputs(trained, slices):
     run = trained / "regression" / "mask_0.20" / "seed_0"
     dev = load_predictions(run / "predictions.npz")["dev"]
