@@ -213,8 +213,9 @@ class Classifier:
                tta_rate: float | None = None, seed: int = 0) -> list[torch.Tensor]:
         """Logits per text: (num_labels,) for sequence tasks, (num_words, num_labels) for token tasks.
 
-        ``tta=K`` returns log of the mean softmax over K masked copies at ``tta_rate`` (default:
-        the adapter's training rate): a test-time masking ensemble.
+        ``tta=K`` returns the logits of the mean score over K masked copies at ``tta_rate`` (default: the
+        adapter's training rate), a test-time masking ensemble: log of the mean softmax, logit of the mean
+        sigmoid (multi-label), the mean output (regression).
         """
         return [row for row, _ in self._scored(texts, batch_size, tta, tta_rate, seed)]
 
