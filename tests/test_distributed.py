@@ -11,6 +11,7 @@ from helpers import logged_losses
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
+import os
 import sys
 from accelerate import PartialState
 from tokmask_peft.config import Recipe
@@ -19,8 +20,10 @@ from torch._dynamo.utils import counters
 for path in sys.argv[1:]:  # one launch, runs one after another in the same processes (as a sweep does)
     metrics = train(Recipe.from_yaml(path))
     state = PartialState()
-    print(f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']} "
-          f"GRAPHS {counters['stats']['unique_graphs']} {path}")
+    line = (f"RANK {state.process_index} OF {state.num_processes} {state.distributed_type} STEPS {metrics['steps']} "
+            f"GRAPHS {counters['stats']['unique_graphs']} {path}\\n")
+    sys.stdout.flush()
+    os.write(1, line.encode())  # one write below PIPE_BUF: the two ranks' lines never interleave on the pipe
 """
 
 
