@@ -40,7 +40,7 @@ def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
         assert set(data["median_micro_f1"]) == {"ours", "trainer", "trainer_grouped"}
 
 
-def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_runs(tmp_path):
+def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_runs(tmp_path, monkeypatch):
     shared_path("data", "sick")
 
     def tasks():
@@ -62,10 +62,33 @@ def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_
     assert vs["level"] == "examples only (1 seed)" and vs["low"] <= vs["delta"] <= vs["high"]
     against = summary_table([first]).splitlines()[2].split(" | ")[7]  # the p = 0 row
     assert against.startswith(f"{vs['delta']:+.4f} [") and against.endswith("(1 seed)")
+    shifted_copies_are_scored_as_the_run_scored_its_own_test_set(tmp_path, copy, monkeypatch)
     shutil.rmtree(tmp_path / "tasks_nli_lora_tiny_runs")  # another machine: only the committed copy
     second = tasks()
     assert not (tmp_path / "tasks_nli_lora_tiny_runs").exists()  # nothing trained again
     assert second["ours"] == first["ours"] and second["peer"] == first["peer"]
+
+
+def shifted_copies_are_scored_as_the_run_scored_its_own_test_set(out: Path, copy: Path, monkeypatch):
+    """task_shifts.py on the tiny job's runs: at q = 0 (the clean copy) it reproduces the predictions each run
+    saved on test; each set is saved once; the verdict pairs the two rates' seeds."""
+    import task_shifts
+    from tokmask_peft.runs import load_predictions
+
+    monkeypatch.setattr(task_shifts, "SHIFTS", (("mask", 0.0), ("delete", 0.5)))
+    task_shifts.score_job("nli", "lora", out, task_shifts.tiny_encoder(out))
+    files = sorted(copy.glob("mask_*/seed_0/shifted.npz"))
+    assert len(files) == 2
+    for path in files:
+        shifted, clean = load_predictions(path), load_predictions(path.with_name("predictions.npz"))["test"]
+        assert set(shifted) == {"test:mask@0", "test:delete@0.5"}
+        again = shifted["test:mask@0"]
+        assert np.array_equal(again.pred[np.argsort(again.example)], clean.pred[np.argsort(clean.example)])
+    stamps = [f.stat().st_mtime_ns for f in files]
+    task_shifts.score_job("nli", "lora", out, task_shifts.tiny_encoder(out))  # nothing left to score
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    verdict = task_shifts.result_for("nli", "lora", out, "tiny")["shifts"]["test:delete@0.5"]["verdict"]
+    assert verdict["seeds"] == 1 and verdict["low"] <= verdict["delta"] <= verdict["high"]
 
 
 def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example():
