@@ -115,7 +115,8 @@ def summary_table(results: list[dict]) -> str:
             v = j["verdict"]
             lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {condition_title(name.split(':', 1)[1])} | "
                          f"{v['seeds'] if v else '–'} | {_f(j['test'].get('0.0'))} | "
-                         f"{_f(j['test'].get(str(j['rate'])))} | {_interval(v)} | {v['word'] if v else '–'} |")
+                         f"{_f(j['test'].get(str(j['rate'])) if j['rate'] > 0 else None)} | {_interval(v)} | "
+                         f"{v['word'] if v else '–'} |")
     return "\n".join(lines)
 
 
