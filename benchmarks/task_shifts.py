@@ -23,11 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import benchmark_parser, write_result  # noqa: E402
-from tasks import ROOT, _interval, _f, job_recipe, mean, run_job, tiny_encoder  # noqa: E402
+from tasks import ROOT, _f, _interval, as_dict, job_recipe, mean, run_job, tiny_encoder  # noqa: E402
 
 from tokmask_peft.metrics import classification_metrics  # noqa: E402
 from tokmask_peft.robustness import condition_name, condition_title, shifted_set  # noqa: E402
-from tokmask_peft.runs import PREDICTIONS_FILE, load_predictions, read_run_config, run_dirs, save_predictions  # noqa: E402
+from tokmask_peft.runs import (PREDICTIONS_FILE, load_predictions, read_run_config, run_dirs,  # noqa: E402
+                               save_predictions)
 from tokmask_peft.verdicts import paired_verdict  # noqa: E402
 
 SHIFTS = (("mask", 0.2), ("delete", 0.2), ("typo", 0.2))
@@ -95,15 +96,13 @@ def judged(copy: Path, metric: str) -> dict:
     out = {}
     for name in set_names():
         scored = {rate: {s: sets[name] for s, sets in seeds.items() if name in sets} for rate, seeds in by_rate.items()}
-        means = {str(rate): mean(classification_metrics(p.pred, p.gold, problem, classes)[metric] for p in runs.values())
-                 for rate, runs in scored.items() if runs}
+        means = {str(rate): mean(classification_metrics(p.pred, p.gold, problem, classes)[metric]
+                                 for p in runs.values()) for rate, runs in scored.items() if runs}
         rate = max(by_rate)
         shared = sorted(set(scored[rate]) & set(scored[0.0]))
         verdict = paired_verdict(rate, scored[rate], scored[0.0], classes, metric, problem=problem) if (
             rate > 0 and shared) else None
-        out[name] = {"test": means, "rate": rate, "verdict": verdict and {
-            "delta": verdict.delta, "low": verdict.low, "high": verdict.high, "word": verdict.word,
-            "level": verdict.level, "seeds": verdict.seeds}}
+        out[name] = {"test": means, "rate": rate, "verdict": verdict and as_dict(verdict)}
     return out
 
 

@@ -17,8 +17,8 @@ seed from (corruption, q) alone, so every run of every sweep is scored on identi
   (tokenised as text: the model never saw it), or deleted (a text keeps at least one word). No severity;
   data without word tags is refused.
 
-The graded shifts change both texts of a sentence pair. q = 0 returns the clean set itself. A *condition* is a shift with its severity: ``mask@0.2``,
-``entities_placeholder`` (:func:`condition_name`).
+The graded shifts change both texts of a sentence pair. q = 0 returns the clean set itself. A
+*condition* is a shift with its severity: ``mask@0.2``, ``entities_placeholder`` (:func:`condition_name`).
 """
 from __future__ import annotations
 
