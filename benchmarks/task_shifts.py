@@ -20,15 +20,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import benchmark_parser, write_result  # noqa: E402
 from tasks import ROOT, _f, _interval, as_dict, job_recipe, mean, run_job, tiny_encoder  # noqa: E402
 
 from tokmask_peft.metrics import classification_metrics  # noqa: E402
+from tokmask_peft.problems import decide  # noqa: E402
 from tokmask_peft.robustness import condition_name, condition_title, shifted_set  # noqa: E402
-from tokmask_peft.runs import (PREDICTIONS_FILE, load_predictions, read_run_config, run_dirs,  # noqa: E402
-                               save_predictions)
+from tokmask_peft.runs import (PREDICTIONS_FILE, Predictions, load_predictions, read_run_config,  # noqa: E402
+                               run_dirs, save_predictions)
 from tokmask_peft.verdicts import paired_verdict  # noqa: E402
 
 SHIFTS = (("mask", 0.2), ("delete", 0.2), ("typo", 0.2))
@@ -81,38 +83,51 @@ def score_job(task: str, method: str, out: Path, tiny: str | None) -> None:
             score_run(run, copy / run.relative_to(runs), setup)
 
 
-def judged(copy: Path, metric: str) -> dict:
-    """Per shifted set: each rate's mean test metric and p = 0.1 − p = 0, paired per example over the seeds
+def judged(copy: Path, metric: str) -> list[dict]:
+    """Clean test, then each shifted copy (multi-label: at 0.5 and at the thresholds tuned on dev, which
+    inference uses): each rate's mean test metric and p = 0.1 − p = 0, paired per example over the seeds
     both rates have scored."""
-    by_rate: dict[float, dict[int, dict]] = {}
-    config = None
+    runs: dict[float, dict[int, tuple[dict, dict]]] = {}
     for run in sorted(copy.glob("mask_*/seed_*")):
         if (run / SHIFTED_FILE).is_file():
             config = read_run_config(run)
-            by_rate.setdefault(config["masking"]["rate"], {})[config["seed"]] = load_predictions(run / SHIFTED_FILE)
-    if config is None or 0.0 not in by_rate:
-        return {}
-    problem, classes = config.get("problem_type", "single_label"), len(config["labels"])
-    out = {}
-    for name in set_names():
-        scored = {rate: {s: sets[name] for s, sets in seeds.items() if name in sets} for rate, seeds in by_rate.items()}
-        means = {str(rate): mean(classification_metrics(p.pred, p.gold, problem, classes)[metric]
-                                 for p in runs.values()) for rate, runs in scored.items() if runs}
-        rate = max(by_rate)
-        shared = sorted(set(scored[rate]) & set(scored[0.0]))
-        verdict = paired_verdict(rate, scored[rate], scored[0.0], classes, metric, problem=problem) if (
-            rate > 0 and shared) else None
-        out[name] = {"test": means, "rate": rate, "verdict": verdict and as_dict(verdict)}
+            sets = {**load_predictions(run / PREDICTIONS_FILE), **load_predictions(run / SHIFTED_FILE)}
+            runs.setdefault(config["masking"]["rate"], {})[config["seed"]] = (config, sets)
+    if 0.0 not in runs:
+        return []
+    config = next(iter(runs[0.0].values()))[0]
+    problem, classes, rate = config.get("problem_type", "single_label"), len(config["labels"]), max(runs)
+    out = []
+    for name in ["test", *set_names()]:
+        for tuned in (False, True) if problem == "multi_label" else (False,):
+            scored = {r: {s: at_cut(sets[name], c, tuned) for s, (c, sets) in seeds.items() if name in sets}
+                      for r, seeds in runs.items()}
+            if shared := set(scored[rate]) & set(scored[0.0]) if rate > 0 else set():  # means on the seeds judged
+                scored = {r: {s: scored[r][s] for s in shared} for r in (0.0, rate)}
+            means = {str(r): mean(classification_metrics(p.pred, p.gold, problem, classes)[metric]
+                                  for p in by_seed.values()) for r, by_seed in scored.items() if by_seed}
+            verdict = paired_verdict(rate, scored[rate], scored[0.0], classes, metric, problem=problem) if shared else None
+            out.append({"set": name, "tuned": tuned, "test": means, "rate": rate,
+                        "verdict": verdict and as_dict(verdict)})
     return out
 
 
+def at_cut(p: Predictions, config: dict, tuned: bool) -> Predictions:
+    """Multi-label decisions at the run's thresholds tuned on dev (``tuned``), else as saved (at 0.5)."""
+    if not tuned:
+        return p
+    pred = decide("multi_label", torch.as_tensor(p.probs, dtype=torch.float32), config["thresholds"]).numpy()
+    return Predictions(p.example, p.gold, pred.astype(p.pred.dtype), p.probs)
+
+
 def summary_table(results: list[dict]) -> str:
-    lines = ["| task | method | metric | shift of test | seeds | p = 0 | p = 0.1 | Δ [95 % CI] | verdict |",
+    lines = ["| task | method | metric | test set | seeds | p = 0 | p = 0.1 | Δ [95 % CI] | verdict |",
              "|---" * 9 + "|"]
     for r in results:
-        for name, j in r["shifts"].items():
-            v = j["verdict"]
-            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {condition_title(name.split(':', 1)[1])} | "
+        for j in r["shifts"]:
+            v, title = j["verdict"], "clean" if j["set"] == "test" else condition_title(j["set"].split(":", 1)[1])
+            cut = " (tuned thresholds)" if j["tuned"] else " (at 0.5)" if r["metric"] == "micro_f1" else ""
+            lines.append(f"| {r['task']} | {r['method']} | {r['metric']}{cut} | {title} | "
                          f"{v['seeds'] if v else '–'} | {_f(j['test'].get('0.0'))} | "
                          f"{_f(j['test'].get(str(j['rate'])) if j['rate'] > 0 else None)} | {_interval(v)} | "
                          f"{v['word'] if v else '–'} |")

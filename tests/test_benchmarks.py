@@ -87,8 +87,11 @@ def shifted_copies_are_scored_as_the_run_scored_its_own_test_set(out: Path, copy
     stamps = [f.stat().st_mtime_ns for f in files]
     task_shifts.score_job("nli", "lora", out, task_shifts.tiny_encoder(out))  # nothing left to score
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    verdict = task_shifts.result_for("nli", "lora", out, "tiny")["shifts"]["test:delete@0.5"]["verdict"]
+    judged = {j["set"]: j for j in task_shifts.result_for("nli", "lora", out, "tiny")["shifts"]}
+    assert list(judged) == ["test", "test:mask@0", "test:delete@0.5"]  # clean first, as tasks.py judges it
+    verdict = judged["test:delete@0.5"]["verdict"]
     assert verdict["seeds"] == 1 and verdict["low"] <= verdict["delta"] <= verdict["high"]
+    assert judged["test:mask@0"]["verdict"] == judged["test"]["verdict"]
 
 
 def test_compile_break_even_is_the_one_off_cost_over_the_time_saved_per_example():
