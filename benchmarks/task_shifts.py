@@ -52,8 +52,6 @@ def score_run(weights: Path, copy: Path, setup) -> None:
     target = copy / SHIFTED_FILE
     done = load_predictions(target) if target.exists() else {}
     todo = [(kind, q) for kind, q in SHIFTS if shifted_set("test", condition_name(kind, q)) not in done]
-    if not todo:
-        return
     clean = load_predictions(copy / PREDICTIONS_FILE)["test"]
     clf, recipe = Classifier.from_run(weights, device="cpu"), setup.recipe
     for kind, q in todo:
@@ -78,9 +76,11 @@ def score_job(task: str, method: str, out: Path, tiny: str | None) -> None:
     copy = out / name
     setup = None
     for run in run_dirs(runs):
-        if (copy / run.relative_to(runs) / PREDICTIONS_FILE).is_file():
-            setup = setup or Setup.from_recipe(job_recipe(task, method, [0], runs, tiny))
-            score_run(run, copy / run.relative_to(runs), setup)
+        kept = copy / run.relative_to(runs)
+        done = load_predictions(kept / SHIFTED_FILE) if (kept / SHIFTED_FILE).is_file() else {}
+        if (kept / PREDICTIONS_FILE).is_file() and not set(set_names()) <= set(done):
+            setup = setup or Setup.from_recipe(job_recipe(task, method, [0], runs, tiny))  # only to score
+            score_run(run, kept, setup)
 
 
 def judged(copy: Path, metric: str) -> list[dict]:
