@@ -102,11 +102,13 @@ def judged(copy: Path, metric: str) -> list[dict]:
         for tuned in (False, True) if problem == "multi_label" else (False,):
             scored = {r: {s: at_cut(sets[name], c, tuned) for s, (c, sets) in seeds.items() if name in sets}
                       for r, seeds in runs.items()}
-            if shared := set(scored[rate]) & set(scored[0.0]) if rate > 0 else set():  # means on the seeds judged
+            shared = set(scored[rate]) & set(scored[0.0]) if rate > 0 else set()
+            if shared:  # the means on the seeds judged
                 scored = {r: {s: scored[r][s] for s in shared} for r in (0.0, rate)}
             means = {str(r): mean(classification_metrics(p.pred, p.gold, problem, classes)[metric]
                                   for p in by_seed.values()) for r, by_seed in scored.items() if by_seed}
-            verdict = paired_verdict(rate, scored[rate], scored[0.0], classes, metric, problem=problem) if shared else None
+            verdict = (paired_verdict(rate, scored[rate], scored[0.0], classes, metric, problem=problem)
+                       if shared else None)
             out.append({"set": name, "tuned": tuned, "test": means, "rate": rate,
                         "verdict": verdict and as_dict(verdict)})
     return out
