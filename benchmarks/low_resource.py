@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 from tokmask_peft.config import Recipe  # noqa: E402
 from tokmask_peft.sweeps import run_recipe  # noqa: E402
 from tokmask_peft.reporting import collect, compare_picks, compare_sweeps, report  # noqa: E402
+from tokmask_peft.robustness import robustness_column  # noqa: E402
 from tokmask_peft.runs import fingerprint_diff, has_results, read_run_config, run_dir, run_fingerprint  # noqa: E402
 from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.verdicts import Verdict  # noqa: E402
@@ -481,7 +482,7 @@ def _short(verdict) -> str:
 
 def corrupted_key(kind: str) -> str:
     """The results row's column for weighted F1 under this corruption at q = ROBUSTNESS_Q."""
-    return f"{kind}_{ROBUSTNESS_Q:.2f}_weighted_f1"
+    return robustness_column(kind, ROBUSTNESS_Q)
 
 
 def corrupted_means(rows: list[dict], kinds: tuple[str, ...]) -> list[float | None]:

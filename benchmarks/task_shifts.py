@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import benchmark_parser, write_result  # noqa: E402
-from tasks import ROOT, _f, _interval, as_dict, job_recipe, mean, run_job, tiny_encoder  # noqa: E402
+from tasks import _f, _interval, as_dict, job_paths, job_recipe, mean, run_job, tiny_encoder  # noqa: E402
 
 from tokmask_peft.metrics import classification_metrics  # noqa: E402
 from tokmask_peft.problems import decide  # noqa: E402
@@ -38,23 +38,24 @@ SHIFTED_FILE = "shifted.npz"
 """Beside a light copy's ``predictions.npz`` (which tasks.py rewrites from the run): the shifted test sets."""
 
 
-def set_names() -> list[str]:
-    return [shifted_set("test", condition_name(kind, q)) for kind, q in SHIFTS]
+def set_names() -> dict[str, tuple[str, float]]:
+    """Each shifted test set's name as saved (``test:mask@0.2``) → its (shift, q)."""
+    return {shifted_set("test", condition_name(kind, q)): (kind, q) for kind, q in SHIFTS}
 
 
-def score_run(weights: Path, copy: Path, setup) -> None:
-    """Score the shifted test sets ``copy`` lacks with the run in ``weights``; each saved as soon as scored."""
+def score_run(weights: Path, copy: Path, setup, done: dict) -> None:
+    """Score the shifted test sets ``copy`` lacks (``done``: those it has) with the run in ``weights``; each
+    saved as soon as scored."""
     from accelerate import Accelerator
 
     from tokmask_peft.evaluation import eval_loader, evaluate
     from tokmask_peft.inference import Classifier
 
-    target = copy / SHIFTED_FILE
-    done = load_predictions(target) if target.exists() else {}
-    todo = [(kind, q) for kind, q in SHIFTS if shifted_set("test", condition_name(kind, q)) not in done]
     clean = load_predictions(copy / PREDICTIONS_FILE)["test"]
     clf, recipe = Classifier.from_run(weights, device="cpu"), setup.recipe
-    for kind, q in todo:
+    for name, (kind, q) in set_names().items():
+        if name in done:
+            continue
         features = setup.robustness_features(kind, q, "test")
         loader = eval_loader(features, setup.tokenizer, recipe.model.task, recipe.train.eval_batch_size)
         _, kept = evaluate(clf.model, loader, Accelerator(cpu=True), recipe.model.task, keep=True,
@@ -62,8 +63,8 @@ def score_run(weights: Path, copy: Path, setup) -> None:
         order, clean_order = np.argsort(kept.example), np.argsort(clean.example)
         if not np.array_equal(kept.gold[order], clean.gold[clean_order]):  # the same test set, row for row
             raise SystemExit(f"{copy}: test gold differs from the run's saved predictions: another recipe?")
-        done[shifted_set("test", condition_name(kind, q))] = kept
-        save_predictions(target, done)
+        done[name] = kept
+        save_predictions(copy / SHIFTED_FILE, done)
         print(f"{copy} {condition_name(kind, q)}: scored", flush=True)
 
 
@@ -71,16 +72,14 @@ def score_job(task: str, method: str, out: Path, tiny: str | None) -> None:
     """Every finished run of the job that has a light copy, scored on the shifted test sets it lacks."""
     from tokmask_peft.recipe_setup import Setup
 
-    name = f"tasks_{task}_{method}" + ("_tiny" if tiny else "")
-    runs = ROOT / "runs" / "tasks" / name if not tiny else out / f"{name}_runs"
-    copy = out / name
+    name, runs = job_paths(task, method, out, tiny)
     setup = None
     for run in run_dirs(runs):
-        kept = copy / run.relative_to(runs)
+        kept = out / name / run.relative_to(runs)
         done = load_predictions(kept / SHIFTED_FILE) if (kept / SHIFTED_FILE).is_file() else {}
         if (kept / PREDICTIONS_FILE).is_file() and not set(set_names()) <= set(done):
             setup = setup or Setup.from_recipe(job_recipe(task, method, [0], runs, tiny))  # only to score
-            score_run(run, kept, setup)
+            score_run(run, kept, setup, done)
 
 
 def judged(copy: Path, metric: str) -> list[dict]:
@@ -137,7 +136,7 @@ def summary_table(results: list[dict]) -> str:
 
 
 def result_for(task: str, method: str, out: Path, tiny: str | None) -> dict:
-    name = f"tasks_{task}_{method}" + ("_tiny" if tiny else "")
+    name, _ = job_paths(task, method, out, tiny)
     metric = json.loads((out / f"{name}.json").read_text())["metric"]
     return {"task": task, "method": method, "metric": metric, "shifts": judged(out / name, metric)}
 
@@ -153,7 +152,7 @@ def main() -> None:
         print(summary_table(results))
         return
     tiny = tiny_encoder(out) if args.tiny else None
-    if tiny and not (out / f"tasks_{args.task}_{args.method}_tiny.json").is_file():
+    if tiny and not (out / f"{job_paths(args.task, args.method, out, tiny)[0]}.json").is_file():
         run_job(args.task, args.method, [0], out, tiny)  # the runs to score: tasks.py's tiny job
     score_job(args.task, args.method, out, tiny)
     result = result_for(args.task, args.method, out, tiny)

@@ -160,6 +160,12 @@ def as_dict(v) -> dict:
     return {"delta": v.delta, "low": v.low, "high": v.high, "word": v.word, "level": v.level, "seeds": v.seeds}
 
 
+def job_paths(task: str, method: str, out_dir: Path, tiny: str | None) -> tuple[str, Path]:
+    """A job's name (its result ``OUT/NAME.json``, its light copy ``OUT/NAME/``) and where its runs train."""
+    name = f"tasks_{task}_{method}" + ("_tiny" if tiny else "")
+    return name, ROOT / "runs" / "tasks" / name if not tiny else Path(out_dir) / f"{name}_runs"
+
+
 def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str | None) -> dict:
     """Seed by seed (both rates, then that seed's peer), each finished run copied light into
     ``OUT/NAME/`` (metrics, config, predictions: no weights, no text) and the result JSON rewritten, so a
@@ -169,8 +175,7 @@ def run_job(task: str, method: str, seeds: list[int], out_dir: Path, tiny: str |
 
     from tokmask_peft.sweeps import sweep
 
-    name = f"tasks_{task}_{method}" + ("_tiny" if tiny else "")
-    runs = ROOT / "runs" / "tasks" / name if not tiny else out_dir / f"{name}_runs"
+    name, runs = job_paths(task, method, out_dir, tiny)
     copy = Path(out_dir) / name
     recipe = job_recipe(task, method, seeds, runs, tiny)
     path = Path(out_dir) / f"{name}.json"
