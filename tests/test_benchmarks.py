@@ -13,16 +13,16 @@ from helpers import shared_path
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["masking_cost", "masking_overhead", "masking_strategies", "throughput", "sweep_cost", "memory",
-           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side"]
+           "adapter_switch", "step_anatomy", "serve_load", "task_adapters", "side_by_side", "loop_equivalence"]
 
 
 # throughput runs with --compile (that run times every plain setting too) and on a tasks.py recipe
 # (multi-label: its weighted loss reaches the Trainer through compute_loss_func).
 CASES = [(name, ["--compile"] if name == "throughput" else []) for name in SCRIPTS] + [
-    ("throughput", ["--task", "goemotions"])]
+    ("throughput", ["--task", "goemotions"]), ("loop_equivalence", ["--task", "nli", "--method", "full"])]
 
 
-@pytest.mark.parametrize("name,flags", CASES, ids=SCRIPTS + ["throughput_task"])
+@pytest.mark.parametrize("name,flags", CASES, ids=SCRIPTS + ["throughput_task", "loop_equivalence_full"])
 def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     shared_path("tokenizers")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--tiny", "--out", str(tmp_path),
@@ -35,9 +35,13 @@ def test_benchmark_runs_on_tiny_setting(name, flags, tmp_path):
     assert data["benchmark"] and data["environment"]["versions"]["torch"]
     if "--compile" in flags:
         assert data["speedup_compiled"] > 0
-    if "--task" in flags:
+    if name == "throughput" and "--task" in flags:
         assert data["task"] == "goemotions" and data["metric"] == "micro_f1" and data["speedup"] > 0
         assert set(data["median_micro_f1"]) == {"ours", "trainer", "trainer_grouped"}
+    if name == "loop_equivalence":  # the campaign's peer: given our batches, no dropout, the same computation
+        assert data["steps"]["ours"] == data["steps"]["trainer"] == 10
+        assert data["decisions_differ"] == 0 and data["max_abs_prob_diff"] < 1e-4
+        assert data["test"]["ours"] == pytest.approx(data["test"]["trainer"], abs=1e-6)
 
 
 def test_tasks_benchmark_continues_from_its_light_copy_on_a_machine_without_its_runs(tmp_path, monkeypatch):
