@@ -258,7 +258,7 @@ def summary_table(out: Path) -> str:
     kinds = ("delete", "mask", "typo")
     lines = ["Each strategy's rate is picked on dev, then judged on `test`, a fixed carve of the "
              "training file never trained on; Δ is weighted F1 against the shared p = 0 runs, the 95 % interval a "
-             "two-level bootstrap over seeds and test examples. Robustness: dev weighted F1 with 20 % of words "
+             "t interval over seeds with a bootstrap over test examples. Robustness: dev weighted F1 with 20 % of words "
              "deleted / masked / given a typo (mean over the same seeds).", "",
              "| regime | strategy | p (dev pick) | seeds | test weighted F1 Δ vs p = 0 (95 % interval) | verdict | "
              "q = 0.2: delete / mask / typo |", "|---|---|---|---|---|---|---|"]
@@ -391,7 +391,7 @@ SHIFT_BLOCKS = (7, 8)
 
 def shift_table(out: Path) -> str:
     """Issue 40's table: per shift block, strategy and held-out set, each condition's Δ vs the shared p = 0
-    (weighted F1, 95 % two-level bootstrap interval, verdict) over the seeds every strategy has finished."""
+    (weighted F1, 95 % interval over seeds and examples, verdict) over the seeds every strategy has finished."""
     lines = []
     for number in SHIFT_BLOCKS:
         block, folder = BLOCKS[number], out / f"block_{number}"

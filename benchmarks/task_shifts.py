@@ -11,7 +11,7 @@ evaluation (``evaluation.evaluate``). The predictions land in the run's light co
 (``OUT/tasks_TASK_METHOD/mask_R/seed_N/shifted.npz``) as each set is scored, so a cut job resumes and the
 table is rebuilt on a machine without the weights. Per shift: p = 0.1 − p = 0 on the task's metric
 (multi-label: micro F1 at 0.5, as tasks.py judges it), paired per test example with the verdicts'
-two-level bootstrap over the seeds both rates have and the examples; the clean Δ is tasks.py's table.
+interval over the seeds both rates have and the examples; the clean Δ is tasks.py's table.
 """
 from __future__ import annotations
 

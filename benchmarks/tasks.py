@@ -12,7 +12,7 @@ finished seeds (kept in the result JSON); each finished run is copied light into
 (metrics, config, predictions; no weights and no text: SICK is never shipped), the Trainer's test predictions
 beside them (``peer/seed_N/``), and skipped on any machine that has the copy. Reported: each side's test
 metric (mean over seeds); ours at p = 0 minus the Trainer, and p = 0.1 minus p = 0, on test with the verdicts'
-paired two-level bootstrap. Speed is not judged from these runs (they share the cores with other jobs):
+paired with the verdicts' interval over seeds and examples. Speed is not judged from these runs (they share the cores with other jobs):
 ``benchmarks/throughput.py --task TASK`` times both loops taking turns in one process.
 """
 from __future__ import annotations
@@ -129,8 +129,9 @@ def ours(out: Path, metric: str, peer: list[dict]) -> dict:
 
 
 def against_trainer(out: Path, rows: list[dict], metric: str, peer: list[dict], files) -> dict | None:
-    """Ours at p = 0 minus the Trainer on test, paired by seed: the two-level bootstrap where every peer saved
-    its test predictions, else a t interval over the seeds' test metrics (peers run before they saved any)."""
+    """Ours at p = 0 minus the Trainer on test, paired by seed: the verdicts' interval (seeds and examples)
+    where every peer saved its test predictions, else a t interval over the seeds' test metrics (peers run
+    before they saved any)."""
     from tokmask_peft.runs import read_run_config
 
     mine = {r["seed"]: r for r in rows if r["rate"] == 0.0}

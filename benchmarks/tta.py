@@ -15,8 +15,8 @@ thread here, ~7 min a model for the default sets, ~20 min for ``all``.
 Each run's ensemble predictions land in its light copy (``OUT/block_N/STRATEGY/mask_*/seed_*/tta_kK.npz``)
 as soon as they are scored, so a cut measurement resumes and the table is rebuilt on a machine without
 the weights. The tables cover every strategy and rate with committed ensembles. Per (strategy, set): weighted
-F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ over seeds with the two-level bootstrap
-interval and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
+F1 and ECE (15 bins) plain → ensemble, and the ensemble's paired Δ over seeds with the verdicts' interval
+(seeds and examples) and verdict. Writes ``OUT/block_N/tta.md`` and ``tta.json``.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def strategy_lines(title: str, per_seed: dict, k: int) -> list[str]:
     """One row per set: mean weighted F1 and ECE plain → ensemble, and the ensemble's paired Δ on each."""
     sets = list(next(iter(per_seed.values())))
     lines = [f"{title}, {len(per_seed)} seed(s): plain → mean of {k} masked views (paired over seeds, "
-             "two-level bootstrap)", "", "| set | weighted F1 | Δ F1 [95 %] | ECE | Δ ECE [95 %] |",
+             "interval over seeds and examples)", "", "| set | weighted F1 | Δ F1 [95 %] | ECE | Δ ECE [95 %] |",
              "|---|---|---|---|---|"]
     for set_name in sets:
         plain = {s: per_seed[s][set_name][0] for s in per_seed}

@@ -51,6 +51,32 @@ def test_a_clear_shift_is_better_and_reproducible_and_a_drop_is_worse():
     assert recommendation([v]).startswith("Recommendation: use p = 0.3: Δ = +0.")
 
 
+def test_few_seeds_whose_differences_share_a_sign_are_not_evidence_when_they_spread():
+    """Three seeds, all below p = 0 but far apart: the interval is Δ ± t·SE (seed variance s²/n plus the
+    example bootstrap's, Welch–Satterthwaite df), by hand; a bootstrap over the seeds would lie below 0."""
+    import math
+    import statistics
+
+    from tokmask_peft.verdicts import example_weights, t_975
+
+    n, gold = 2000, np.zeros(2000, dtype=int)
+    base = {s: Predictions(np.arange(n), gold, (np.arange(n) >= 1000).astype(int)) for s in range(3)}
+    lost = {0: 10, 1: 120, 2: 110}  # examples each seed's masked run gets wrong that p = 0 got right
+    runs = {s: Predictions(np.arange(n), gold, (np.arange(n) >= 1000 - k).astype(int)) for s, k in lost.items()}
+    v = paired_verdict(0.1, runs, base, classes=2, metric="accuracy", replicates=400)
+    d = [-k / n for k in lost.values()]
+    assert v.delta == pytest.approx(statistics.fmean(d)) and v.level == "seeds and examples"
+    counts = example_weights(n, 400, np.random.default_rng(0))  # the verdict's own example draws
+    correct = lambda p: (p.pred == gold).astype(float)  # noqa: E731
+    replicates = np.mean([counts @ (correct(runs[s]) - correct(base[s])) / n for s in range(3)], axis=0)
+    seed_var, example_var = statistics.variance(d) / 3, np.var(replicates, ddof=1)
+    df = 2 * (seed_var + example_var) ** 2 / seed_var ** 2
+    half = t_975(df) * math.sqrt(seed_var + example_var)
+    assert (v.low, v.high) == (pytest.approx(v.delta - half), pytest.approx(v.delta + half))
+    assert 2 <= df < 3 and max(d) < 0 and v.word == "no evidence"
+    assert t_975(2.7) == t_975(2) == 4.303 and t_975(45) == 2.021 and t_975(1e9) == 1.96
+
+
 def test_one_seed_interval_is_examples_only_and_without_predictions_there_is_none():
     v = paired_verdict(0.1, {0: toy_predictions(accuracy=0.7)}, {0: toy_predictions()}, classes=3)
     assert v.level == "examples only (1 seed)" and v.low is not None

@@ -346,7 +346,7 @@ def verdict_section(out: Path, rows: list[dict], metric: str | None = None,
     if not dev:
         return "\nOnly p = 0 in this sweep: nothing to compare.\n"
     lines = ["", f"Does masking help? Each rate against p = 0 on dev, paired by seed ({metric.replace('_', ' ')}; "
-             "two-level bootstrap over seeds and dev examples where predictions were saved).", "",
+             "t interval over seeds and a bootstrap over dev examples where predictions were saved).", "",
              "| mask rate p | Δ vs p = 0 | 95 % interval | verdict | the interval covers |", "|---|---|---|---|---|"]
     for v in dev:
         lines.append(f"| {v.rate:.2f} | {v.delta:+.4f} | {v.interval or 'none'} | {v.word} | {v.level}, "

@@ -2,12 +2,15 @@
 sources of noise, and a verdict a user can act on.
 
 Run (p, seed s) and run (0, s) share data order and initialisation, so they are compared in pairs.
-The interval is a two-level bootstrap: each replicate resamples the seeds (training noise), then
-the evaluation examples (the finite dev set), and the same example indices serve every run, so the
-rates are compared on the same resampled set. Seeds and examples are crossed factors, not nested:
-one example resample per replicate serves all seeds, because every seed was scored on the same
-examples. Token tasks resample sentences, with all of their words. The point estimate is the
-mean paired difference on the full set; the interval is the replicates' 2.5 and 97.5 percentiles.
+The point estimate is the mean paired difference over the seeds on the full set. Its interval counts
+both sources of noise: the evaluation examples (a bootstrap: each replicate resamples the examples, the
+same indices for every run, so the rates meet on the same resampled set; token tasks resample
+sentences, with all of their words) and training (the spread of the seeds' paired differences). The
+two variances add (the same examples serve every seed: crossed, not nested) and the interval is
+Δ ± t·SE with Welch–Satterthwaite degrees of freedom, so a few seeds get a t quantile's width, not a
+normal one. A percentile bootstrap over 3–5 seeds reads their spread as if it were known: three seeds
+whose differences share a sign always gave an interval clear of zero, and called our loop "worse"
+than the HF Trainer's where the two are the same computation (``benchmarks/loop_equivalence.py``).
 
 Runs saved before predictions existed have only their best dev metrics: their interval is the
 seed level alone (a t interval on the paired differences), and the report says so. One seed with
@@ -25,7 +28,18 @@ from .metrics import DEFAULT_METRIC, METRICS, check_metric, metric_values
 from .runs import Predictions
 
 BOOTSTRAP_SAMPLES = 2000
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+"""Student t 97.5 % quantiles by degrees of freedom (beyond 120: the normal's 1.96)."""
+
+
+def t_975(df: float) -> float:
+    """The 97.5 % t quantile at ``df`` or, between table rows, at the fewer degrees of freedom (wider)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be at least 1, got {df}")
+    return 1.96 if df > 120 else T_975[max(k for k in T_975 if k <= df)]
 
 
 def verdict_metric(metric: str) -> str:
@@ -78,8 +92,9 @@ def example_weights(examples: int, replicates: int, rng: np.random.Generator) ->
 def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int, Predictions], classes: int,
                    metric: str = DEFAULT_METRIC, replicates: int = BOOTSTRAP_SAMPLES, seed: int = 0,
                    problem: str = "single_label") -> Verdict:
-    """Δ = metric(rate) − metric(p = 0) over the seeds both have, with the two-level bootstrap interval
-    (regression: the example pairs are resampled and the correlation recomputed on each resample).
+    """Δ = metric(rate) − metric(p = 0) over the seeds both have, with an interval over seeds and examples
+    (one seed: the bootstrap's percentiles; regression: the example pairs are resampled and the correlation
+    recomputed on each resample).
     For a metric where lower is better (mse), Δ is still rate − p = 0, and "better" means Δ < 0."""
     seeds = sorted(set(runs) & set(baseline))
     if not seeds:
@@ -95,18 +110,33 @@ def paired_verdict(rate: float, runs: dict[int, Predictions], baseline: dict[int
     def values(weights, p: Predictions):
         return metric_values(weights, p.gold, p.pred, classes, metric, problem, p.probs)
 
-    delta = statistics.fmean(float(values(full, runs[s])[0] - values(full, baseline[s])[0]) for s in seeds)
+    per_seed = [float(values(full, runs[s])[0] - values(full, baseline[s])[0]) for s in seeds]
+    delta = statistics.fmean(per_seed)
     rng = np.random.default_rng(seed)
     differences = np.empty((replicates, len(seeds)))
     for start in range(0, replicates, 250):  # chunks keep (replicates x rows) small for token tasks
         chunk = example_weights(examples, min(250, replicates - start), rng)[:, first.example]
         for j, s in enumerate(seeds):
             differences[start:start + len(chunk), j] = values(chunk, runs[s]) - values(chunk, baseline[s])
-    picks = rng.integers(len(seeds), size=(replicates, len(seeds)))  # the seed level, resampled too
-    replicate_deltas = np.take_along_axis(differences, picks, axis=1).mean(1)
-    low, high = np.percentile(replicate_deltas, [2.5, 97.5])
-    level = "seeds and examples" if len(seeds) > 1 else "examples only (1 seed)"
-    return Verdict(rate, delta, float(low), float(high), len(seeds), level, METRICS[metric].higher_is_better)
+    replicate_deltas = differences.mean(1)  # the examples resampled, every seed kept
+    if len(seeds) == 1:
+        low, high = np.percentile(replicate_deltas, [2.5, 97.5])
+        return Verdict(rate, delta, float(low), float(high), 1, "examples only (1 seed)",
+                       METRICS[metric].higher_is_better)
+    low, high = seeds_and_examples_interval(delta, per_seed, replicate_deltas)
+    return Verdict(rate, delta, low, high, len(seeds), "seeds and examples", METRICS[metric].higher_is_better)
+
+
+def seeds_and_examples_interval(delta: float, per_seed: list[float], replicate_deltas: np.ndarray) -> tuple:
+    """Δ ± t·SE: SE² = the seeds' variance of the mean (s² / n) + the example bootstrap's variance; the
+    t quantile's degrees of freedom by Welch–Satterthwaite (n − 1 where the seeds dominate, ∞ where the
+    examples do)."""
+    n = len(per_seed)
+    seed_var = statistics.variance(per_seed) / n
+    total = seed_var + float(np.var(replicate_deltas, ddof=1))
+    df = math.inf if seed_var == 0 else (n - 1) * total ** 2 / seed_var ** 2
+    half = t_975(df) * math.sqrt(total)
+    return delta - half, delta + half
 
 
 def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int, float],
@@ -119,7 +149,7 @@ def seed_level_verdict(rate: float, values: dict[int, float], baseline: dict[int
     mean = statistics.fmean(d)
     if len(d) < 2:
         return Verdict(rate, mean, None, None, 1, "none (1 seed, no saved predictions)", higher_is_better)
-    half = T_975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    half = t_975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return Verdict(rate, mean, mean - half, mean + half, len(d), "seeds only (no saved predictions)",
                    higher_is_better)
 
