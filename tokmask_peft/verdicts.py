@@ -9,7 +9,7 @@ sentences, with all of their words) and training (the spread of the seeds' paire
 two variances add (the same examples serve every seed: crossed, not nested) and the interval is
 Δ ± t·SE with Welch–Satterthwaite degrees of freedom, so a few seeds get a t quantile's width, not a
 normal one. A percentile bootstrap over 3–5 seeds reads their spread as if it were known: three seeds
-whose differences share a sign always gave an interval clear of zero, and called our loop "worse"
+whose differences share a sign nearly always gave an interval clear of zero, and called our loop "worse"
 than the HF Trainer's where the two are the same computation (``benchmarks/loop_equivalence.py``).
 
 Runs saved before predictions existed have only their best dev metrics: their interval is the
