@@ -66,10 +66,12 @@ def benchmark_parser(doc: str | None, **options) -> argparse.ArgumentParser:
 
 
 def write_result(name: str, result: dict, out_dir: str | os.PathLike = "benchmarks/results") -> Path:
+    from tokmask_peft.storage import atomic_write_text
+
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": name, "environment": environment(), **result}
-    path.write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(path, json.dumps(result, indent=2, default=str))  # a reader never sees half a file
     print(f"wrote {path}")
     return path
 
