@@ -23,6 +23,7 @@ from _common import environment  # noqa: E402
 
 from tokmask_peft.config import Recipe, resolve_path  # noqa: E402
 from tokmask_peft.reporting import summarise  # noqa: E402
+from tokmask_peft.storage import atomic_write_text  # noqa: E402
 from tokmask_peft.sweeps import sweep  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     best = next(e for e in summary if e["best"])
     print((runs / "results.md").read_text())
     if args.tta:
-        (runs / "tta.json").write_text(json.dumps(test_time_masking(runs, args.tta), indent=2))
+        atomic_write_text(runs / "tta.json", json.dumps(test_time_masking(runs, args.tta), indent=2))
     light_copy(runs, Path(args.out) / name)
     if args.full:
         full_name = Path(args.full).stem
@@ -100,7 +101,7 @@ def main(argv=None) -> None:
         sweep(full, Path(args.runs) / full_name)
         print((Path(args.runs) / full_name / "results.md").read_text())
         light_copy(Path(args.runs) / full_name, Path(args.out) / full_name)
-    (Path(args.out) / name / "environment.json").write_text(json.dumps(
+    atomic_write_text(Path(args.out) / name / "environment.json", json.dumps(
         {**environment(), "wall_time_s": time.perf_counter() - started, "overrides": args.overrides}, indent=2))
 
 
